@@ -1,0 +1,25 @@
+// The one schema registry of holokv. Kernels register per backend in their own
+// files (cpp/*_cpu.cpp, cuda/*.cu); Python adds fake kernels and autograd
+// (python/holokv/fake.py, autograd.py) and documents shapes (ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "phase_keys.h"
+
+// `import holokv._C` loads this library, which runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(holokv, m) {
+  m.def("phase_keys(int k, int head_dim, str rope_layout=\"half\") -> Tensor");
+  m.def("superpose(Tensor x, Tensor keys) -> Tensor");
+  m.def(
+      "holo_decode(Tensor q, Tensor k_slots, Tensor v_slots, Tensor keys, Tensor slot_lens, "
+      "Tensor k_tail, Tensor v_tail, Tensor tail_lens, str mode=\"full\", float? scale=None, "
+      "float slot_gain=1.0) -> Tensor");
+}
+
+// Built from ATen ops only, so it runs unchanged under fake tensors and on any device.
+TORCH_LIBRARY_IMPL(holokv, CompositeExplicitAutograd, m) { m.impl("phase_keys", &holokv::phase_keys); }

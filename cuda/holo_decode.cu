@@ -1,0 +1,293 @@
+// CUDA kernel of holokv::holo_decode (split-KV "flash decoding").
+//
+// Grid (splits / WARPS, Hkv, B). Each warp owns one split: a chunk of cache
+// entries (superposed slots first, then exact tail tokens) of one sequence and
+// one KV head, and serves all G query heads of that KV head, so every K/V byte
+// is read from HBM once. Per tile of 32 entries:
+//   scores: lane = entry; the K row sits in registers and is dotted with the
+//           demodulated queries q*Phi_j (shared memory) for the KP phases read;
+//   values: lane = head dims; each entry's value weight per dimension is
+//           sum_j p_j Phi_j[d] (+ p for an exact token), accumulated online.
+// A second kernel merges the splits' (max, sum, acc) into the output.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+
+#include "checks.h"
+
+namespace holokv {
+namespace {
+
+constexpr int WARPS = 4;
+constexpr float NEG_INF = -INFINITY;
+
+struct DecodeParams {
+  const void *q, *k_slots, *v_slots, *k_tail, *v_tail;
+  const float* keys;  // [k, D]
+  const int64_t *slot_lens, *tail_lens;
+  float *part_o, *part_ml;  // [B, Hq, splits, D], [B, Hq, splits, 2]
+  int Hq, Hkv, G, S, T, k, splits, chunk;
+  float slot_logit_gain, tail_logit_gain, slot_value_gain;
+};
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Shared-memory floats: phase table, demodulated queries, then per warp its
+// accumulators acc[G][D], running max m[G], running sum l[G] and the tile's
+// per-entry weights p[32][KP + 1] (column KP: weight of an exact token).
+template <int D, int KP>
+__host__ __device__ constexpr int warp_floats(int G) { return G * D + 2 * G + 32 * (KP + 1); }
+template <int D, int KP>
+__host__ __device__ constexpr int smem_floats(int G) { return KP * D + G * (KP + 1) * D + WARPS * warp_floats<D, KP>(G); }
+
+template <typename T, int D, int KP>
+__global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodeParams p) {
+  constexpr int VE = 16 / sizeof(T);  // elements per 16-byte load
+  constexpr int NV = D / VE;          // 16-byte loads per row
+  constexpr int DPL = D / 32;         // dims per lane in the value pass
+  extern __shared__ float smem[];
+  const int b = blockIdx.z, kvh = blockIdx.y, G = p.G, k = p.k;
+  float* phis = smem;                  // [KP][D]
+  float* qt = phis + KP * D;           // [G][KP + 1][D]: q * Phi_j, then q
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* acc = qt + G * (KP + 1) * D + warp * warp_floats<D, KP>(G);
+  float* m = acc + G * D;
+  float* l = m + G;
+  float* pw = l + G;
+
+  const int64_t n_sup = p.slot_lens[b], n_tail = p.tail_lens[b];
+  // Lengths past the tensors' capacity cannot be checked without a host sync:
+  // such a sequence gets NaN outputs rather than an out-of-bounds read.
+  const bool bad = n_sup < 0 || n_sup > int64_t(p.S) * k || n_tail < 0 || n_tail > p.T;
+  const int n_slots = bad ? 0 : int((n_sup + k - 1) / k);
+  const int n_entries = bad ? 0 : n_slots + int(n_tail);
+  // aligned mode (KP == 1 with k > 1) reads every slot under the query's own phase
+  const int j0 = KP == 1 ? int(((n_sup + n_tail - 1) % k + k) % k) : 0;
+
+  for (int i = threadIdx.x; i < KP * D; i += blockDim.x) phis[i] = p.keys[j0 * D + i];
+  __syncthreads();
+  const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int h = i / D, d = i % D;
+    const float qv = float(q[i]);
+#pragma unroll
+    for (int j = 0; j < KP; ++j) qt[(h * (KP + 1) + j) * D + d] = qv * phis[j * D + d];
+    qt[(h * (KP + 1) + KP) * D + d] = qv;
+  }
+  for (int i = lane; i < G * D; i += 32) acc[i] = 0.f;
+  for (int h = lane; h < G; h += 32) m[h] = NEG_INF, l[h] = 0.f;
+  __syncthreads();
+
+  const int split = blockIdx.x * WARPS + warp;
+  if (split >= p.splits) return;
+  const int64_t head_off = int64_t(b) * p.Hkv + kvh;
+  const T* ks = static_cast<const T*>(p.k_slots) + head_off * p.S * D;
+  const T* vs = static_cast<const T*>(p.v_slots) + head_off * p.S * D;
+  const T* kt = static_cast<const T*>(p.k_tail) + head_off * p.T * D;
+  const T* vt = static_cast<const T*>(p.v_tail) + head_off * p.T * D;
+  const int e_begin = split * p.chunk, e_end = min(n_entries, e_begin + p.chunk);
+
+  for (int e0 = e_begin; e0 < e_end; e0 += 32) {
+    const int e = e0 + lane;
+    const bool valid = e < e_end, is_slot = e < n_slots;
+    // phases present in this entry: a partial last slot masks the missing ones
+    const int n_ph = !valid ? 0 : !is_slot ? 1 : KP == 1 ? 1 : int(min(int64_t(k), n_sup - int64_t(e) * k));
+    uint4 kr[NV];
+    if (valid) {
+      const uint4* src = reinterpret_cast<const uint4*>(is_slot ? ks + int64_t(e) * D : kt + int64_t(e - n_slots) * D);
+#pragma unroll
+      for (int c = 0; c < NV; ++c) kr[c] = src[c];
+    }
+    const int n_tile = min(32, e_end - e0);
+    for (int h = 0; h < G; ++h) {
+      float s[KP];
+      const float* qh = qt + h * (KP + 1) * D;
+#pragma unroll
+      for (int j = 0; j < KP; ++j) s[j] = 0.f;
+      if (valid) {
+#pragma unroll
+        for (int c = 0; c < NV; ++c) {
+          const T* kv = reinterpret_cast<const T*>(&kr[c]);
+#pragma unroll
+          for (int i = 0; i < VE; ++i) {
+            const float kf = float(kv[i]);
+            if (is_slot) {
+#pragma unroll
+              for (int j = 0; j < KP; ++j) s[j] += qh[j * D + c * VE + i] * kf;
+            } else {
+              s[0] += qh[KP * D + c * VE + i] * kf;
+            }
+          }
+        }
+      }
+      const float gain = is_slot ? p.slot_logit_gain : p.tail_logit_gain;
+      float mx = NEG_INF;
+#pragma unroll
+      for (int j = 0; j < KP; ++j) {
+        s[j] = j < n_ph ? s[j] * gain : NEG_INF;
+        mx = fmaxf(mx, s[j]);
+      }
+      const float m_old = m[h];
+      const float m_new = fmaxf(m_old, warp_max(mx));
+      const float alpha = __expf(m_old - m_new);  // 0 while m_old is -inf
+      float psum = 0.f;
+      float* pe = pw + lane * (KP + 1);
+#pragma unroll
+      for (int j = 0; j < KP; ++j) {
+        const float pj = j < n_ph ? __expf(s[j] - m_new) : 0.f;
+        psum += pj;
+        pe[j] = is_slot ? pj * p.slot_value_gain : 0.f;
+      }
+      pe[KP] = is_slot ? 0.f : psum;
+      const float tile_sum = warp_sum(psum);
+      __syncwarp();
+      if (lane == 0) m[h] = m_new, l[h] = l[h] * alpha + tile_sum;
+
+      float a[DPL];
+      float* acc_h = acc + h * D + lane * DPL;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) a[i] = acc_h[i] * alpha;
+#pragma unroll 4
+      for (int t = 0; t < n_tile; ++t) {
+        const int ee = e0 + t;
+        const T* vrow = (ee < n_slots ? vs + int64_t(ee) * D : vt + int64_t(ee - n_slots) * D) + lane * DPL;
+        const float* pt = pw + t * (KP + 1);
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) {
+          float w = pt[KP];
+#pragma unroll
+          for (int j = 0; j < KP; ++j) w += pt[j] * phis[j * D + lane * DPL + i];
+          a[i] += w * float(vrow[i]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) acc_h[i] = a[i];
+      __syncwarp();
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    const int64_t row = (int64_t(b) * p.Hq + int64_t(kvh) * G + h) * p.splits + split;
+    for (int i = lane; i < D; i += 32) p.part_o[row * D + i] = acc[h * D + i];
+    if (lane == 0) p.part_ml[row * 2] = bad ? NAN : m[h], p.part_ml[row * 2 + 1] = l[h];
+  }
+}
+
+// One block per (sequence, query head), one thread per dimension.
+template <typename T>
+__global__ void holo_decode_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                         T* __restrict__ out, int splits, int D) {
+  const int64_t row = blockIdx.x;
+  const float* ml = part_ml + row * splits * 2;
+  float mx = NEG_INF;
+  bool bad = false;
+  for (int c = 0; c < splits; ++c) bad |= isnan(ml[2 * c]), mx = fmaxf(mx, ml[2 * c]);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float num = 0.f, den = 0.f;
+    for (int c = 0; c < splits; ++c) {
+      if (ml[2 * c + 1] == 0.f) continue;
+      const float w = __expf(ml[2 * c] - mx);
+      den += ml[2 * c + 1] * w;
+      num += part_o[(row * splits + c) * D + d] * w;
+    }
+    out[row * D + d] = T(bad ? NAN : den > 0.f ? num / den : 0.f);
+  }
+}
+
+template <typename T, int D, int KP>
+void launch(DecodeParams& p, int B, cudaStream_t stream) {
+  const size_t smem = size_t(smem_floats<D, KP>(p.G)) * sizeof(float);
+  auto kernel = holo_decode_split_kernel<T, D, KP>;
+  int dev, max_smem;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(smem <= size_t(max_smem), "holo_decode: ", p.G, " query heads per KV head with ", KP,
+              " phases need ", smem, " bytes of shared memory; this GPU offers ", max_smem);
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  dim3 grid(unsigned(ceil_div(p.splits, WARPS)), unsigned(p.Hkv), unsigned(B));
+  kernel<<<grid, WARPS * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D>
+void launch_phases(DecodeParams& p, int B, int kp, cudaStream_t stream) {
+  switch (kp) {
+    case 1: return launch<T, D, 1>(p, B, stream);
+    case 2: return launch<T, D, 2>(p, B, stream);
+    case 4: return launch<T, D, 4>(p, B, stream);
+    case 8: return launch<T, D, 8>(p, B, stream);
+    case 16: return launch<T, D, 16>(p, B, stream);
+  }
+}
+
+}  // namespace
+
+at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, const at::Tensor& v_slots,
+                            const at::Tensor& keys, const at::Tensor& slot_lens, const at::Tensor& k_tail,
+                            const at::Tensor& v_tail, const at::Tensor& tail_lens, c10::string_view mode,
+                            std::optional<double> scale, double slot_gain) {
+  const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
+                                          std::string(mode));
+  TORCH_CHECK(dd.D == 64 || dd.D == 128, "CUDA holo_decode supports head_dim 64 and 128, got ", dd.D);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "CUDA holo_decode supports float16, bfloat16 and float32 q, got ", dtype);
+  for (auto [t, name] : {std::pair{&k_slots, "k_slots"}, std::pair{&k_tail, "k_tail"}})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, name,
+                " must start on a 16-byte boundary (it is read in 16-byte rows); a sliced view is not");
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q);
+  const int64_t capacity = dd.S + dd.T;  // entries per sequence at most
+  if (out.numel() == 0) return out;
+  if (capacity == 0) return out.zero_();
+
+  // Enough warps to fill the GPU about 16 deep, chunks of whole 32-entry tiles.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = std::max<int64_t>(1, ceil_div(int64_t(sms) * 16, dd.B * dd.Hkv));
+  const int64_t chunk = 32 * ceil_div(ceil_div(capacity, want), 32);
+  const int64_t splits = ceil_div(capacity, chunk);
+  at::Tensor part_o = at::empty({dd.B, dd.Hq, splits, dd.D}, q.options().dtype(at::kFloat));
+  at::Tensor part_ml = at::empty({dd.B, dd.Hq, splits, 2}, q.options().dtype(at::kFloat));
+  at::Tensor keys_f = keys.to(at::kFloat).contiguous();
+
+  DecodeParams p{q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
+                 keys_f.data_ptr<float>(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
+                 part_o.data_ptr<float>(), part_ml.data_ptr<float>(), int(dd.Hq), int(dd.Hkv), int(dd.G),
+                 int(dd.S), int(dd.T), int(dd.k), int(splits), int(chunk), 0.f, 0.f, 0.f};
+  const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));
+  p.slot_logit_gain = float(sc * slot_gain);
+  p.tail_logit_gain = float(sc);
+  p.slot_value_gain = float(std::sqrt(double(dd.k)));
+  const int kp = dd.aligned ? 1 : int(dd.k);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (dd.D == 64)
+      launch_phases<scalar_t, 64>(p, int(dd.B), kp, stream);
+    else
+      launch_phases<scalar_t, 128>(p, int(dd.B), kp, stream);
+    holo_decode_merge_kernel<scalar_t><<<unsigned(dd.B * dd.Hq), unsigned(dd.D), 0, stream>>>(
+        part_o.data_ptr<float>(), part_ml.data_ptr<float>(), out.data_ptr<scalar_t>(), int(splits), int(dd.D));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (dtype == at::kHalf)
+    run(at::Half{});
+  else if (dtype == at::kBFloat16)
+    run(at::BFloat16{});
+  else
+    run(float{});
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(holokv, CUDA, m) { m.impl("holo_decode", &holo_decode_cuda); }
+
+}  // namespace holokv

@@ -1,0 +1,46 @@
+"""The ``"holokv"`` attention implementation of transformers.
+
+Models call ``cache.update(k, v, layer_idx)`` and then the registered attention
+function with whatever ``update`` returned. Our cache layers store the new
+tokens in ``update`` and leave themselves here; the attention function below
+picks the layer up (checking that the key tensor is the very one ``update``
+returned, so a foreign cache falls through to plain SDPA) and lets the layer
+read its own, compressed, storage.
+"""
+from __future__ import annotations
+
+import threading
+
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "holokv"
+_handoff = threading.local()
+
+
+def hand_over(layer, key) -> None:
+    """Called by a layer's ``update``: the next attention call reads ``layer``."""
+    _handoff.item = (key, layer)
+
+
+def holokv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    item = getattr(_handoff, "item", None)
+    if item is None or item[0] is not key:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    _handoff.item = None
+    scale = module.head_dim ** -0.5 if scaling is None else scaling
+    return item[1].attend(query, attention_mask, scale), None
+
+
+AttentionInterface.register(NAME, holokv_attention)
+# Same boolean [B, 1, q, kv] masks as SDPA (None when plainly causal); without a registered
+# mask function transformers would drop the padding mask for an unknown implementation.
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_holokv_attention(model):
+    """Switch ``model`` to the ``"holokv"`` attention implementation (required by every cache here)."""
+    model.set_attn_implementation(NAME)
+    return model

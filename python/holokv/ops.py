@@ -1,0 +1,72 @@
+"""Documented Python entry points of the ``torch.ops.holokv`` ops (shapes, defaults).
+
+Data flows K,V -> :func:`superpose` (phase keys from :func:`phase_keys`) ->
+superposed cache -> :func:`holo_decode`. Each op has a plain PyTorch twin in
+:mod:`holokv.reference` that the tests compare the CPU and CUDA kernels against.
+"""
+from __future__ import annotations
+
+import torch
+
+ops = torch.ops.holokv
+
+
+def phase_keys(k: int, head_dim: int, rope_layout: str = "half", *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """±1 Walsh-Hadamard phase keys ``[k, head_dim]``, deterministic, ``Phi @ Phi.T == head_dim * I``.
+
+    ``Phi_j[i] = H_k[j, g(i)]`` with ``H_k`` the Sylvester Hadamard matrix (row 0 all
+    ones) and ``g(i)`` the index of i's RoPE pair modulo k. Strict Even-Boundary
+    Rule: dimensions RoPE rotates together share a sign, so RoPE commutes with
+    ``x * Phi_j``. ``rope_layout="half"`` pairs i and i + d/2 (Hugging Face
+    ``rotate_half``: Llama, Qwen, Mistral); ``"interleaved"`` pairs 2i and 2i+1
+    (GPT-J, original Meta). k in {1, 2, 4, 8, 16}; head_dim a multiple of 2k.
+    Built on the host, then moved to ``device``/``dtype``.
+    """
+    return ops.phase_keys(k, head_dim, rope_layout).to(device=device, dtype=dtype)
+
+
+def superpose(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Superpose k consecutive tokens per slot: ``[B, H, N, d] -> [B, H, ceil(N/k), d]``.
+
+    ``slot_s = sum_t x[s*k + t] * Phi_t / sqrt(k)`` (the sqrt(k) variance
+    normalization), accumulated in fp32 (fp64 for fp64 input), stored in x's
+    dtype. A last partial slot sums only the tokens present. ``keys`` is
+    ``[k, d]`` from :func:`phase_keys`. Differentiable (its adjoint demodulates).
+    """
+    return ops.superpose(x, keys)
+
+
+def holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens, mode: str = "full",
+                scale: float | None = None, slot_gain: float = 1.0) -> torch.Tensor:
+    """One decode step of attention over a superposed cache plus an exact tail.
+
+    Shapes: q ``[B, Hq, d]`` (one new token per sequence); k_slots, v_slots
+    ``[B, Hkv, S, d]``; k_tail, v_tail ``[B, Hkv, T, d]``; keys ``[k, d]``;
+    slot_lens, tail_lens int64 ``[B]``. Hq must be a multiple of Hkv (GQA).
+    Returns ``[B, Hq, d]`` in q's dtype; softmax and sums run in fp32.
+
+    ``slot_lens[b]`` counts the *tokens* held superposed by sequence b (its last
+    slot may be partial); ``tail_lens[b]`` counts its valid exact tail tokens (the
+    open slot, recent tokens, sinks; their order does not matter). The query's
+    own K/V is the last cache entry, so its position is
+    ``slot_lens + tail_lens - 1``.
+
+    Scores: an exact token gets ``scale * <q, k>``; a superposed read gets
+    ``scale * slot_gain * <q * Phi_j, k_slot>``. ``scale`` defaults to 1/sqrt(d).
+    ``slot_gain=1`` is the paper's variance normalization (the slot already
+    carries 1/sqrt(k)); ``slot_gain=sqrt(k)`` makes a target token's logit
+    unbiased, since ``<q * Phi_j, slot> = (<q, k_j> + cross-talk) / sqrt(k)``.
+
+    ``mode="aligned"`` (the seed simulator): every slot is read under the phase
+    of the query's own position mod k, one score per slot, and its value is
+    demodulated with that key and scaled by sqrt(k). ``mode="full"``: every slot
+    is read under all k keys, one score per original token (phases past
+    slot_lens in a partial last slot are masked), and
+    ``out = sqrt(k) * sum p(s,j) Phi_j * v_slot_s + sum p_t v_t``.
+
+    Lengths outside the tensors' capacity raise on CPU; on CUDA (where checking
+    them would need a host sync) that sequence's output is NaN. A sequence with
+    no entries at all gets zeros.
+    """
+    return ops.holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens, mode, scale,
+                           slot_gain)

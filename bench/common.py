@@ -1,0 +1,76 @@
+"""Timing and provenance helpers shared by the benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit() -> str:
+    """The measured commit: HOLOKV_COMMIT when the tree travelled without .git, else git's HEAD."""
+    if os.environ.get("HOLOKV_COMMIT"):
+        return os.environ["HOLOKV_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance() -> dict:
+    import holokv
+
+    info = {"commit": commit(), "torch": torch.__version__, "holokv": holokv.build_info(),
+            "host": platform.machine()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["device"] = {"name": p.name, "sms": p.multi_processor_count,
+                          "l2_bytes": getattr(p, "L2_cache_size", None), "memory_bytes": p.total_memory}
+    else:
+        info["device"] = {"name": "cpu"}
+    return info
+
+
+class ColdL2Timer:
+    """Median device time of fn() with the L2 flushed (a buffer twice its size is
+    overwritten) before every timed call; the flush itself is outside the events."""
+
+    def __init__(self):
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        self.flush = torch.empty(2 * l2 // 4 + 1, dtype=torch.int32, device="cuda")
+
+    def __call__(self, fn, reps: int = 50, warmup: int = 5) -> float:
+        for _ in range(warmup):
+            fn()
+        start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(start, end):
+            self.flush.fill_(1)
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
+        return 1e3 * times[len(times) // 2]  # microseconds
+
+
+def copy_bandwidth(timer: ColdL2Timer, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy rate in bytes/s, counting bytes read plus written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = timer(lambda: dst.copy_(src), reps=20)
+    return 2 * nbytes / (us * 1e-6)
+
+
+def save(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On a CUDA machine: build holokv in place against the local torch, run the whole
+# test suite with its CUDA tests, compute-sanitizer memcheck over the CUDA tests,
+# and the decode benchmark. Usage: gpu_check.sh [OUT_DIR [TEST_PATH...]]; logs and
+# results go to OUT_DIR (default bench/results).
+set -uo pipefail
+out=${1:-bench/results}
+shift || true
+tests=("${@:-tests}")
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || exit 1
+python3 -c "import holokv, json; print(json.dumps(holokv.build_info()))"
+status=0
+python3 -m pytest -q -ra "${tests[@]}" 2>&1 | tee "$out/pytest_gpu.log" | tail -25 || status=1
+# memcheck on a cut of the CUDA tests (the sanitizer slows kernels ~100x)
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 -m pytest -q -x "${tests[@]}" -k "cuda and (bfloat16 or long or errors or opcheck) and not float16" 2>&1 \
+  | tee "$out/memcheck.log" | tail -6 || status=1
+python3 bench/decode.py --out "$out" 2>&1 | tee "$out/decode_bench.log" || status=1
+exit $status

@@ -45,7 +45,8 @@ def main():
         full_bytes = 2 * B * hkv * N * d * esize
         keys = holokv.phase_keys(k, d, device="cuda", dtype=dtype)
         n_sup = N - T
-        ks, vs = holokv.superpose(kf[:, :, :n_sup], keys), holokv.superpose(vf[:, :, :n_sup], keys)
+        ks = holokv.superpose(kf[:, :, :n_sup].contiguous(), keys)
+        vs = holokv.superpose(vf[:, :, :n_sup].contiguous(), keys)
         kt, vt = kf[:, :, n_sup:].contiguous(), vf[:, :, n_sup:].contiguous()
         del kf, vf
         sl = torch.full((B,), n_sup, dtype=torch.int64, device="cuda")

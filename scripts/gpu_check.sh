@@ -4,11 +4,14 @@
 # and the decode benchmark. Usage: gpu_check.sh [OUT_DIR [TEST_PATH...]]; logs and
 # results go to OUT_DIR (default bench/results).
 set -uo pipefail
-out=${1:-bench/results}
+out=$(realpath -m "${1:-bench/results}")
 shift || true
 tests=("${@:-tests}")
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
+# Build with the system compiler: a newer one named by CC/CXX emits libstdc++
+# code that crashes against the older libstdc++ that python and torch load.
+unset CC CXX
 python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || exit 1
 python3 -c "import holokv, json; print(json.dumps(holokv.build_info()))"
 status=0

@@ -1,0 +1,65 @@
+"""Compacted-cache format and plain PyTorch attention over it."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class CompactKV(NamedTuple):
+    """One layer's compacted cache, per (batch, kv head).
+
+    Entries are exact tokens and SRC centroids alike; attention over them is
+    ``softmax(scale·q·kᵀ + bias)·v`` over the first ``lens[b]`` entries, where
+    ``bias`` is the entry's log-mass: 0 for an exact token, ≈ log(#tokens it
+    stands for) for a centroid, so a centroid takes its bin's share of the
+    global softmax.
+    """
+
+    k: torch.Tensor  # [B, Hkv, N, d]
+    v: torch.Tensor  # [B, Hkv, N, d]
+    bias: torch.Tensor  # [B, Hkv, N]
+    lens: torch.Tensor  # [B] int64, 1 <= lens <= N
+
+
+def pool_gqa(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[B, Hq, m, d] -> [B, Hkv, G·m, d]: the G query heads that share a KV head become rows."""
+    B, Hq, m, d = q.shape
+    return q.reshape(B, n_kv, (Hq // n_kv) * m, d)
+
+
+def logits(q, k, bias=None, mask=None, scale=None):
+    """Attention logits of rows q [..., m, d] against k [..., n, d] -> [..., m, n].
+
+    bias [..., n] is added to every row, mask [..., m, n] (True = visible) sets
+    hidden entries to -inf; scale defaults to 1/sqrt(d).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = (q @ k.mT) * scale
+    if bias is not None:
+        out = out + bias.unsqueeze(-2)
+    if mask is not None:
+        out = out.masked_fill(~mask, float("-inf"))
+    return out
+
+
+def attend(q, k, v, bias=None, mask=None, scale=None):
+    """Softmax attention (see :func:`logits`) -> (out [..., m, d], probs [..., m, n])."""
+    probs = torch.softmax(logits(q, k, bias, mask, scale), -1)
+    return probs @ v, probs
+
+
+def biased_decode_ref(q, k, v, bias, lens, scale=None):
+    """Decode attention over a :class:`CompactKV`: one query per head.
+
+    q [B, Hq, d], k/v [B, Hkv, N, d], bias [B, Hkv, N], lens [B] -> [B, Hq, d].
+    Query head h reads KV head h // (Hq // Hkv) (GQA); entries at index >= lens[b]
+    are ignored. Computed in the dtype of ``q``.
+    """
+    B, Hq, d = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    valid = torch.arange(N, device=k.device) < lens.to(k.device)[:, None]  # [B, N]
+    out, _ = attend(pool_gqa(q.unsqueeze(2), Hkv), k.to(q.dtype), v.to(q.dtype),
+                    bias.to(q.dtype), valid[:, None, None, :], scale)
+    return out.reshape(B, Hq, d)

@@ -1,0 +1,88 @@
+"""One-shot compaction of a prompt's KV cache (the prefill path)."""
+from __future__ import annotations
+
+import torch
+
+from .attention import CompactKV, pool_gqa
+from .selection import protect_mask, seed_score, split, window_mass
+from .summarize import seed_centroids, softmax_ls_centroids
+
+METHODS = ("evict", "seed", "softmax_ls")
+
+
+def entry_elems(method: str, head_dim: int) -> int:
+    """Stored elements per cache entry: K and V, plus the log-mass for softmax_ls."""
+    return 2 * head_dim + (method == "softmax_ls")
+
+
+def plan(n: int, budget: int, *, method: str, head_dim: int, bin_size: int, rank: int):
+    """Static sizes (n_keep, n_bins) that fit ``budget`` token-equivalents (2·d elements each).
+
+    Centroids cost an entry each (``rank`` per bin), the bins partition the n − n_keep
+    evicted tokens; n_keep is the largest count whose total fits. Plain Python ints
+    so that compaction has static shapes and never syncs.
+    """
+    if n <= budget:  # nothing evicted: no centroids, no log-mass to store
+        return n, 0
+    cap = budget * 2 * head_dim // entry_elems(method, head_dim)
+    if method == "evict":
+        return cap, 0
+    for n_keep in range(cap, -1, -1):
+        n_bins = -(-(n - n_keep) // bin_size)
+        if n_keep + n_bins * rank <= cap:
+            return n_keep, n_bins
+    raise ValueError(f"budget {budget} cannot hold one centroid per bin")
+
+
+def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,
+            lam: float = 0.5, bin_size: int = 64, rank: int = 4, n_sink: int = 4, n_recent: int = 32,
+            ridge: float = 1.0, scale=None) -> tuple[CompactKV, torch.Tensor]:
+    """Compress a prompt's keys/values to ``budget`` token-equivalents of storage.
+
+    q_obs [B, Hq, w, d]: queries of the last w prompt tokens (observation window,
+    w <= n_recent); k, v [B, Hkv, N, d] post-RoPE. ``score``: "seed"
+    (window mass − λ·row_entropy, needs row_entropy [B, Hkv, N] from
+    :func:`~holokv.src.selection.causal_stats`), "mass" (SnapKV window mass) or a
+    precomputed [B, Hkv, N] tensor (e.g. H2O accumulated mass). Sinks and the
+    recent window are always kept. ``method``: "evict" drops the rest, "seed" and
+    "softmax_ls" summarize the evicted tokens, in position order, into bins of
+    ``bin_size`` with ``rank`` centroids each.
+
+    Returns (CompactKV with entries [kept in position order, centroids], info [B, Hkv]
+    of the batched solves, 0 = ok; check it with linalg.check_info off the hot path).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}")
+    B, Hkv, N, d = k.shape
+    w = q_obs.shape[2]
+    n_keep, n_bins = plan(N, budget, method=method, head_dim=d, bin_size=bin_size, rank=rank)
+    if isinstance(score, str):
+        mass = window_mass(q_obs, k, scale)
+        score = seed_score(mass, row_entropy, lam) if score == "seed" else mass
+    pos = torch.arange(N, device=k.device)
+    keep, evict = split(score, n_keep, protect_mask(pos, n_sink, N - n_recent))
+    take = lambda x, idx: x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, d))
+    k_keep, v_keep = take(k, keep), take(v, keep)
+    info = torch.zeros(B, Hkv, dtype=torch.int32, device=k.device)
+    lens = torch.full((B,), n_keep + n_bins * rank, device=k.device)
+    if n_bins == 0:
+        return CompactKV(k_keep, v_keep, k.new_zeros(B, Hkv, n_keep), lens), info
+
+    pad = n_bins * bin_size - evict.shape[-1]  # last bin is partial: pad with zero-mass entries
+    bins = lambda x: torch.cat([take(x, evict), x.new_zeros(B, Hkv, pad, d)], 2).view(B, Hkv, n_bins, bin_size, d)
+    k_bins, v_bins = bins(k), bins(v)
+    b_bins = torch.zeros(B, Hkv, n_bins * bin_size, dtype=k.dtype, device=k.device)
+    b_bins[..., evict.shape[-1]:] = torch.finfo(k.dtype).min
+    b_bins = b_bins.view(B, Hkv, n_bins, bin_size)
+    q_ref = pool_gqa(q_obs, Hkv)
+    if method == "seed":
+        kc, vc, inf = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
+        kc, vc, bc = kc.flatten(2, 3), vc.flatten(2, 3), k.new_zeros(B, Hkv, n_bins * rank)
+        info = info + (inf != 0).sum(-1, dtype=torch.int32)
+    else:
+        q_pos = (N - w + torch.arange(w, device=k.device)).repeat(q_ref.shape[2] // w)
+        mask = keep.unsqueeze(-2) <= q_pos[:, None]  # kept tokens may follow some window queries
+        kc, vc, bc, info = softmax_ls_centroids(q_ref, k_keep, v_keep, k.new_zeros(B, Hkv, n_keep), mask,
+                                                k_bins, v_bins, b_bins, rank, ridge, scale)
+    return CompactKV(torch.cat([k_keep, kc], 2), torch.cat([v_keep, vc], 2),
+                     torch.cat([k.new_zeros(B, Hkv, n_keep), bc], 2), lens), info

@@ -1,0 +1,110 @@
+"""Turn a bin of evicted entries into a few centroid (key, value, log-mass) entries.
+
+A bin is ``n`` entries k, v [..., n, d] with log-mass bias [..., n] (0 for plain
+tokens, >0 for centroids that were evicted again). Reference queries q_ref
+[..., m, d] are the rows the summary is fitted for (observation window, GQA
+group pooled). Everything is batched over the leading dims (batch, head, bin).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention import attend, logits
+from .linalg import ridge_solve, top_subspace, truncated_svd
+
+
+def seed_centroids(q_ref, k_bin, v_bin, b_bin, rank: int, scale=None):
+    """The source method's summary (Selection-Reconstruction-Compression).
+
+    O_bin = softmax(scale·q_ref k_binᵀ + b_bin) v_bin   [..., m, d]
+    W     = argmin ‖q_ref W − O_bin‖²  (OLS, d x d; minimal ridge floor for rank-deficient q_ref)
+    W ≈ U_r Σ_r V_rᵀ  ->  k_c = U[:, i]·√σ_i,  v_c = Vᵀ[i, :]·√σ_i,  i < rank
+
+    so that the *linear* read-out Σ_c (q·k_c) v_c ≈ q W ≈ O_bin. The centroids get
+    no log-mass (bias 0) and are later read through softmax like any token: the
+    mismatch the softmax_ls method fixes.
+    Returns (k_c [..., rank, d], v_c [..., rank, d], info [...]).
+    """
+    o_bin, _ = attend(q_ref, k_bin, v_bin, b_bin, scale=scale)
+    w, info = ridge_solve(q_ref.expand(*o_bin.shape[:-1], q_ref.shape[-1]), o_bin)
+    u, s, vh = truncated_svd(w, rank)
+    root = s.sqrt()
+    return (u * root.unsqueeze(-2)).mT, vh * root.unsqueeze(-1), info
+
+
+def sigma_point_keys(k_bin, b_bin, n_c: int):
+    """Centroid keys that match the bin's key mean and top covariance (unscented transform).
+
+    With mass weights w = softmax(b_bin), mean μ and covariance C = Σ w (k−μ)(k−μ)ᵀ
+    ≈ Σ_{i<p} λ_i u_i u_iᵀ (top-p PCA, p = n_c // 2), the n_c equal-weight points
+    μ ± sqrt(n_c/2 · λ_i)·u_i (plus μ itself when n_c is odd) have exactly that mean
+    and covariance. Because log E_w[exp(s q·k)] = s q·μ + s²/2 qᵀCq + O(s³), the
+    points reproduce the bin's log-partition function for every query to second
+    order, not just for the reference queries.
+    Returns (k_c [..., n_c, d], log-mass prior [..., n_c] = logsumexp(b_bin) − log n_c).
+    """
+    w = torch.softmax(b_bin, -1).unsqueeze(-1)
+    mu = (w * k_bin).sum(-2, keepdim=True)
+    p = n_c // 2
+    pts = [mu] if n_c % 2 else []
+    if p:
+        basis, sig = top_subspace(w.sqrt() * (k_bin - mu), p)
+        off = (basis * (sig * math.sqrt(n_c / 2)).unsqueeze(-2)).mT  # [..., p, d]
+        pts += [mu + off, mu - off]
+    log_mass = torch.logsumexp(b_bin, -1, keepdim=True) - math.log(n_c)
+    return torch.cat(pts, -2), log_mass.expand(*b_bin.shape[:-1], n_c)
+
+
+def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins,
+                         n_c: int, ridge: float = 1.0, scale=None):
+    """Summaries fitted to what softmax attention computes.
+
+    Shapes: q_ref [B, H, m, d]; kept context k_ctx, v_ctx [B, H, Nk, d], b_ctx
+    [B, H, Nk], ctx_mask [B|1, H|1, m, Nk] bool or None (causal visibility of
+    kept entries to the reference queries); bins k_bins, v_bins [B, H, nb, n, d],
+    b_bins [B, H, nb, n] (padding: bias = dtype min). Bins are older than every
+    reference query, so all of them are visible to all rows.
+
+    1. Keys: :func:`sigma_point_keys` per bin, n_c per bin.
+    2. Log-mass: prior logsumexp(b_bin) − log n_c, then one shift per bin,
+       δ_b = Σ_q ρ_qb (LSE_bin(q) − LSE_centroids(q)) / Σ_q ρ_qb, the least-squares
+       fit of the log-partition error weighted by ρ_qb = the bin's share of query
+       q's full attention (where the bin matters).
+    3. Values: with A = softmax(logits over [kept ∪ centroids]) for the reference
+       queries and O = exact softmax attention over [kept ∪ all bins],
+
+           V_c = argmin ‖A_c V_c − (O − A_kept V_kept)‖² + λ‖V_c − V_0‖²,
+
+       λ = ridge · mean(diag A_cᵀA_c); V_0 = each bin's ρ-weighted mean bin-local
+       attention output, so unconstrained directions fall back to the bin's average
+       value instead of 0. All bins' values are solved jointly because they share
+       one softmax. With m <= nb·n_c reference rows and ridge -> 0 the reference
+       outputs are reproduced exactly.
+    Returns (k_c, v_c [B, H, nb·n_c, d], bias_c [B, H, nb·n_c], info [B, H]).
+    """
+    B, H, nb, n, d = k_bins.shape
+    kc, bc = sigma_point_keys(k_bins, b_bins, n_c)  # [B, H, nb, n_c, d], [B, H, nb, n_c]
+    q5 = q_ref.unsqueeze(2)  # [B, H, 1, m, d]
+    l_bin = logits(q5, k_bins, b_bins, scale=scale)  # [B, H, nb, m, n]
+    l_c = logits(q5, kc, bc, scale=scale)  # [B, H, nb, m, n_c]
+    l_ctx = logits(q_ref, k_ctx, b_ctx, ctx_mask, scale)  # [B, H, m, Nk]
+    lse_bin, lse_c = l_bin.logsumexp(-1), l_c.logsumexp(-1)  # [B, H, nb, m]
+    lse_all = torch.cat([l_ctx.logsumexp(-1, keepdim=True).mT, lse_bin], 2).logsumexp(2, keepdim=True)
+    rho = (lse_bin - lse_all).exp()
+    shift = (rho * (lse_bin - lse_c)).sum(-1) / rho.sum(-1).clamp_min(torch.finfo(rho.dtype).tiny)
+    bc = bc + shift.unsqueeze(-1)
+    l_c = l_c + shift[..., None, None]
+
+    flat = lambda x: x.transpose(2, 3).flatten(3)  # [B, H, nb, m, c] -> [B, H, m, nb·c]
+    v_all = torch.cat([v_ctx, v_bins.flatten(2, 3)], 2)
+    o = torch.softmax(torch.cat([l_ctx, flat(l_bin)], -1), -1) @ v_all  # exact target
+    a = torch.softmax(torch.cat([l_ctx, flat(l_c)], -1), -1)
+    a_ctx, a_c = a[..., :k_ctx.shape[2]], a[..., k_ctx.shape[2]:]
+    o_bin = torch.softmax(l_bin, -1) @ v_bins  # [B, H, nb, m, d]
+    v0 = (rho.unsqueeze(-1) * o_bin).sum(-2) / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(rho.dtype).tiny)
+    v0 = v0.unsqueeze(3).expand(B, H, nb, n_c, d).flatten(2, 3)
+    resid = o - a_ctx @ v_ctx - a_c @ v0
+    delta, info = ridge_solve(a_c, resid, ridge)
+    return kc.flatten(2, 3), v0 + delta, bc.flatten(2, 3), info

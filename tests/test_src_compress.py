@@ -1,0 +1,142 @@
+"""SRC selection, summaries, one-shot and streaming compaction, decode reference."""
+import math
+
+import pytest
+import torch
+
+from holokv.src import (CompactKV, attend, biased_decode_ref, causal_stats, compact, plan, pool_gqa, seed_centroids,
+                        sigma_point_keys, SRCStream)
+from holokv.src.linalg import check_info
+
+B, HQ, HKV, D = 2, 6, 2, 16
+
+
+def qkv(n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, HQ, n, D, generator=g, dtype=dtype), torch.randn(B, HKV, n, D, generator=g, dtype=dtype),
+            torch.randn(B, HKV, n, D, generator=g, dtype=dtype))
+
+
+def test_biased_decode_ref_bias_is_log_multiplicity():
+    """An entry with bias log 3 weighs exactly like three copies of it; entries past lens are ignored."""
+    q, k, v = qkv(5)
+    q = q[:, :, 0]
+    bias = torch.zeros(B, HKV, 5, dtype=q.dtype)
+    bias[..., 1] = math.log(3)
+    lens = torch.tensor([5, 4])
+    out = biased_decode_ref(q, k, v, bias, lens)
+    for b in range(B):
+        n = int(lens[b])
+        kk = torch.cat([k[b, :, :n], k[b, :, 1:2].repeat(1, 2, 1)], 1).repeat_interleave(HQ // HKV, 0)
+        vv = torch.cat([v[b, :, :n], v[b, :, 1:2].repeat(1, 2, 1)], 1).repeat_interleave(HQ // HKV, 0)
+        ref = torch.softmax(q[b, :, None] @ kk.mT / math.sqrt(D), -1) @ vv
+        torch.testing.assert_close(out[b], ref.squeeze(1))
+
+
+@pytest.mark.parametrize("method", ["evict", "seed", "softmax_ls"])
+def test_no_compression_when_budget_fits(method):
+    q, k, v = qkv(40)
+    _, ent = causal_stats(q, k)
+    c, _ = compact(q[:, :, -8:], k, v, budget=41, method=method, row_entropy=ent, n_recent=8)
+    assert torch.equal(c.k, k) and torch.equal(c.v, v) and (c.bias == 0).all()
+
+
+def test_softmax_ls_exact_with_enough_centroids():
+    """With at least as many centroids as reference rows, the reference outputs are reproduced exactly."""
+    n, w = 64, 2  # 2 window queries x 3 heads = 6 reference rows <= 4 centroids per bin
+    q, k, v = qkv(n)
+    _, ent = causal_stats(q, k)
+    c, info = compact(q[:, :, -w:], k, v, budget=24, method="softmax_ls", row_entropy=ent, bin_size=16, rank=4,
+                      n_sink=2, n_recent=4, ridge=1e-12)
+    check_info(info)
+    assert c.k.shape[2] < n
+    q_ref = pool_gqa(q[:, :, -w:], HKV)
+    q_pos = (n - w + torch.arange(w)).repeat(HQ // HKV)
+    exact, _ = attend(q_ref, k, v, mask=torch.arange(n) <= q_pos[:, None])
+    # entries: kept tokens in position order (the last 4 are the recent window), then centroids
+    n_kept, n_bins = plan(n, 24, method="softmax_ls", head_dim=D, bin_size=16, rank=4)
+    entry_pos = torch.cat([torch.full((n_kept - 4,), -1), torch.arange(n - 4, n), torch.full((4 * n_bins,), -1)])
+    got, _ = attend(q_ref, c.k, c.v, c.bias, mask=entry_pos <= q_pos[:, None])
+    torch.testing.assert_close(got, exact, atol=1e-8, rtol=1e-8)
+
+
+def test_sigma_points_match_mean_and_covariance():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 40, 2, generator=g, dtype=torch.float64) @ torch.randn(2, D, generator=g, dtype=torch.float64)
+    b = torch.zeros(3, 40, dtype=torch.float64)
+    kc, lm = sigma_point_keys(k, b, 5)  # rank-2 bin, 5 points: the mean and two ± pairs
+    torch.testing.assert_close(kc.mean(1), k.mean(1))
+    cov = lambda x: (x - x.mean(1, keepdim=True)).mT @ (x - x.mean(1, keepdim=True)) / x.shape[1]
+    torch.testing.assert_close(cov(kc), cov(k))
+    torch.testing.assert_close(lm, torch.full_like(lm, math.log(40 / 5)))
+
+
+def test_seed_linear_readout_is_rank_r_fit():
+    """Σ_c (q·k_c) v_c equals q W_r, W_r the rank-r truncation of the OLS map from queries to bin outputs."""
+    q, k, v = qkv(24)
+    q_ref, kb, vb = q[0, :2].reshape(48, D), k[0, 0], v[0, 0]
+    kc, vc, info = seed_centroids(q_ref, kb, vb, torch.zeros(24, dtype=q.dtype), 3)
+    check_info(info)
+    w = torch.linalg.lstsq(q_ref, attend(q_ref, kb, vb)[0]).solution
+    u, s, vh = torch.linalg.svd(w)
+    torch.testing.assert_close(kc.mT @ vc, u[:, :3] * s[:3] @ vh[:3], atol=1e-6, rtol=1e-6)
+
+
+def test_seed_stream_hand_case():
+    """Zero keys make every attention row uniform, so scores and the summary can be worked out by hand.
+
+    t=2: importance (1+1/2+1/3, 1/2+1/3, 1/3), entropy (0, ln 2, ln 3): token 2 scores
+    1/3 − ln3/2 < 0 and is binned; t=3 likewise bins token 3. The bin {2, 3} with
+    reference queries e1, e2 (the last two) gives O_bin = mean(v2, v3) = (0, 3) for
+    both, W = [[0, 3], [0, 3]], exactly rank 1, so k_c v_cᵀ = W.
+    """
+    q = torch.tensor([[0.3, 0.1], [0.2, -1.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64).view(1, 1, 4, 2)
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 4.0], [-2.0, 2.0]], dtype=torch.float64).view(1, 1, 4, 2)
+    s = SRCStream(budget=3, method="seed", bin_size=2, rank=1, n_sink=0, n_recent=0, n_ref=2, every=1)
+    for t in range(4):
+        s.update(q[:, :, t:t + 1], torch.zeros(1, 1, 1, 2, dtype=q.dtype), v[:, :, t:t + 1])
+        if t == 2:
+            assert s.bin["pos"].tolist() == [[[2]]]
+            torch.testing.assert_close(s.state["imp"][0, 0], torch.tensor([11 / 6, 5 / 6], dtype=q.dtype))
+    s.check()
+    assert s.state["pos"].tolist() == [[[0, 1, -1]]] and s.bin["k"].shape[2] == 0
+    c = s.cache()
+    torch.testing.assert_close(torch.outer(c.k[0, 0, 2], c.v[0, 0, 2]), torch.tensor([[0.0, 3.0], [0.0, 3.0]],
+                                                                                    dtype=q.dtype))
+    torch.testing.assert_close(s.state["ent"][0, 0, 2], torch.tensor(math.log(3), dtype=q.dtype))
+    assert (c.bias == 0).all()
+
+
+@pytest.mark.parametrize("method", ["seed", "softmax_ls"])
+def test_one_shot_keeps_sinks_and_recent(method):
+    n, n_sink, n_recent = 96, 4, 16
+    q, k, v = qkv(n, dtype=torch.float32)
+    score = torch.zeros(B, HKV, n)
+    score[..., 40:60] = 1.0  # the middle looks important; sinks and recent must stay anyway
+    c, info = compact(q[:, :, -8:], k, v, budget=40, method=method, score=score, bin_size=16, rank=2,
+                      n_sink=n_sink, n_recent=n_recent)
+    check_info(info)
+    for pos in list(range(n_sink)) + list(range(n - n_recent, n)):
+        assert (c.k == k[:, :, pos:pos + 1]).all(-1).any(-1).all(), pos
+    assert torch.isfinite(c.v).all() and torch.isfinite(c.bias).all()
+
+
+@pytest.mark.parametrize("method", ["seed", "softmax_ls"])
+@pytest.mark.parametrize("kind", ["random", "zeros", "duplicates"])
+def test_stream_bounded_finite_and_protective(method, kind):
+    n, budget = 160, 48
+    q, k, v = qkv(n, dtype=torch.float32)
+    if kind == "zeros":
+        k, v = torch.zeros_like(k), torch.zeros_like(v)
+    elif kind == "duplicates":
+        k, v = k[:, :, :1].expand_as(k).contiguous(), v[:, :, :1].expand_as(v).contiguous()
+    s = SRCStream(budget=budget, method=method, bin_size=16, rank=4, n_sink=4, n_recent=16, n_ref=8, every=8)
+    for t in range(0, n, 8):
+        s.update(q[:, :, t:t + 8], k[:, :, t:t + 8], v[:, :, t:t + 8])
+        c = s.cache()
+        assert c.k.shape[2] <= budget
+        assert all(torch.isfinite(x).all() for x in (c.k, c.v, c.bias))
+    s.check()
+    pos = s.state["pos"]
+    for p in list(range(4)) + list(range(n - 16, n)):
+        assert (pos == p).any(-1).all(), p

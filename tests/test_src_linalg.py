@@ -1,0 +1,73 @@
+"""holokv.src.linalg against float64 torch.linalg, and on degenerate inputs."""
+import pytest
+import torch
+
+from holokv.src.linalg import check_info, ridge_solve, top_subspace, truncated_svd
+
+
+def well_conditioned(*batch, m=48, n=16, lo=1.0, hi=10.0, seed=0):
+    """Random [*batch, m, n] matrices with singular values spread over [lo, hi] (distinct: clear gaps)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(*batch, m, n, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(*batch, n, n, generator=g, dtype=torch.float64)).Q
+    return u @ torch.diag_embed(torch.linspace(hi, lo, n, dtype=torch.float64).expand(*batch, n)) @ v.mT
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("method", ["eigh", "randomized"])
+def test_top_subspace_matches_svd(method):
+    x = well_conditioned(3, 5)
+    r = 4
+    basis, sigma = top_subspace(x.float(), r, method=method, n_iter=6, generator=torch.Generator().manual_seed(1))
+    _, s, vh = torch.linalg.svd(x)
+    assert basis.shape == (3, 5, 16, r) and sigma.shape == (3, 5, r)
+    assert rel(sigma, s[..., :r]) < 1e-4
+    assert rel(basis @ basis.mT, vh[..., :r, :].mT @ vh[..., :r, :]) < 1e-4
+
+
+def test_truncated_svd_is_best_rank_r():
+    a = well_conditioned(4, m=16, n=16)
+    u, s, vh = torch.linalg.svd(a)
+    r = 5
+    uf, sf, vhf = truncated_svd(a.float(), r)
+    assert rel(uf @ torch.diag_embed(sf) @ vhf, u[..., :r] * s[..., None, :r] @ vh[..., :r, :]) < 1e-4
+
+
+def test_ridge_solve_matches_float64():
+    a, b = well_conditioned(2, 3), torch.randn(2, 3, 48, 7, dtype=torch.float64)
+    floor = 16 * 16 * torch.finfo(torch.float32).eps  # the documented float32 stability floor, n = 16
+    for ridge in (0.0, 0.1):
+        x, info = ridge_solve(a.float(), b.float(), ridge)
+        check_info(info)
+        lam = (ridge + floor) * (a.mT @ a).diagonal(dim1=-2, dim2=-1).mean(-1)
+        ref = torch.linalg.solve(a.mT @ a + lam[..., None, None] * torch.eye(16, dtype=a.dtype), a.mT @ b)
+        assert rel(x, ref) < 1e-4
+    # ridge 0 is ordinary least squares up to that floor
+    assert rel(ridge_solve(a.float(), b.float())[0], torch.linalg.lstsq(a, b).solution) < 2e-3
+
+
+@pytest.mark.parametrize("kind", ["zeros", "duplicates", "rank1"])
+def test_degenerate_inputs_are_finite(kind):
+    x = torch.randn(6, 32, 16)
+    if kind == "zeros":
+        x = torch.zeros_like(x)
+    elif kind == "duplicates":
+        x = x[:, :1].expand_as(x).clone()
+    else:
+        x = torch.randn(6, 32, 1) * torch.randn(6, 1, 16)
+    b = torch.randn(6, 32, 8)
+    sol, info = ridge_solve(x, b)
+    check_info(info)
+    for method in ("eigh", "randomized"):
+        basis, sigma = top_subspace(x, 4, method=method)
+        assert torch.isfinite(basis).all() and torch.isfinite(sigma).all()
+    u, s, vh = truncated_svd(x.mT @ x, 4)
+    assert all(torch.isfinite(t).all() for t in (sol, u, s, vh))
+    if kind == "zeros":
+        assert (sol == 0).all() and (u == 0).all()
+    else:  # the rank-deficient fit still explains b as well as exact least squares does
+        best = torch.linalg.lstsq(x.double(), b.double(), rcond=1e-5, driver="gelsd").solution
+        assert rel(x @ sol, x.double() @ best) < 1e-3

@@ -43,18 +43,29 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Shared-memory floats: phase table, demodulated queries, then per warp its
 // accumulators acc[G][D], running max m[G], running sum l[G] and the tile's
-// per-entry weights p[32][KP + 1] (column KP: weight of an exact token).
+// per-entry weights p[32][PS] (column KP: weight of an exact token). Every
+// region starts on 16 bytes so that it can be read as float4.
+__host__ __device__ constexpr int round4(int n) { return (n + 3) / 4 * 4; }
+template <int KP>
+constexpr int PS = round4(KP + 1);
 template <int D, int KP>
-__host__ __device__ constexpr int warp_floats(int G) { return G * D + 2 * G + 32 * (KP + 1); }
+__host__ __device__ constexpr int warp_floats(int G) { return G * D + round4(2 * G) + 32 * PS<KP>; }
 template <int D, int KP>
 __host__ __device__ constexpr int smem_floats(int G) { return KP * D + G * (KP + 1) * D + WARPS * warp_floats<D, KP>(G); }
+
+// DPL consecutive elements of a value row, loaded in one access.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
 
 template <typename T, int D, int KP>
 __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodeParams p) {
   constexpr int VE = 16 / sizeof(T);  // elements per 16-byte load
   constexpr int NV = D / VE;          // 16-byte loads per row
   constexpr int DPL = D / 32;         // dims per lane in the value pass
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
   const int b = blockIdx.z, kvh = blockIdx.y, G = p.G, k = p.k;
   float* phis = smem;                  // [KP][D]
   float* qt = phis + KP * D;           // [G][KP + 1][D]: q * Phi_j, then q
@@ -62,7 +73,7 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
   float* acc = qt + G * (KP + 1) * D + warp * warp_floats<D, KP>(G);
   float* m = acc + G * D;
   float* l = m + G;
-  float* pw = l + G;
+  float* pw = m + round4(2 * G);
 
   const int64_t n_sup = p.slot_lens[b], n_tail = p.tail_lens[b];
   // Lengths past the tensors' capacity cannot be checked without a host sync:
@@ -86,6 +97,15 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
   for (int i = lane; i < G * D; i += 32) acc[i] = 0.f;
   for (int h = lane; h < G; h += 32) m[h] = NEG_INF, l[h] = 0.f;
   __syncthreads();
+  // this lane's dims of the phase table, kept in registers when they fit
+  constexpr bool PH_REGS = KP * DPL <= 32;
+  float ph[PH_REGS ? KP : 1][DPL];
+  if constexpr (PH_REGS) {
+#pragma unroll
+    for (int j = 0; j < KP; ++j)
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) ph[j][i] = phis[j * D + lane * DPL + i];
+  }
 
   const int split = blockIdx.x * WARPS + warp;
   if (split >= p.splits) return;
@@ -118,13 +138,17 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
         for (int c = 0; c < NV; ++c) {
           const T* kv = reinterpret_cast<const T*>(&kr[c]);
 #pragma unroll
-          for (int i = 0; i < VE; ++i) {
-            const float kf = float(kv[i]);
+          for (int i = 0; i < VE; i += 4) {
+            const float k0 = float(kv[i]), k1 = float(kv[i + 1]), k2 = float(kv[i + 2]), k3 = float(kv[i + 3]);
             if (is_slot) {
 #pragma unroll
-              for (int j = 0; j < KP; ++j) s[j] += qh[j * D + c * VE + i] * kf;
+              for (int j = 0; j < KP; ++j) {
+                const float4 qv = *reinterpret_cast<const float4*>(qh + j * D + c * VE + i);
+                s[j] += qv.x * k0 + qv.y * k1 + qv.z * k2 + qv.w * k3;
+              }
             } else {
-              s[0] += qh[KP * D + c * VE + i] * kf;
+              const float4 qv = *reinterpret_cast<const float4*>(qh + KP * D + c * VE + i);
+              s[0] += qv.x * k0 + qv.y * k1 + qv.z * k2 + qv.w * k3;
             }
           }
         }
@@ -140,7 +164,7 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
       const float m_new = fmaxf(m_old, warp_max(mx));
       const float alpha = __expf(m_old - m_new);  // 0 while m_old is -inf
       float psum = 0.f;
-      float* pe = pw + lane * (KP + 1);
+      float* pe = pw + lane * PS<KP>;
 #pragma unroll
       for (int j = 0; j < KP; ++j) {
         const float pj = j < n_ph ? __expf(s[j] - m_new) : 0.f;
@@ -159,14 +183,18 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
 #pragma unroll 4
       for (int t = 0; t < n_tile; ++t) {
         const int ee = e0 + t;
-        const T* vrow = (ee < n_slots ? vs + int64_t(ee) * D : vt + int64_t(ee - n_slots) * D) + lane * DPL;
-        const float* pt = pw + t * (KP + 1);
+        const Pack<T, DPL> v = *reinterpret_cast<const Pack<T, DPL>*>(
+            (ee < n_slots ? vs + int64_t(ee) * D : vt + int64_t(ee - n_slots) * D) + lane * DPL);
+        const float* pt = pw + t * PS<KP>;
+        float pj[PS<KP>];
+#pragma unroll
+        for (int j = 0; j < PS<KP>; j += 4) *reinterpret_cast<float4*>(pj + j) = *reinterpret_cast<const float4*>(pt + j);
 #pragma unroll
         for (int i = 0; i < DPL; ++i) {
-          float w = pt[KP];
+          float w = pj[KP];
 #pragma unroll
-          for (int j = 0; j < KP; ++j) w += pt[j] * phis[j * D + lane * DPL + i];
-          a[i] += w * float(vrow[i]);
+          for (int j = 0; j < KP; ++j) w += pj[j] * (PH_REGS ? ph[PH_REGS ? j : 0][i] : phis[j * D + lane * DPL + i]);
+          a[i] += w * float(v.v[i]);
         }
       }
 #pragma unroll
@@ -181,24 +209,48 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
   }
 }
 
-// One block per (sequence, query head), one thread per dimension.
+// One block per (sequence, query head): warps take interleaved splits, lanes
+// take dimensions, and the warps' partial sums meet in shared memory.
+constexpr int MERGE_WARPS = 8;
 template <typename T>
-__global__ void holo_decode_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                         T* __restrict__ out, int splits, int D) {
+__global__ void __launch_bounds__(MERGE_WARPS * 32)
+    holo_decode_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                             T* __restrict__ out, int splits, int D) {
+  __shared__ float red[MERGE_WARPS][128 + 1];
+  __shared__ float wmax[MERGE_WARPS];
+  __shared__ int wbad[MERGE_WARPS];
   const int64_t row = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* ml = part_ml + row * splits * 2;
   float mx = NEG_INF;
   bool bad = false;
-  for (int c = 0; c < splits; ++c) bad |= isnan(ml[2 * c]), mx = fmaxf(mx, ml[2 * c]);
+  for (int c = threadIdx.x; c < splits; c += blockDim.x) bad |= isnan(ml[2 * c]), mx = fmaxf(mx, ml[2 * c]);
+  mx = warp_max(mx);
+  bad = __any_sync(0xffffffffu, bad);
+  if (lane == 0) wmax[warp] = mx, wbad[warp] = bad;
+  __syncthreads();
+  for (int w = 0; w < MERGE_WARPS; ++w) mx = fmaxf(mx, wmax[w]), bad |= wbad[w];
+  float num[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;  // D <= 128: at most 4 dims per lane
+#pragma unroll 4
+  for (int c = warp; c < splits; c += MERGE_WARPS) {
+    const float l = ml[2 * c + 1];
+    if (l == 0.f) continue;
+    const float w = __expf(ml[2 * c] - mx);
+    den += l * w;
+    const float* po = part_o + (row * splits + c) * D;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (lane + 32 * i < D) num[i] += po[lane + 32 * i] * w;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    if (lane + 32 * i < D) red[warp][lane + 32 * i] = num[i];
+  if (lane == 0) red[warp][128] = den;
+  __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float num = 0.f, den = 0.f;
-    for (int c = 0; c < splits; ++c) {
-      if (ml[2 * c + 1] == 0.f) continue;
-      const float w = __expf(ml[2 * c] - mx);
-      den += ml[2 * c + 1] * w;
-      num += part_o[(row * splits + c) * D + d] * w;
-    }
-    out[row * D + d] = T(bad ? NAN : den > 0.f ? num / den : 0.f);
+    float n = 0.f, dsum = 0.f;
+    for (int w = 0; w < MERGE_WARPS; ++w) n += red[w][d], dsum += red[w][128];
+    out[row * D + d] = T(bad ? NAN : dsum > 0.f ? n / dsum : 0.f);
   }
 }
 
@@ -241,19 +293,20 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
               "CUDA holo_decode supports float16, bfloat16 and float32 q, got ", dtype);
-  for (auto [t, name] : {std::pair{&k_slots, "k_slots"}, std::pair{&k_tail, "k_tail"}})
+  for (auto [t, name] : {std::pair{&k_slots, "k_slots"}, std::pair{&v_slots, "v_slots"}, std::pair{&k_tail, "k_tail"},
+                         std::pair{&v_tail, "v_tail"}})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, name,
-                " must start on a 16-byte boundary (it is read in 16-byte rows); a sliced view is not");
+                " must start on a 16-byte boundary (it is read in vector loads); a sliced view may not");
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   const int64_t capacity = dd.S + dd.T;  // entries per sequence at most
   if (out.numel() == 0) return out;
   if (capacity == 0) return out.zero_();
 
-  // Enough warps to fill the GPU about 16 deep, chunks of whole 32-entry tiles.
+  // Enough warps to fill the GPU about 16 deep, chunks of at least two 32-entry tiles.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = std::max<int64_t>(1, ceil_div(int64_t(sms) * 16, dd.B * dd.Hkv));
-  const int64_t chunk = 32 * ceil_div(ceil_div(capacity, want), 32);
+  const int64_t chunk = std::max<int64_t>(64, 32 * ceil_div(ceil_div(capacity, want), 32));
   const int64_t splits = ceil_div(capacity, chunk);
   at::Tensor part_o = at::empty({dd.B, dd.Hq, splits, dd.D}, q.options().dtype(at::kFloat));
   at::Tensor part_ml = at::empty({dd.B, dd.Hq, splits, 2}, q.options().dtype(at::kFloat));
@@ -275,7 +328,7 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
       launch_phases<scalar_t, 64>(p, int(dd.B), kp, stream);
     else
       launch_phases<scalar_t, 128>(p, int(dd.B), kp, stream);
-    holo_decode_merge_kernel<scalar_t><<<unsigned(dd.B * dd.Hq), unsigned(dd.D), 0, stream>>>(
+    holo_decode_merge_kernel<scalar_t><<<unsigned(dd.B * dd.Hq), MERGE_WARPS * 32, 0, stream>>>(
         part_o.data_ptr<float>(), part_ml.data_ptr<float>(), out.data_ptr<scalar_t>(), int(splits), int(dd.D));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

@@ -9,8 +9,8 @@ shift || true
 tests=("${@:-tests}")
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-# Build with the system compiler: a newer one named by CC/CXX emits libstdc++
-# code that crashes against the older libstdc++ that python and torch load.
+# The system compiler, whose libstdc++ python and torch load: a toolchain named
+# by CC/CXX may link its own static libstdc++ into _C, which then crashes.
 unset CC CXX
 python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || exit 1
 python3 -c "import holokv, json; print(json.dumps(holokv.build_info()))"

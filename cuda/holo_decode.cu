@@ -303,10 +303,10 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   if (out.numel() == 0) return out;
   if (capacity == 0) return out.zero_();
 
-  // Enough warps to fill the GPU about 16 deep, chunks of at least two 32-entry tiles.
+  // Enough warps to fill the GPU about 16 deep (its register limit), chunks of whole 32-entry tiles.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = std::max<int64_t>(1, ceil_div(int64_t(sms) * 16, dd.B * dd.Hkv));
-  const int64_t chunk = std::max<int64_t>(64, 32 * ceil_div(ceil_div(capacity, want), 32));
+  const int64_t chunk = 32 * ceil_div(ceil_div(capacity, want), 32);
   const int64_t splits = ceil_div(capacity, chunk);
   at::Tensor part_o = at::empty({dd.B, dd.Hq, splits, dd.D}, q.options().dtype(at::kFloat));
   at::Tensor part_ml = at::empty({dd.B, dd.Hq, splits, 2}, q.options().dtype(at::kFloat));

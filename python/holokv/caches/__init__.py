@@ -1,0 +1,46 @@
+"""KV caches for transformers 5.x: HoloKV superposition and token-selection baselines.
+
+    from holokv.caches import make_cache, use_holokv_attention
+    use_holokv_attention(model)
+    cache = make_cache("holokv", model.config, ratio=4)
+    model.generate(**inputs, past_key_values=cache)
+
+Every cache needs the ``"holokv"`` attention implementation: its layers read their
+own (compressed) storage there. ``ratio`` is the bytes budget: after each
+compression a cache holds about ``tokens / ratio`` tokens' worth of K/V.
+"""
+from __future__ import annotations
+
+from .attention import NAME as ATTN_IMPLEMENTATION, use_holokv_attention
+from .base import CompressedCache, FullLayer
+from .holo import HoloKVLayer
+from .model_check import check_model, head_dim
+from .selection import H2OLayer, SnapKVLayer, StreamingLayer, TopKLayer
+from .superposed import HoloSpec, superposed_attention
+
+LAYERS = {
+    "full": FullLayer,
+    "holokv": HoloKVLayer,
+    "streaming": StreamingLayer,
+    "topk": TopKLayer,
+    "h2o": H2OLayer,
+    "snapkv": SnapKVLayer,
+}
+METHODS = tuple(LAYERS)
+
+
+def make_cache(method: str, config, ratio: float = 1.0, **options) -> CompressedCache:
+    """A cache for a model with ``config``. ``options`` go to the layer class (e.g. HoloKV's ``k``,
+    ``sinks``, ``mode``, ``prefill``, ``slot_gain``; StreamingLLM's ``sinks``; SnapKV's ``window``)."""
+    if method not in LAYERS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    layout = check_model(config)
+    if method == "holokv":
+        options = dict(head_dim=head_dim(config), rope_layout=layout, **options)
+    text = config.get_text_config(decoder=True)
+    layers = [LAYERS[method](ratio=ratio, **options) for _ in range(text.num_hidden_layers)]
+    return CompressedCache(layers, method, ratio)
+
+
+__all__ = ["ATTN_IMPLEMENTATION", "CompressedCache", "HoloSpec", "METHODS", "check_model", "make_cache",
+           "superposed_attention", "use_holokv_attention"]

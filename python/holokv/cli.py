@@ -1,0 +1,70 @@
+"""``holokv`` command line. ``holokv eval`` runs the quality-vs-memory grid."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .caches import METHODS
+
+
+def _list(cast):
+    return lambda s: [cast(x) for x in s.split(",") if x]
+
+
+def _eval_parser(sub):
+    from .eval import TASKS, EvalConfig
+
+    d = EvalConfig()
+    p = sub.add_parser("eval", help="evaluate caches: methods x compression ratios",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model,
+                   help="causal LM: the bundled default, a local path or hub id, or a .gguf file")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--methods", type=_list(str), default=d.methods,
+                   help=f"comma-separated, each name[:key=value...]; names: {', '.join(METHODS)} "
+                        "(the full cache always runs)")
+    p.add_argument("--ratios", type=_list(float), default=d.ratios, help="compression ratios (bytes), >= 1")
+    p.add_argument("--context", type=int, default=d.context, help="context tokens prefilled and compressed")
+    p.add_argument("--continuation", type=int, default=d.continuation, help="tokens scored after the context")
+    p.add_argument("--windows", type=int, default=d.windows, help="text windows for perplexity")
+    p.add_argument("--passkey-lengths", type=_list(int), default=d.passkey_lengths)
+    p.add_argument("--passkey-depths", type=_list(float), default=d.passkey_depths)
+    p.add_argument("--tasks", type=_list(str), default=d.tasks, help=f"subset of {','.join(TASKS)}")
+    p.add_argument("--text", default=d.text, help="UTF-8 text file (default: Python's pydoc topics)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="output folder for results.json, results.png, table.txt")
+
+
+def _check(args) -> None:
+    """Argument errors that need no model."""
+    if any(r < 1 for r in args.ratios):
+        raise ValueError(f"ratios must be >= 1, got {args.ratios}")
+    if args.context < 1 or args.continuation < 1 or args.windows < 1:
+        raise ValueError("--context, --continuation and --windows must be positive")
+    if any(not 0 <= d <= 1 for d in args.passkey_depths):
+        raise ValueError(f"passkey depths must lie in [0, 1], got {args.passkey_depths}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="holokv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _eval_parser(sub)
+    args = parser.parse_args(argv)
+    from .eval import EvalConfig, run_eval
+    from .eval.report import table
+
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    try:
+        _check(args)
+        result = run_eval(cfg)
+    except ValueError as e:
+        print(f"holokv eval: error: {e}", file=sys.stderr)
+        return 2
+    print(table(result["runs"]), end="")
+    print(f"{len(result['runs'])} runs in {result['runtime_s']:.0f} s; results in {cfg.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

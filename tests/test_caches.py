@@ -1,0 +1,200 @@
+"""Caches on a tiny random Llama (GQA), CPU: exactness at ratio 1, generate, bytes, positions,
+padding, HoloKV's superposed prefill against its own decode steps, bad inputs."""
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, LlamaConfig, LlamaForCausalLM, MistralConfig
+
+from holokv.caches import METHODS, make_cache, superposed_attention, use_holokv_attention
+from holokv.caches.superposed import HoloSpec
+
+COMPRESSED = [m for m in METHODS if m != "full"]
+
+
+def tiny_config(**kw):
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                       **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return use_holokv_attention(LlamaForCausalLM(tiny_config()).eval())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 48), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def reference(model, batch):
+    """Greedy generation through transformers' own DynamicCache and SDPA."""
+    ids, mask = batch
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=
+                                  DynamicCache(), output_scores=True, return_dict_in_generate=True)
+    finally:
+        use_holokv_attention(model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_one_is_exact(model, batch, reference, method):
+    ids, mask = batch
+    cache = make_cache(method, model.config, ratio=1)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache,
+                             output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference.sequences)
+    for s, r in zip(out.scores, reference.scores):
+        torch.testing.assert_close(s, r, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1] + 5
+
+
+@pytest.mark.parametrize("method", COMPRESSED)
+def test_generate_compressed(model, batch, method):
+    ids, mask = batch
+    cache = make_cache(method, model.config, ratio=4)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    assert out.shape == (2, ids.shape[1] + 8)
+    assert cache.get_seq_length() == ids.shape[1] + 7  # the last token is never fed back
+
+
+@pytest.mark.parametrize("method", COMPRESSED)
+@pytest.mark.parametrize("ratio", [2, 4, 8])
+def test_bytes_shrink(model, method, ratio):
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(2))
+    held = {}
+    for m, r in (("full", 1), (method, ratio)):
+        cache = make_cache(m, model.config, ratio=r)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        held[m] = cache.bytes_per_token()
+    achieved = held["full"] / held[method]
+    # index/score metadata and HoloKV's open slot cost a little on top of the budget
+    assert 0.85 * ratio <= achieved <= 1.2 * ratio, achieved
+
+
+@pytest.mark.parametrize("method", COMPRESSED)
+def test_true_positions(model, method):
+    """Compressed caches report the true length, kept entries are the full cache's (RoPE'd) keys, and the
+    next token's implicit positions (from get_seq_length) are the true ones."""
+    ids = torch.randint(0, 128, (1, 65), generator=torch.Generator().manual_seed(3))
+    full, comp, twin = (make_cache(m, model.config, ratio=r) for m, r in (("full", 1), (method, 4), (method, 4)))
+    with torch.no_grad():
+        for cache in (full, comp, twin):
+            model(ids[:, :64], past_key_values=cache)
+        assert comp.get_seq_length() == 64
+        layer = comp.layers[0]
+        if method != "holokv":
+            assert layer.keys.shape[2] == 16
+            expect = torch.gather(full.layers[0].keys, 2, layer.idx.unsqueeze(-1).expand(-1, -1, -1, 32))
+            torch.testing.assert_close(layer.keys, expect)
+        implicit = model(ids[:, 64:], past_key_values=comp).logits
+        explicit = model(ids[:, 64:], position_ids=torch.tensor([[64]]), past_key_values=twin).logits
+    torch.testing.assert_close(implicit, explicit)
+
+
+@pytest.mark.parametrize("method", COMPRESSED)
+def test_pads_never_kept_over_tokens(model, batch, method):
+    ids, mask = batch
+    cache = make_cache(method, model.config, ratio=4)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    layer = cache.layers[0]
+    if method == "holokv":
+        assert layer.n_sup.tolist()[0] + layer.tail_len.tolist()[0] == 48 - 7
+    else:
+        assert (layer.idx[0] >= 7).all()
+
+
+@pytest.mark.parametrize("prefill", ["exact", "superposed"])
+def test_holokv_padding_matches_unpadded(model, batch, prefill):
+    ids, mask = batch
+    runs = []
+    for x, m in ((ids, mask), (ids[:1, 7:], mask[:1, 7:])):
+        cache = make_cache("holokv", model.config, ratio=4, k=4, prefill=prefill)
+        with torch.no_grad():
+            runs.append(model.generate(x, attention_mask=m, max_new_tokens=10, do_sample=False,
+                                       past_key_values=cache, output_scores=True, return_dict_in_generate=True))
+    for s, s0 in zip(runs[0].scores, runs[1].scores):
+        torch.testing.assert_close(s[:1], s0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["aligned", "full"])
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_superposed_prefill_equals_decode_steps(model, mode, sinks):
+    """The superposed prefill reads, for every prompt query, exactly what holo_decode reads at that step."""
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    opts = dict(ratio=3, k=4, sinks=sinks, mode=mode, slot_gain=2.0)
+    pre = make_cache("holokv", model.config, prefill="superposed", **opts)
+    steps = make_cache("holokv", model.config, **opts)
+    with torch.no_grad():
+        a = model(ids, past_key_values=pre).logits
+        b = torch.cat([model(ids[:, i: i + 1], past_key_values=steps).logits for i in range(40)], 1)
+        # several new tokens on a non-empty cache are read as decode steps too
+        chunked = make_cache("holokv", model.config, **opts)
+        model(ids[:, :1], past_key_values=chunked)
+        c = model(ids[:, 1:], past_key_values=chunked).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c, b[:, 1:], atol=1e-5, rtol=1e-5)
+    assert pre.layers[1].n_sup.item() > 0 and pre.layers[1].n_sup.item() % 4 == 0
+
+
+def test_superposed_attention_is_differentiable():
+    spec = HoloSpec(k=4, ratio=4, sinks=2)
+    q = torch.randn(1, 4, 20, 32, requires_grad=True)
+    k = torch.randn(1, 2, 20, 32, requires_grad=True)
+    v = torch.randn(1, 2, 20, 32, requires_grad=True)
+    phase = torch.ops.holokv.phase_keys(4, 32, "half")
+    superposed_attention(spec, phase, q, k, v, torch.zeros(1, dtype=torch.long), 32 ** -0.5).square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_holokv_window_share():
+    spec = HoloSpec(k=8, ratio=4, sinks=4)
+    valid = torch.arange(0, 4000)
+    closed = spec.closed(valid)
+    assert (closed.diff() >= 0).all() and (closed % 8 == 0).all()
+    held = valid - closed + closed / 8
+    assert math.isclose(held[-1].item() / 4000, 1 / 4, rel_tol=0.02)
+
+
+def test_requires_holokv_attention(batch):
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(tiny_config(attn_implementation="sdpa")).eval()
+    cache = make_cache("streaming", plain.config, ratio=2)
+    ids, _ = batch
+    with torch.no_grad():
+        plain(ids, past_key_values=cache)
+        with pytest.raises(RuntimeError, match="attn_implementation='holokv'"):
+            plain(ids[:, :1], past_key_values=cache)
+
+
+@pytest.mark.parametrize("method, config, options, match", [
+    ("nope", tiny_config(), {}, "unknown method"),
+    ("h2o", tiny_config(), {"ratio": 0.5}, "ratio must be >= 1"),
+    ("full", tiny_config(), {"ratio": 2}, "keeps every token"),
+    ("holokv", tiny_config(), {"ratio": 8, "k": 4}, "reaches ratios"),
+    ("holokv", tiny_config(), {"mode": "sideways"}, "mode must be"),
+    ("holokv", tiny_config(), {"prefill": "lazy"}, "prefill must be"),
+    ("holokv", tiny_config(), {"k": 32}, "k \\(tokens per slot\\)"),
+    ("holokv", LlamaConfig(hidden_size=48, num_attention_heads=2, head_dim=24, num_hidden_layers=1), {"k": 8},
+     "head_dim divisible"),
+    ("full", GPT2Config(), {}, "not supported"),
+    ("full", MistralConfig(sliding_window=16, num_hidden_layers=1), {}, "full-attention"),
+    ("full", tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     {}, "part of the head"),
+])
+def test_bad_inputs(method, config, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_cache(method, config, **options)

@@ -1,0 +1,108 @@
+"""Evaluation and CLI on a tiny random Llama with a byte-level tokenizer, saved locally (no network)."""
+import json
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from holokv.cli import main
+from holokv.eval import EvalConfig, run_eval
+from holokv.eval import data
+from holokv.eval.runner import parse_method
+
+
+def byte_tokenizer():
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                         eos_token_id=256)
+    LlamaForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def small(tiny_model, out, **kw):
+    return EvalConfig(**{**dict(model=tiny_model, methods=["holokv", "snapkv", "streaming"], ratios=[2, 4],
+                                context=96, continuation=4, windows=2, passkey_lengths=[96],
+                                passkey_depths=[0.5], out=str(out)), **kw})
+
+
+def test_run_eval_outputs_and_reproducible(tiny_model, tmp_path):
+    first = run_eval(small(tiny_model, tmp_path / "a"))
+    second = run_eval(small(tiny_model, tmp_path / "b"))
+    for name in ("results.json", "results.png", "table.txt"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [r["spec"] for r in saved["runs"]] == ["full"] + ["holokv"] * 2 + ["snapkv"] * 2 + ["streaming"] * 2
+    assert first["runs"] == second["runs"]
+    full, *rest = first["runs"]
+    assert full["cosine"] == pytest.approx(1.0) and full["achieved_ratio"] == 1.0
+    for run in rest:
+        assert run["bytes_per_token"] < full["bytes_per_token"]
+        assert run["achieved_ratio"] > 0.7 * run["ratio"]
+        assert {"ppl", "passkey", "cosine", "rel_l2"} <= set(run)
+
+
+def test_task_subset(tiny_model, tmp_path):
+    result = run_eval(small(tiny_model, tmp_path, methods=["h2o"], ratios=[2], tasks=["fidelity"]))
+    assert [set(r) >= {"cosine", "bytes_per_token"} and "ppl" not in r for r in result["runs"]] == [True, True]
+
+
+def test_cli_eval(tiny_model, tmp_path, capsys):
+    code = main(["eval", "--model", tiny_model, "--methods", "topk", "--ratios", "2", "--context", "64",
+                 "--continuation", "2", "--windows", "1", "--passkey-lengths", "64", "--passkey-depths", "0.2",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "topk" in out and "bytes/tok" in out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--methods", "nope"], "unknown method"),
+    (["--ratios", "0.5"], "ratios must be >= 1"),
+    (["--methods", "holokv:k=4", "--ratios", "8"], "reaches ratios"),
+    (["--methods", "holokv:k"], "not key=value"),
+    (["--tasks", "ppl,dance"], "unknown tasks"),
+    (["--passkey-depths", "1.5"], "depths"),
+    (["--model", "/nonexistent/model"], "cannot load model"),
+])
+def test_cli_bad_input(tiny_model, tmp_path, capsys, args, match):
+    argv = ["eval", "--model", tiny_model, "--out", str(tmp_path)] + args
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_text_too_short(tiny_model, tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("too short")
+    assert main(["eval", "--model", tiny_model, "--text", str(text), "--out", str(tmp_path / "o")]) == 2
+    assert "fewer than" in capsys.readouterr().err
+
+
+def test_parse_method():
+    assert parse_method("holokv:mode=full:k=8:slot_gain=2.5") == ("holokv", dict(mode="full", k=8, slot_gain=2.5))
+
+
+def test_windows_and_passkey():
+    ids = torch.arange(100)
+    ws = data.windows(ids, 30, 3)
+    assert [w[0].item() for w in ws] == [0, 33, 66] and all(len(w) == 30 for w in ws)
+    with pytest.raises(ValueError, match="fewer than"):
+        data.windows(ids, 40, 3)
+    tok = byte_tokenizer()
+    ctx, question, key = data.passkey_prompt(tok, 300, 0.5, random.Random(0))
+    assert len(ctx) == 300 and key in tok.decode(ctx) and "pass key" in tok.decode(question)
+    assert data.passkey_prompt(tok, 300, 0.5, random.Random(0))[2] == key
+    assert "Python" in data.corpus()

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 
 namespace holokv {
@@ -88,6 +89,17 @@ inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slo
     check_same_device(*t, q, name, "q");
   }
   return {B, Hq, Hkv, Hq / Hkv, k_slots.size(2), k_tail.size(2), D, keys.size(0), mode == "aligned"};
+}
+
+// An additive logit per exact tail token, [B, Hkv, T] (SRC centroids carry log-masses).
+inline void check_tail_bias(const std::optional<at::Tensor>& tail_bias, const at::Tensor& k_tail) {
+  if (!tail_bias) return;
+  const at::Tensor& t = *tail_bias;
+  check_float_tensor(t, "tail_bias");
+  check_same_device(t, k_tail, "tail_bias", "k_tail");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == k_tail.size(0) && t.size(1) == k_tail.size(1) &&
+                  t.size(2) == k_tail.size(2),
+              "tail_bias must be [B, Hkv, T] = ", k_tail.sizes().slice(0, 3), ", got ", t.sizes());
 }
 
 }  // namespace holokv

@@ -17,9 +17,12 @@ namespace holokv {
 at::Tensor holo_decode_cpu(const at::Tensor& q, const at::Tensor& k_slots, const at::Tensor& v_slots,
                            const at::Tensor& keys, const at::Tensor& slot_lens, const at::Tensor& k_tail,
                            const at::Tensor& v_tail, const at::Tensor& tail_lens, c10::string_view mode,
-                           std::optional<double> scale, double slot_gain) {
+                           std::optional<double> scale, double slot_gain,
+                           const std::optional<at::Tensor>& tail_bias) {
   const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
                                           std::string(mode));
+  check_tail_bias(tail_bias, k_tail);
+  const at::Tensor bias = tail_bias ? tail_bias->to(at::kDouble) : at::Tensor();
   const int64_t B = dd.B, Hq = dd.Hq, Hkv = dd.Hkv, G = dd.G, S = dd.S, T = dd.T, D = dd.D, k = dd.k;
   const int64_t* sl = slot_lens.data_ptr<int64_t>();
   const int64_t* tl = tail_lens.data_ptr<int64_t>();
@@ -45,22 +48,23 @@ at::Tensor holo_decode_cpu(const at::Tensor& q, const at::Tensor& k_slots, const
         const int64_t n_sup = sl[b], n_slots = ceil_div(n_sup, k), n_tail = tl[b];
         const int64_t own_phase = (n_sup + n_tail - 1 + k) % k;
         logits.clear(), vrows.clear(), vkeys.clear();
-        auto add = [&](const scalar_t* kr, const scalar_t* vr, const double* key, double gain) {
+        auto add = [&](const scalar_t* kr, const scalar_t* vr, const double* key, double gain, double offset) {
           acc_t dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += acc_t(qr[d]) * acc_t(key ? key[d] : 1.0) * acc_t(kr[d]);
-          logits.push_back(acc_t(gain) * dot), vrows.push_back(vr), vkeys.push_back(key);
+          logits.push_back(acc_t(gain) * dot + acc_t(offset)), vrows.push_back(vr), vkeys.push_back(key);
         };
         for (int64_t s = 0; s < n_slots; ++s) {
           const int64_t off = ((b * Hkv + kvh) * S + s) * D;
           const scalar_t *kr = k_slots.data_ptr<scalar_t>() + off, *vr = v_slots.data_ptr<scalar_t>() + off;
           if (dd.aligned)
-            add(kr, vr, pp + own_phase * D, sc * slot_gain);
+            add(kr, vr, pp + own_phase * D, sc * slot_gain, 0.0);
           else
-            for (int64_t j = 0; j < k && s * k + j < n_sup; ++j) add(kr, vr, pp + j * D, sc * slot_gain);
+            for (int64_t j = 0; j < k && s * k + j < n_sup; ++j) add(kr, vr, pp + j * D, sc * slot_gain, 0.0);
         }
         for (int64_t t = 0; t < n_tail; ++t) {
           const int64_t off = ((b * Hkv + kvh) * T + t) * D;
-          add(k_tail.data_ptr<scalar_t>() + off, v_tail.data_ptr<scalar_t>() + off, nullptr, sc);
+          const double offset = bias.defined() ? bias.data_ptr<double>()[off / D] : 0.0;
+          add(k_tail.data_ptr<scalar_t>() + off, v_tail.data_ptr<scalar_t>() + off, nullptr, sc, offset);
         }
         std::fill(acc.begin(), acc.end(), acc_t(0));
         const acc_t mx = logits.empty() ? acc_t(0) : *std::max_element(logits.begin(), logits.end());

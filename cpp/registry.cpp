@@ -18,7 +18,7 @@ TORCH_LIBRARY(holokv, m) {
   m.def(
       "holo_decode(Tensor q, Tensor k_slots, Tensor v_slots, Tensor keys, Tensor slot_lens, "
       "Tensor k_tail, Tensor v_tail, Tensor tail_lens, str mode=\"full\", float? scale=None, "
-      "float slot_gain=1.0) -> Tensor");
+      "float slot_gain=1.0, Tensor? tail_bias=None) -> Tensor");
 }
 
 // Built from ATen ops only, so it runs unchanged under fake tensors and on any device.

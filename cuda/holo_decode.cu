@@ -27,6 +27,7 @@ struct DecodeParams {
   const void *q, *k_slots, *v_slots, *k_tail, *v_tail;
   const float* keys;  // [k, D]
   const int64_t *slot_lens, *tail_lens;
+  const float* tail_bias;  // [B, Hkv, T] or nullptr
   float *part_o, *part_ml;  // [B, Hq, splits, D], [B, Hq, splits, 2]
   int Hq, Hkv, G, S, T, k, splits, chunk;
   float slot_logit_gain, tail_logit_gain, slot_value_gain;
@@ -154,10 +155,11 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
         }
       }
       const float gain = is_slot ? p.slot_logit_gain : p.tail_logit_gain;
+      const float offset = valid && !is_slot && p.tail_bias ? p.tail_bias[head_off * p.T + e - n_slots] : 0.f;
       float mx = NEG_INF;
 #pragma unroll
       for (int j = 0; j < KP; ++j) {
-        s[j] = j < n_ph ? s[j] * gain : NEG_INF;
+        s[j] = j < n_ph ? s[j] * gain + offset : NEG_INF;
         mx = fmaxf(mx, s[j]);
       }
       const float m_old = m[h];
@@ -286,9 +288,11 @@ void launch_phases(DecodeParams& p, int B, int kp, cudaStream_t stream) {
 at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, const at::Tensor& v_slots,
                             const at::Tensor& keys, const at::Tensor& slot_lens, const at::Tensor& k_tail,
                             const at::Tensor& v_tail, const at::Tensor& tail_lens, c10::string_view mode,
-                            std::optional<double> scale, double slot_gain) {
+                            std::optional<double> scale, double slot_gain,
+                            const std::optional<at::Tensor>& tail_bias) {
   const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
                                           std::string(mode));
+  check_tail_bias(tail_bias, k_tail);
   TORCH_CHECK(dd.D == 64 || dd.D == 128, "CUDA holo_decode supports head_dim 64 and 128, got ", dd.D);
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
@@ -311,9 +315,11 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   at::Tensor part_o = at::empty({dd.B, dd.Hq, splits, dd.D}, q.options().dtype(at::kFloat));
   at::Tensor part_ml = at::empty({dd.B, dd.Hq, splits, 2}, q.options().dtype(at::kFloat));
   at::Tensor keys_f = keys.to(at::kFloat).contiguous();
+  at::Tensor bias_f = tail_bias ? tail_bias->to(at::kFloat).contiguous() : at::Tensor();
 
   DecodeParams p{q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
                  keys_f.data_ptr<float>(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
+                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
                  part_o.data_ptr<float>(), part_ml.data_ptr<float>(), int(dd.Hq), int(dd.Hkv), int(dd.G),
                  int(dd.S), int(dd.T), int(dd.k), int(splits), int(chunk), 0.f, 0.f, 0.f};
   const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));

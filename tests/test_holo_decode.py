@@ -31,6 +31,28 @@ def test_cpu_matches_reference(lens, group, k, mode):
     torch.testing.assert_close(out, ref64(case, mode, scale=0.2, slot_gain=1.5), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_tail_bias(device):
+    """A log-mass bias on an exact token: against the reference, and log 3 weighs as three copies."""
+    case = decode_case([13, 0], [3, 2], k=4, group=3, head_dim=64, device=device)
+    bias = torch.randn(case.k_tail.shape[:3], device=device)
+    for mode in MODES:
+        out = holokv.holo_decode(*case.args(), mode=mode, tail_bias=bias)
+        ref = holo_decode_ref(*case.to(torch.float64).args(), mode=mode, tail_bias=bias.double())
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    # no slots: the decode over an SRC-compacted cache; token 0 with bias log 3 == token 0 three times
+    q, k, v = case.q[:1], case.k_tail[:1, :, :2].contiguous(), case.v_tail[:1, :, :2].contiguous()
+    none = torch.zeros(1, k.shape[1], 0, 64, device=device)
+    lens = lambda n: torch.tensor([n], device=device)  # noqa: E731
+    bias = torch.tensor([math.log(3.0), 0.0], device=device).expand(1, k.shape[1], 2).contiguous()
+    biased = holokv.holo_decode(q, none, none, case.keys, lens(0), k, v, lens(2), tail_bias=bias)
+    k3, v3 = k[:, :, [0, 0, 0, 1]].contiguous(), v[:, :, [0, 0, 0, 1]].contiguous()
+    copies = holokv.holo_decode(q, none, none, case.keys, lens(0), k3, v3, lens(4))
+    torch.testing.assert_close(biased, copies, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="tail_bias must be"):
+        holokv.holo_decode(*case.args(), tail_bias=bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_low_precision(dtype):
     case = decode_case([21, 5], [3, 2], group=4, k=4, dtype=dtype)
@@ -70,8 +92,10 @@ def test_slot_gain_sqrt_k_makes_target_logit_unbiased():
 def test_opcheck(device):
     for lens, k in [(([9, 4], [2, 1]), 4), (([0], [1]), 2)]:
         case = decode_case(*lens, k=k, group=3, device=device)
+        bias = torch.randn(case.k_tail.shape[:3], device=device)
         for mode in MODES:
             torch.library.opcheck(torch.ops.holokv.holo_decode.default, case.args() + (mode, None, 1.0))
+            torch.library.opcheck(torch.ops.holokv.holo_decode.default, case.args() + (mode, 0.3, 2.0, bias))
 
 
 def _bad_inputs():

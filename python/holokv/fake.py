@@ -11,6 +11,6 @@ def _superpose_fake(x, keys):
 
 @torch.library.register_fake("holokv::holo_decode")
 def _holo_decode_fake(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens, mode="full", scale=None,
-                      slot_gain=1.0):
+                      slot_gain=1.0, tail_bias=None):
     torch._check(q.shape[1] % k_slots.shape[1] == 0, lambda: "Hq must be a multiple of Hkv")
     return torch.empty_like(q)

@@ -37,7 +37,7 @@ def superpose(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens, mode: str = "full",
-                scale: float | None = None, slot_gain: float = 1.0) -> torch.Tensor:
+                scale: float | None = None, slot_gain: float = 1.0, tail_bias: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a superposed cache plus an exact tail.
 
     Shapes: q ``[B, Hq, d]`` (one new token per sequence); k_slots, v_slots
@@ -64,9 +64,14 @@ def holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
     slot_lens in a partial last slot are masked), and
     ``out = sqrt(k) * sum p(s,j) Phi_j * v_slot_s + sum p_t v_t``.
 
+    ``tail_bias`` (optional, ``[B, Hkv, T]``) is added to the exact tokens' logits:
+    an SRC centroid carrying log-mass ``log m`` weighs as m copies of itself. With
+    no superposed tokens this is the decode over an SRC-compacted cache (one
+    decode core, two cache formats).
+
     Lengths outside the tensors' capacity raise on CPU; on CUDA (where checking
     them would need a host sync) that sequence's output is NaN. A sequence with
     no entries at all gets zeros.
     """
     return ops.holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens, mode, scale,
-                           slot_gain)
+                           slot_gain, tail_bias)

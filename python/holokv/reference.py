@@ -59,7 +59,7 @@ def demodulate_ref(slots: torch.Tensor, keys: torch.Tensor, n_tokens: int) -> to
 
 
 def holo_decode_ref(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
-                    mode: str = "full", scale: float | None = None, slot_gain: float = 1.0):
+                    mode: str = "full", scale: float | None = None, slot_gain: float = 1.0, tail_bias=None):
     """Reference for ``torch.ops.holokv.holo_decode``; see its docstring for the semantics.
 
     Computed per sequence in the dtype of ``q`` (pass float64 for a reference).
@@ -89,6 +89,8 @@ def holo_decode_ref(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_l
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         kt, vt = k_tail[b, :, :n_tail].to(dt), v_tail[b, :, :n_tail].to(dt)
         s_tail = scale * torch.einsum("hgd,htd->hgt", qb, kt)
+        if tail_bias is not None:
+            s_tail = s_tail + tail_bias[b, :, None, :n_tail].to(dt)
         p = torch.softmax(torch.cat([s_sup, s_tail], -1), -1)
         vall = torch.cat([v_sup, vt], 1)  # [Hkv, n, d]
         out[b] = torch.einsum("hgn,hnd->hgd", p, vall).reshape(Hq, d)

@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_pipeline.h>
 
 #include <cmath>
 
@@ -43,16 +44,20 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Shared-memory floats: phase table, demodulated queries, then per warp its
-// accumulators acc[G][D], running max m[G], running sum l[G] and the tile's
-// per-entry weights p[32][PS] (column KP: weight of an exact token). Every
-// region starts on 16 bytes so that it can be read as float4.
+// accumulators acc[G][D], running max m[G], running sum l[G], the tile's
+// per-entry weights p[32][PS] (column KP: weight of an exact token) and the
+// tile's value rows v[32][D]. Every region starts on 16 bytes (float4 reads, cp.async).
 __host__ __device__ constexpr int round4(int n) { return (n + 3) / 4 * 4; }
 template <int KP>
 constexpr int PS = round4(KP + 1);
-template <int D, int KP>
-__host__ __device__ constexpr int warp_floats(int G) { return G * D + round4(2 * G) + 32 * PS<KP>; }
-template <int D, int KP>
-__host__ __device__ constexpr int smem_floats(int G) { return KP * D + G * (KP + 1) * D + WARPS * warp_floats<D, KP>(G); }
+template <typename T, int D, int KP>
+__host__ __device__ constexpr int warp_floats(int G) {
+  return G * D + round4(2 * G) + 32 * PS<KP> + 32 * D * int(sizeof(T)) / 4;
+}
+template <typename T, int D, int KP>
+__host__ __device__ constexpr int smem_floats(int G) {
+  return KP * D + G * (KP + 1) * D + WARPS * warp_floats<T, D, KP>(G);
+}
 
 // DPL consecutive elements of a value row, loaded in one access.
 template <typename T, int N>
@@ -71,10 +76,11 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
   float* phis = smem;                  // [KP][D]
   float* qt = phis + KP * D;           // [G][KP + 1][D]: q * Phi_j, then q
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* acc = qt + G * (KP + 1) * D + warp * warp_floats<D, KP>(G);
+  float* acc = qt + G * (KP + 1) * D + warp * warp_floats<T, D, KP>(G);
   float* m = acc + G * D;
   float* l = m + G;
   float* pw = m + round4(2 * G);
+  T* vtile = reinterpret_cast<T*>(pw + 32 * PS<KP>);
 
   const int64_t n_sup = p.slot_lens[b], n_tail = p.tail_lens[b];
   // Lengths past the tensors' capacity cannot be checked without a host sync:
@@ -118,6 +124,16 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
   const int e_begin = split * p.chunk, e_end = min(n_entries, e_begin + p.chunk);
 
   for (int e0 = e_begin; e0 < e_end; e0 += 32) {
+    const int n_tile = min(32, e_end - e0);
+    // The tile's value rows go to shared memory asynchronously (coalesced,
+    // all in flight at once) while the scores are computed from K.
+    constexpr int CH = D * int(sizeof(T)) / 16;
+    for (int i = lane; i < n_tile * CH; i += 32) {
+      const int t = i / CH, c = i % CH, ee = e0 + t;
+      const T* src = (ee < n_slots ? vs + int64_t(ee) * D : vt + int64_t(ee - n_slots) * D) + c * VE;
+      __pipeline_memcpy_async(vtile + t * D + c * VE, src, 16);
+    }
+    __pipeline_commit();
     const int e = e0 + lane;
     const bool valid = e < e_end, is_slot = e < n_slots;
     // phases present in this entry: a partial last slot masks the missing ones
@@ -128,7 +144,6 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
 #pragma unroll
       for (int c = 0; c < NV; ++c) kr[c] = src[c];
     }
-    const int n_tile = min(32, e_end - e0);
     for (int h = 0; h < G; ++h) {
       float s[KP];
       const float* qh = qt + h * (KP + 1) * D;
@@ -175,6 +190,7 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
       }
       pe[KP] = is_slot ? 0.f : psum;
       const float tile_sum = warp_sum(psum);
+      if (h == 0) __pipeline_wait_prior(0);
       __syncwarp();
       if (lane == 0) m[h] = m_new, l[h] = l[h] * alpha + tile_sum;
 
@@ -182,11 +198,9 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
       float* acc_h = acc + h * D + lane * DPL;
 #pragma unroll
       for (int i = 0; i < DPL; ++i) a[i] = acc_h[i] * alpha;
-#pragma unroll 4
+#pragma unroll 8
       for (int t = 0; t < n_tile; ++t) {
-        const int ee = e0 + t;
-        const Pack<T, DPL> v = *reinterpret_cast<const Pack<T, DPL>*>(
-            (ee < n_slots ? vs + int64_t(ee) * D : vt + int64_t(ee - n_slots) * D) + lane * DPL);
+        const Pack<T, DPL> v = *reinterpret_cast<const Pack<T, DPL>*>(vtile + t * D + lane * DPL);
         const float* pt = pw + t * PS<KP>;
         float pj[PS<KP>];
 #pragma unroll
@@ -213,7 +227,7 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
 
 // One block per (sequence, query head): warps take interleaved splits, lanes
 // take dimensions, and the warps' partial sums meet in shared memory.
-constexpr int MERGE_WARPS = 8;
+constexpr int MERGE_WARPS = 32;  // many splits per row: spread their loads wide
 template <typename T>
 __global__ void __launch_bounds__(MERGE_WARPS * 32)
     holo_decode_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
@@ -258,7 +272,7 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32)
 
 template <typename T, int D, int KP>
 void launch(DecodeParams& p, int B, cudaStream_t stream) {
-  const size_t smem = size_t(smem_floats<D, KP>(p.G)) * sizeof(float);
+  const size_t smem = size_t(smem_floats<T, D, KP>(p.G)) * sizeof(float);
   auto kernel = holo_decode_split_kernel<T, D, KP>;
   int dev, max_smem;
   C10_CUDA_CHECK(cudaGetDevice(&dev));

@@ -43,6 +43,17 @@ inline void check_superpose(const at::Tensor& x, const at::Tensor& keys) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// An additive logit per exact tail token, [B, Hkv, T] (SRC centroids carry log-masses).
+inline void check_tail_bias(const std::optional<at::Tensor>& tail_bias, const at::Tensor& k_tail) {
+  if (!tail_bias) return;
+  const at::Tensor& t = *tail_bias;
+  check_float_tensor(t, "tail_bias");
+  check_same_device(t, k_tail, "tail_bias", "k_tail");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == k_tail.size(0) && t.size(1) == k_tail.size(1) &&
+                  t.size(2) == k_tail.size(2),
+              "tail_bias must be [B, Hkv, T] = ", k_tail.sizes().slice(0, 3), ", got ", t.sizes());
+}
+
 struct DecodeDims {
   int64_t B, Hq, Hkv, G, S, T, D, k;
   bool aligned;
@@ -52,7 +63,7 @@ inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slo
                                     const at::Tensor& v_slots, const at::Tensor& keys,
                                     const at::Tensor& slot_lens, const at::Tensor& k_tail,
                                     const at::Tensor& v_tail, const at::Tensor& tail_lens,
-                                    const std::string& mode) {
+                                    const std::string& mode, const std::optional<at::Tensor>& tail_bias) {
   TORCH_CHECK(mode == "full" || mode == "aligned", "mode must be \"full\" or \"aligned\", got \"", mode,
               "\"");
   check_float_tensor(q, "q");
@@ -88,18 +99,28 @@ inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slo
     TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
     check_same_device(*t, q, name, "q");
   }
+  check_tail_bias(tail_bias, k_tail);
   return {B, Hq, Hkv, Hq / Hkv, k_slots.size(2), k_tail.size(2), D, keys.size(0), mode == "aligned"};
 }
 
-// An additive logit per exact tail token, [B, Hkv, T] (SRC centroids carry log-masses).
-inline void check_tail_bias(const std::optional<at::Tensor>& tail_bias, const at::Tensor& k_tail) {
-  if (!tail_bias) return;
-  const at::Tensor& t = *tail_bias;
-  check_float_tensor(t, "tail_bias");
-  check_same_device(t, k_tail, "tail_bias", "k_tail");
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == k_tail.size(0) && t.size(1) == k_tail.size(1) &&
-                  t.size(2) == k_tail.size(2),
-              "tail_bias must be [B, Hkv, T] = ", k_tail.sizes().slice(0, 3), ", got ", t.sizes());
+// Batched linear algebra takes fp32 [batch, rows, cols] contiguous tensors.
+inline void check_fp32_batch(const at::Tensor& t, const char* name, const char* shape) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 3, name, " must be ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
+}
+
+inline void check_batched_eigh(const at::Tensor& a) {
+  check_fp32_batch(a, "a", "[batch, n, n]");
+  TORCH_CHECK(a.size(1) == a.size(2), "a must be [batch, n, n] (square), got ", a.sizes());
+}
+
+inline void check_batched_cholesky_solve(const at::Tensor& a, const at::Tensor& b) {
+  check_batched_eigh(a);
+  check_fp32_batch(b, "b", "[batch, n, k]");
+  check_same_device(b, a, "b", "a");
+  TORCH_CHECK(b.size(0) == a.size(0), "b.size(0) = ", b.size(0), " must equal the batch of a, ", a.size(0));
+  TORCH_CHECK(b.size(1) == a.size(1), "b.size(1) = ", b.size(1), " must equal n = a.size(1) = ", a.size(1));
 }
 
 }  // namespace holokv

@@ -20,8 +20,7 @@ at::Tensor holo_decode_cpu(const at::Tensor& q, const at::Tensor& k_slots, const
                            std::optional<double> scale, double slot_gain,
                            const std::optional<at::Tensor>& tail_bias) {
   const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
-                                          std::string(mode));
-  check_tail_bias(tail_bias, k_tail);
+                                          std::string(mode), tail_bias);
   const at::Tensor bias = tail_bias ? tail_bias->to(at::kDouble) : at::Tensor();
   const int64_t B = dd.B, Hq = dd.Hq, Hkv = dd.Hkv, G = dd.G, S = dd.S, T = dd.T, D = dd.D, k = dd.k;
   const int64_t* sl = slot_lens.data_ptr<int64_t>();

@@ -19,6 +19,8 @@ TORCH_LIBRARY(holokv, m) {
       "holo_decode(Tensor q, Tensor k_slots, Tensor v_slots, Tensor keys, Tensor slot_lens, "
       "Tensor k_tail, Tensor v_tail, Tensor tail_lens, str mode=\"full\", float? scale=None, "
       "float slot_gain=1.0, Tensor? tail_bias=None) -> Tensor");
+  m.def("batched_eigh(Tensor a) -> (Tensor w, Tensor v, Tensor info)");
+  m.def("batched_cholesky_solve(Tensor a, Tensor b) -> (Tensor x, Tensor info)");
 }
 
 // Built from ATen ops only, so it runs unchanged under fake tensors and on any device.

@@ -305,8 +305,7 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
                             std::optional<double> scale, double slot_gain,
                             const std::optional<at::Tensor>& tail_bias) {
   const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
-                                          std::string(mode));
-  check_tail_bias(tail_bias, k_tail);
+                                          std::string(mode), tail_bias);
   TORCH_CHECK(dd.D == 64 || dd.D == 128, "CUDA holo_decode supports head_dim 64 and 128, got ", dd.D);
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build holokv in place against the local torch, run the whole
 # test suite with its CUDA tests, compute-sanitizer memcheck over the CUDA tests,
-# and the decode benchmark. Usage: gpu_check.sh [OUT_DIR [TEST_PATH...]]; logs and
-# results go to OUT_DIR (default bench/results).
+# and the decode and SRC linear-algebra benchmarks. Usage: gpu_check.sh [OUT_DIR
+# [TEST_PATH...]]; logs and results go to OUT_DIR (default bench/results).
 set -uo pipefail
 out=$(realpath -m "${1:-bench/results}")
 shift || true
@@ -21,4 +21,5 @@ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitc
   python3 -m pytest -q -x "${tests[@]}" -k "cuda and (bfloat16 or long or errors or opcheck) and not float16" 2>&1 \
   | tee "$out/memcheck.log" | tail -6 || status=1
 python3 bench/decode.py --out "$out" 2>&1 | tee "$out/decode_bench.log" || status=1
+python3 bench/src_linalg.py --out "$out" 2>&1 | tee "$out/src_linalg_bench.log" || status=1
 exit $status

@@ -3,6 +3,8 @@
 Data flows K,V -> :func:`superpose` (phase keys from :func:`phase_keys`) ->
 superposed cache -> :func:`holo_decode`. Each op has a plain PyTorch twin in
 :mod:`holokv.reference` that the tests compare the CPU and CUDA kernels against.
+SRC compression's batched linear algebra (:func:`batched_eigh`,
+:func:`batched_cholesky_solve`) is compared against float64 ``torch.linalg``.
 """
 from __future__ import annotations
 
@@ -75,3 +77,39 @@ def holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
     """
     return ops.holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens, mode, scale,
                            slot_gain, tail_bias)
+
+
+def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a batch of symmetric matrices, without host synchronization.
+
+    a ``[batch, n, n]`` float32, contiguous; only its upper triangle (``a[:, i, j]``,
+    i <= j) is read. Returns w ``[batch, n]`` ascending, v ``[batch, n, n]`` with the
+    eigenvectors in columns (``a = v diag(w) vᵀ``, column-major strides like
+    ``torch.linalg.eigh``) and info ``[batch]`` int32, 0 = ok. info[i] != 0: the solver
+    did not converge on a[i] (in practice: non-finite entries), and w[i], v[i] are
+    unspecified (NaN on CPU). Failures are reported, never raised: check info off the
+    hot path. Rank-deficient input is fine (zero eigenvalues, finite orthonormal v).
+
+    CUDA: cuSOLVER's batched Jacobi solver (syevjBatched) for n <= 32, which it is
+    limited to, and the batched 64-bit syevBatched above (one call per chunk of the
+    batch, where ``torch.linalg.eigh`` loops over matrices). CPU: LAPACK through
+    ``torch.linalg.eigh``.
+    """
+    return ops.batched_eigh(a)
+
+
+def batched_cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``a x = b`` for a batch of symmetric positive definite a, without host synchronization.
+
+    a ``[batch, n, n]``, b ``[batch, n, k]``, float32, contiguous, same device; only the
+    upper triangle of a is read. Returns x ``[batch, n, k]`` (column-major strides) and
+    info ``[batch]`` int32: 0 = ok, j > 0 = the leading minor of order j of a[i] is not
+    positive definite (a singular a, e.g. zero or with duplicate rows, usually lands
+    here), and then x[i] = 0. A nearly singular a that still factors gives a finite but
+    large x: regularize (see :func:`holokv.src.linalg.ridge_solve`).
+
+    CUDA: cuSOLVER's batched Cholesky (potrfBatched), then two cuBLAS batched
+    triangular solves over all k columns (potrsBatched takes one right-hand side).
+    CPU: LAPACK through ``torch.linalg.cholesky_ex`` and ``torch.cholesky_solve``.
+    """
+    return ops.batched_cholesky_solve(a, b)

@@ -6,11 +6,12 @@ no ``.item()``, no Python branching on tensor values. Failures are reported as a
 ``info`` tensor (0 = ok) that the caller checks once, after the compression path,
 with :func:`check_info`.
 
-The bodies use ``torch.linalg`` (CPU and CUDA). They are written as GEMMs plus a
-small symmetric factorization (``eigh`` of a d x d Gram matrix, Cholesky of the
-ridge normal equations) because that is what is fast on GPUs for d <= 128 and
-thousands of problems; a cuSOLVER-backed ``torch.ops.holokv`` op that keeps these
-signatures can replace a body without touching the callers.
+The bodies are GEMMs plus a small symmetric factorization (``eigh`` of a d x d Gram
+matrix, Cholesky of the ridge normal equations) because that is what is fast on GPUs
+for d <= 128 and thousands of problems. On float32 CUDA tensors the factorizations
+run in the cuSOLVER-backed :func:`holokv.batched_eigh` and
+:func:`holokv.batched_cholesky_solve` (one batched call, no host sync; for d > 32
+``torch.linalg.eigh`` loops over the matrices); elsewhere in ``torch.linalg``.
 
 Rank-deficient inputs (duplicate rows, zero bins) give finite results: singular
 directions with zero singular value come back with zero vectors, and the ridge
@@ -20,10 +21,24 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import batched_cholesky_solve, batched_eigh
+
+
+def _cusolver(t: torch.Tensor) -> bool:
+    """Whether t's factorizations go through the batched cuSOLVER ops (float32 CUDA only)."""
+    return t.is_cuda and t.dtype == torch.float32
+
 
 def _gram_eigh(g: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-r eigenpairs of symmetric PSD ``g`` [..., d, d], largest first."""
-    evals, evecs = torch.linalg.eigh(g)
+    if _cusolver(g):
+        d = g.shape[-1]
+        evals, evecs, info = batched_eigh(g.reshape(-1, d, d).contiguous())
+        # a failed solve (non-finite g) gives NaN rather than raising, which would sync
+        evals = evals.masked_fill((info != 0).unsqueeze(-1), float("nan"))
+        evals, evecs = evals.reshape(g.shape[:-1]), evecs.reshape(g.shape)
+    else:
+        evals, evecs = torch.linalg.eigh(g)
     return evals.flip(-1)[..., :r].clamp_min(0), evecs.flip(-1)[..., :r]
 
 
@@ -77,7 +92,8 @@ def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched ridge least squares via Cholesky of the normal equations.
 
-    a [..., m, n], b [..., m, k] -> (x [..., n, k], info [...] int32, 0 = ok) with
+    a [..., m, n], b [..., m, k] -> (x [..., n, k], info [...] int32, 0 = ok; batch dims
+    broadcast) with
 
         x = argmin ‖a x − b‖² + λ ‖x‖²,   λ = (ridge + 16·n·eps) · mean(diag(aᵀa)) + tiny.
 
@@ -93,8 +109,15 @@ def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 
     scale = g.diagonal(dim1=-2, dim2=-1).mean(-1)
     lam = (torch.as_tensor(ridge, dtype=a.dtype, device=a.device) + 16 * n * finfo.eps) * scale + finfo.tiny
     g = g + lam[..., None, None] * torch.eye(n, dtype=a.dtype, device=a.device)
+    rhs = a.mT @ b
+    batch = torch.broadcast_shapes(g.shape[:-2], rhs.shape[:-2])
+    if _cusolver(g):
+        k = rhs.shape[-1]
+        x, info = batched_cholesky_solve(g.expand(*batch, n, n).reshape(-1, n, n).contiguous(),
+                                         rhs.expand(*batch, n, k).reshape(-1, n, k).contiguous())
+        return x.reshape(*batch, n, k), info.reshape(batch)
     chol, info = torch.linalg.cholesky_ex(g)
-    return torch.cholesky_solve(a.mT @ b, chol), info
+    return torch.cholesky_solve(rhs, chol), info.expand(batch)
 
 
 def check_info(*infos: torch.Tensor) -> None:

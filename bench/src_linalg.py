@@ -1,0 +1,91 @@
+"""SRC compression's batched linear algebra on CUDA for one layer, float32: 8 KV heads x
+4096 binned tokens (bins of 64) x d = 128, rank 16.
+
+Top-r right singular subspace of every bin's [64, 128] keys (sigma_point_keys,
+truncated_svd), by
+  holokv           linalg.top_subspace: Gram GEMM + holokv.batched_eigh (cuSOLVER
+                   syevBatched, one call for all 512 bins)
+  torch_eigh       the same Gram matrices through torch.linalg.eigh (loops over bins for d > 32)
+  torch_svd        torch.linalg.svd, default driver
+  torch_gesvda     torch.linalg.svd(driver="gesvda") (batched approximate SVD)
+  randomized       linalg.top_subspace(method="randomized"): GEMMs + QR + a small eigh
+and the ridge normal equations of the two summarizers: seed (one 128 x 128 system per
+bin, 128 right-hand sides) and softmax_ls (one (bins x rank)-square system per head,
+128 right-hand sides), by holokv.batched_cholesky_solve against torch.linalg.cholesky_ex
++ torch.cholesky_solve.
+
+Reports the median milliseconds of cold-L2 runs (CUDA events) and rel_err: the relative
+error of the top-r singular values (subspace) or of the solution (solves) against float64
+on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import holokv
+from common import ColdL2Timer, provenance, save
+from holokv.src import linalg
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=4096, help="binned (evicted) tokens per head")
+    ap.add_argument("--bin-size", type=int, default=64)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=20, help="timed runs (torch_eigh and torch_svd take ~1 s each)")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = ap.parse_args()
+    h, d, r = args.kv_heads, args.head_dim, args.rank
+    nb = args.tokens // args.bin_size
+    gen = torch.Generator().manual_seed(0)
+    timer = ColdL2Timer()
+    rows = []
+
+    def record(problem, method, fn, ref, out=lambda res: res):
+        ms = timer(fn, reps=args.reps, warmup=3) / 1e3
+        err = rel_err(out(fn()), ref)
+        rows.append({"problem": problem, "method": method, "ms": ms, "rel_err": err})
+        print(f"{problem:10s} {method:14s} {ms:9.3f} ms  rel_err {err:.1e}", flush=True)
+
+    x = torch.randn(h * nb, args.bin_size, d, generator=gen).cuda()  # one bin's keys per problem
+    sigma_ref = torch.linalg.svdvals(x.double().cpu())[..., :r]
+    top = lambda s: s.flip(-1)[..., :r].clamp_min(0).sqrt()  # ascending Gram eigenvalues -> top sigma
+    print(f"subspace: {h * nb} bins [{args.bin_size}, {d}] -> rank {r}")
+    record("subspace", "holokv", lambda: linalg.top_subspace(x, r), sigma_ref, lambda res: res[1])
+    record("subspace", "torch_eigh", lambda: torch.linalg.eigh(x.mT @ x), sigma_ref, lambda res: top(res[0]))
+    record("subspace", "torch_svd", lambda: torch.linalg.svd(x, full_matrices=False), sigma_ref,
+           lambda res: res[1][..., :r])
+    # gesvda needs rows >= columns: the right singular vectors of x are the left ones of xᵀ
+    record("subspace", "torch_gesvda", lambda: torch.linalg.svd(x.mT, full_matrices=False, driver="gesvda"),
+           sigma_ref, lambda res: res[1][..., :r])
+    record("subspace", "randomized", lambda: linalg.top_subspace(x, r, method="randomized"), sigma_ref,
+           lambda res: res[1])
+    del x
+
+    for problem, batch, n in (("seed", h * nb, d), ("softmax_ls", h, nb * r)):
+        a = torch.randn(batch, 2 * n, n, generator=gen)
+        g = (a.mT @ a / (2 * n) + 0.1 * torch.eye(n)).cuda()  # well-conditioned normal equations
+        rhs = torch.randn(batch, n, d, generator=gen).cuda()
+        ref = torch.linalg.solve(g.double().cpu(), rhs.double().cpu())
+        print(f"{problem}: {batch} systems {n} x {n}, {d} right-hand sides")
+        record(problem, "holokv", lambda: holokv.batched_cholesky_solve(g, rhs), ref, lambda res: res[0])
+        record(problem, "torch", lambda: torch.cholesky_solve(rhs, torch.linalg.cholesky_ex(g)[0]), ref)
+        del a, g, rhs
+    config = {"kv_heads": h, "tokens": args.tokens, "bin_size": args.bin_size, "bins_per_head": nb,
+              "head_dim": d, "rank": r, "dtype": "float32"}
+    path = save("src_linalg_bench.json", {"bench": "src_linalg", **provenance(), "config": config,
+                                          "timing": f"median of {args.reps} cold-L2 runs, CUDA events, ms",
+                                          "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,39 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
+from holokv.provenance import provenance  # noqa: F401  one helper for the benchmarks and holokv eval
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def commit() -> str:
-    """The measured commit: HOLOKV_COMMIT when the tree travelled without .git, else git's HEAD."""
-    if os.environ.get("HOLOKV_COMMIT"):
-        return os.environ["HOLOKV_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def provenance() -> dict:
-    import holokv
-
-    info = {"commit": commit(), "torch": torch.__version__, "holokv": holokv.build_info(),
-            "host": platform.machine()}
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info["device"] = {"name": p.name, "sms": p.multi_processor_count,
-                          "l2_bytes": getattr(p, "L2_cache_size", None), "memory_bytes": p.total_memory}
-    else:
-        info["device"] = {"name": "cpu"}
-    return info
 
 
 class ColdL2Timer:

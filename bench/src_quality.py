@@ -16,7 +16,6 @@ import importlib.util
 import json
 import math
 import pathlib
-import subprocess
 import time
 
 import torch
@@ -24,6 +23,7 @@ from pydoc_data.topics import topics
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from holokv.provenance import provenance
 from holokv.src import SRCStream, attend, causal_stats, compact, pool_gqa
 from holokv.src.compact import entry_elems
 from holokv.src.linalg import check_info
@@ -138,12 +138,7 @@ def main():
             print(f"{budget:5d} {r['method']:42s} entries {r['entries']:4d} cos {r['cosine']:.4f} "
                   f"relL2 {r['rel_l2']:.4f} {r['seconds']:.2f}s")
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    meta = dict(commit=commit, device=str(dev), torch=torch.__version__, model=GGUF, dtype="float32",
+    meta = dict(**provenance(dev), model=GGUF, dtype="float32",
                 layers=layers, ctx=C, future=F, window=w, rank=args.rank, ridge=args.ridge, centroid_frac=args.centroid_frac,
                 n_sink=args.n_sink, q_shape=list(q.shape), kv_shape=list(k.shape), head_dim=d,
                 bytes_note="fp32 storage; 2·d elements per K/V entry, "
@@ -152,7 +147,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"SmolLM2-135M, layers {layers}, {Hkv} KV heads each, context {C} tokens, {F} held-out future "
-             f"queries x {Hq} heads, window {w}, rank {args.rank}, ridge {args.ridge}, device {dev}, commit {commit}.", "",
+             f"queries x {Hq} heads, window {w}, rank {args.rank}, ridge {args.ridge}, device {dev}, commit {meta['commit']}.", "",
              "| budget (tok-eq) | method | entries | bytes/ctx token | cosine ↑ | rel-L2 ↓ | time s |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['budget']} | {r['method']} | {r['entries']} | {r['bytes_per_token']:.1f} | {r['cosine']:.4f} "

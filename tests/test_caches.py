@@ -1,5 +1,6 @@
 """Caches on a tiny random Llama (GQA), CPU: exactness at ratio 1, generate, bytes, positions,
 padding, HoloKV's superposed prefill against its own decode steps, bad inputs."""
+import copy
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from holokv.caches import METHODS, make_cache, superposed_attention, use_holokv_
 from holokv.caches.superposed import HoloSpec
 
 COMPRESSED = [m for m in METHODS if m != "full"]
+SELECTION = ["streaming", "topk", "h2o", "snapkv"]  # keep a subset of the tokens, each with its sequence index
 
 
 def tiny_config(**kw):
@@ -95,7 +97,7 @@ def test_true_positions(model, method):
             model(ids[:, :64], past_key_values=cache)
         assert comp.get_seq_length() == 64
         layer = comp.layers[0]
-        if method != "holokv":
+        if method in SELECTION:
             assert layer.keys.shape[2] == 16
             expect = torch.gather(full.layers[0].keys, 2, layer.idx.unsqueeze(-1).expand(-1, -1, -1, 32))
             torch.testing.assert_close(layer.keys, expect)
@@ -104,7 +106,7 @@ def test_true_positions(model, method):
     torch.testing.assert_close(implicit, explicit)
 
 
-@pytest.mark.parametrize("method", COMPRESSED)
+@pytest.mark.parametrize("method", SELECTION + ["holokv"])  # SRC cuts pads off: see test_padding_matches_unpadded
 def test_pads_never_kept_over_tokens(model, batch, method):
     ids, mask = batch
     cache = make_cache(method, model.config, ratio=4)
@@ -117,12 +119,13 @@ def test_pads_never_kept_over_tokens(model, batch, method):
         assert (layer.idx[0] >= 7).all()
 
 
-@pytest.mark.parametrize("prefill", ["exact", "superposed"])
-def test_holokv_padding_matches_unpadded(model, batch, prefill):
+@pytest.mark.parametrize("method, options", [("holokv", dict(k=4, prefill="exact")),
+                                             ("holokv", dict(k=4, prefill="superposed")), ("src", {})])
+def test_padding_matches_unpadded(model, batch, method, options):
     ids, mask = batch
     runs = []
     for x, m in ((ids, mask), (ids[:1, 7:], mask[:1, 7:])):
-        cache = make_cache("holokv", model.config, ratio=4, k=4, prefill=prefill)
+        cache = make_cache(method, model.config, ratio=4, **options)
         with torch.no_grad():
             runs.append(model.generate(x, attention_mask=m, max_new_tokens=10, do_sample=False,
                                        past_key_values=cache, output_scores=True, return_dict_in_generate=True))
@@ -148,6 +151,35 @@ def test_superposed_prefill_equals_decode_steps(model, mode, sinks):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c, b[:, 1:], atol=1e-5, rtol=1e-5)
     assert pre.layers[1].n_sup.item() > 0 and pre.layers[1].n_sup.item() % 4 == 0
+
+
+@pytest.mark.parametrize("options, length", [(dict(method="seed"), 48), (dict(score="seed"), 48),
+                                             (dict(bin_size=8, rank=2, window=8, recent=16), 48),
+                                             ({}, 10)])  # 10 tokens at ratio 8: no room for centroids, evicts
+def test_src_variants_generate(model, batch, options, length):
+    ids, mask = (x[:, -length:] for x in batch)
+    cache = make_cache("src", model.config, ratio=8, **options)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=cache,
+                             output_scores=True, return_dict_in_generate=True)
+    assert all(torch.isfinite(s).all() for s in out.scores)
+    layer = cache.layers[0]
+    # entries (each 2·d elements, +1 for a log-mass) fit ceil(prompt tokens / 8) tokens' bytes, plus 3 decoded
+    per_entry = 2 * 32 + ("bias" in layer.state)
+    assert ((layer.lens - 3) * per_entry <= (mask.sum(1) + 7) // 8 * 2 * 32).all()
+    assert cache.get_seq_length() == length + 3
+
+
+def test_src_half_precision(model, batch):
+    """The compaction's solves run in fp32; the cache stores and decodes in the model's dtype."""
+    ids, mask = batch
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    cache = make_cache("src", half.config, ratio=4)
+    with torch.no_grad():
+        out = half.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=cache,
+                            output_scores=True, return_dict_in_generate=True)
+    assert all(torch.isfinite(s).all() for s in out.scores)
+    assert cache.layers[0].keys.dtype == cache.layers[0].bias.dtype == torch.bfloat16
 
 
 def test_superposed_attention_is_differentiable():
@@ -190,6 +222,11 @@ def test_requires_holokv_attention(batch):
     ("holokv", tiny_config(), {"k": 32}, "k \\(tokens per slot\\)"),
     ("holokv", LlamaConfig(hidden_size=48, num_attention_heads=2, head_dim=24, num_hidden_layers=1), {"k": 8},
      "head_dim divisible"),
+    ("src", tiny_config(), {"ratio": 0.5}, "ratio must be >= 1"),
+    ("src", tiny_config(), {"method": "evict"}, "method must be"),
+    ("src", tiny_config(), {"score": "h2o"}, "score must be"),
+    ("src", tiny_config(), {"rank": 8, "bin_size": 8}, "0 < rank < bin_size"),
+    ("src", tiny_config(), {"window": 64}, "window <= recent"),
     ("full", GPT2Config(), {}, "not supported"),
     ("full", MistralConfig(sliding_window=16, num_hidden_layers=1), {}, "full-attention"),
     ("full", tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),

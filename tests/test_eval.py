@@ -11,6 +11,7 @@ from holokv.cli import main
 from holokv.eval import EvalConfig, run_eval
 from holokv.eval import data
 from holokv.eval.runner import parse_method
+from holokv.provenance import commit
 
 
 def byte_tokenizer():
@@ -47,6 +48,10 @@ def test_run_eval_outputs_and_reproducible(tiny_model, tmp_path):
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert [r["spec"] for r in saved["runs"]] == ["full"] + ["holokv"] * 2 + ["snapkv"] * 2 + ["streaming"] * 2
     assert first["runs"] == second["runs"]
+    prov = saved["provenance"]
+    assert prov["commit"] and prov["torch"] == torch.__version__ and prov["holokv"]["version"]
+    assert prov["device"]["name"] == "cpu" and prov["dtype"] == "float32"
+    assert prov["model"] == dict(model_type="llama", layers=2, heads=4, kv_heads=2, head_dim=32, vocab=260)
     full, *rest = first["runs"]
     assert full["cosine"] == pytest.approx(1.0) and full["achieved_ratio"] == 1.0
     for run in rest:
@@ -89,6 +94,11 @@ def test_text_too_short(tiny_model, tmp_path, capsys):
     text.write_text("too short")
     assert main(["eval", "--model", tiny_model, "--text", str(text), "--out", str(tmp_path / "o")]) == 2
     assert "fewer than" in capsys.readouterr().err
+
+
+def test_commit_from_environment(monkeypatch):
+    monkeypatch.setenv("HOLOKV_COMMIT", "abc123")
+    assert commit() == "abc123"
 
 
 def test_parse_method():

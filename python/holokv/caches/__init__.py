@@ -1,4 +1,4 @@
-"""KV caches for transformers 5.x: HoloKV superposition and token-selection baselines.
+"""KV caches for transformers 5.x: HoloKV superposition, SRC compaction and token-selection baselines.
 
     from holokv.caches import make_cache, use_holokv_attention
     use_holokv_attention(model)
@@ -16,6 +16,7 @@ from .base import CompressedCache, FullLayer
 from .holo import HoloKVLayer
 from .model_check import check_model, head_dim
 from .selection import H2OLayer, SnapKVLayer, StreamingLayer, TopKLayer
+from .src import SRCLayer
 from .superposed import HoloSpec, superposed_attention
 
 LAYERS = {
@@ -25,13 +26,16 @@ LAYERS = {
     "topk": TopKLayer,
     "h2o": H2OLayer,
     "snapkv": SnapKVLayer,
+    "src": SRCLayer,
 }
 METHODS = tuple(LAYERS)
 
 
-def make_cache(method: str, config, ratio: float = 1.0, **options) -> CompressedCache:
+def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> CompressedCache:
     """A cache for a model with ``config``. ``options`` go to the layer class (e.g. HoloKV's ``k``,
-    ``sinks``, ``mode``, ``prefill``, ``slot_gain``; StreamingLLM's ``sinks``; SnapKV's ``window``)."""
+    ``sinks``, ``mode``, ``prefill``, ``slot_gain``; StreamingLLM's ``sinks``; SnapKV's ``window``; SRC's
+    ``method``, ``score``, ``rank``, ``ridge``, ``window``, ``bin_size``, ``sinks``, ``recent``; positional-only
+    ``method`` leaves that name to SRC's option)."""
     if method not in LAYERS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     layout = check_model(config)

@@ -11,6 +11,8 @@ import torch
 from tqdm import tqdm
 
 from ..caches import make_cache
+from ..caches.model_check import head_dim
+from ..provenance import provenance
 from . import data, tasks
 from .model import DEFAULT_MODEL, load_config, load_model
 from .report import plot, table
@@ -24,7 +26,7 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str = "float32"
     methods: list[str] = field(default_factory=lambda: ["holokv", "holokv:mode=full", "streaming", "topk", "h2o",
-                                                        "snapkv"])
+                                                        "snapkv", "src"])
     ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     context: int = 512  # tokens prefilled (and compressed) before scoring
     continuation: int = 32  # tokens scored after the context
@@ -67,6 +69,13 @@ def grid(cfg: EvalConfig, model_config) -> list[dict]:
             make_cache(name, model_config, ratio=ratio, **options)
             runs.append(dict(method=name, spec=spec, ratio=ratio, options=options))
     return runs
+
+
+def model_shape(config) -> dict:
+    """The sizes that decide the cache's bytes: layers, query and KV heads, head dim."""
+    text = config.get_text_config(decoder=True)
+    return dict(model_type=text.model_type, layers=text.num_hidden_layers, heads=text.num_attention_heads,
+                kv_heads=text.num_key_value_heads, head_dim=head_dim(text), vocab=text.vocab_size)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -117,7 +126,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     if "bytes_per_token" in runs[0]:
         for run in runs:
             run["achieved_ratio"] = runs[0]["bytes_per_token"] / run["bytes_per_token"]
-    result = dict(config=asdict(cfg), runtime_s=time.time() - started, runs=runs)
+    result = dict(config=asdict(cfg), provenance=dict(**provenance(cfg.device), dtype=cfg.dtype,
+                                                      model=model_shape(model.config), corpus_tokens=ids.numel()),
+                  runtime_s=time.time() - started, runs=runs)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -18,7 +18,7 @@ status=0
 python3 -m pytest -q -ra "${tests[@]}" 2>&1 | tee "$out/pytest_gpu.log" | tail -25 || status=1
 # memcheck on a cut of the CUDA tests (the sanitizer slows kernels ~100x)
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -q -x "${tests[@]}" -k "cuda and (bfloat16 or long or errors or opcheck) and not float16" 2>&1 \
+  python3 -m pytest -q -x "${tests[@]}" -k "cuda and (bfloat16 or long or errors or opcheck or bias)" 2>&1 \
   | tee "$out/memcheck.log" | tail -6 || status=1
 python3 bench/decode.py --out "$out" 2>&1 | tee "$out/decode_bench.log" || status=1
 python3 bench/src_linalg.py --out "$out" 2>&1 | tee "$out/src_linalg_bench.log" || status=1

@@ -7,5 +7,6 @@ CUDA = torch.cuda.is_available() and holokv.build_info()["cuda"]
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build of holokv")
 
 
-def lens_tensor(values, device):
-    return torch.tensor(values, dtype=torch.int64, device=device)
+def dtype_id(dtype: torch.dtype) -> str:
+    """Readable test ids (``bfloat16``), so that ``-k bfloat16`` selects a dtype."""
+    return str(dtype).removeprefix("torch.")

@@ -9,7 +9,7 @@ import holokv
 from holokv.reference import holo_decode_ref
 
 from cases import decode_case
-from conftest import needs_cuda
+from conftest import dtype_id, needs_cuda
 
 MODES = ["full", "aligned"]
 # (superposed tokens, tail tokens) per sequence: ragged batches, partial last
@@ -53,7 +53,7 @@ def test_tail_bias(device):
         holokv.holo_decode(*case.args(), tail_bias=bias)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_cpu_low_precision(dtype):
     case = decode_case([21, 5], [3, 2], group=4, k=4, dtype=dtype)
     out = holokv.holo_decode(*case.args())
@@ -145,7 +145,7 @@ def assert_close_to_reference(out, case, mode, **kw):
 
 @needs_cuda
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])

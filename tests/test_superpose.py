@@ -4,7 +4,7 @@ import torch
 import holokv
 from holokv.reference import superpose_ref
 
-from conftest import needs_cuda
+from conftest import dtype_id, needs_cuda
 
 SHAPES = [(1, 1, 1, 64), (2, 3, 10, 64), (1, 2, 33, 128), (3, 1, 16, 64)]
 
@@ -74,7 +74,7 @@ def test_bad_input(make, match):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("shape", SHAPES + [(2, 8, 1000, 128)])
 def test_cuda_matches_reference(shape, k, dtype):

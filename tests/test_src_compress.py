@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from holokv.src import (CompactKV, attend, biased_decode_ref, causal_stats, compact, plan, pool_gqa, seed_centroids,
+import holokv
+from holokv.src import (CompactKV, attend, causal_stats, compact, plan, pool_gqa, seed_centroids,
                         sigma_point_keys, SRCStream)
 from holokv.src.linalg import check_info
 
@@ -17,14 +18,17 @@ def qkv(n, seed=0, dtype=torch.float64):
             torch.randn(B, HKV, n, D, generator=g, dtype=dtype))
 
 
-def test_biased_decode_ref_bias_is_log_multiplicity():
-    """An entry with bias log 3 weighs exactly like three copies of it; entries past lens are ignored."""
+def test_compact_decode_bias_is_log_multiplicity():
+    """Decoding a compacted cache (holo_decode, no slots, tail_bias): an entry with bias log 3
+    weighs exactly like three copies of it; entries past lens are ignored."""
     q, k, v = qkv(5)
     q = q[:, :, 0]
     bias = torch.zeros(B, HKV, 5, dtype=q.dtype)
     bias[..., 1] = math.log(3)
     lens = torch.tensor([5, 4])
-    out = biased_decode_ref(q, k, v, bias, lens)
+    none = k.new_zeros(B, HKV, 0, D)
+    out = holokv.holo_decode(q.contiguous(), none, none, holokv.phase_keys(1, D, dtype=q.dtype), torch.zeros_like(lens),
+                             k, v, lens, tail_bias=bias)
     for b in range(B):
         n = int(lens[b])
         kk = torch.cat([k[b, :, :n], k[b, :, 1:2].repeat(1, 2, 1)], 1).repeat_interleave(HQ // HKV, 0)

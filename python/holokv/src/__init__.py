@@ -3,13 +3,13 @@
 Evicted tokens are summarized into a few centroid entries with a log-mass bias;
 see compact.compact (one-shot, prefill) and stream.SRCStream (while decoding).
 """
-from .attention import CompactKV, attend, biased_decode_ref, pool_gqa
+from .attention import CompactKV, attend, pool_gqa
 from .compact import compact, plan
 from .linalg import check_info, ridge_solve, top_subspace, truncated_svd
 from .selection import causal_stats, seed_score, split, window_mass
 from .stream import SRCStream
 from .summarize import seed_centroids, sigma_point_keys, softmax_ls_centroids
 
-__all__ = ["CompactKV", "SRCStream", "attend", "biased_decode_ref", "causal_stats", "check_info", "compact", "plan",
+__all__ = ["CompactKV", "SRCStream", "attend", "causal_stats", "check_info", "compact", "plan",
            "pool_gqa", "ridge_solve", "seed_centroids", "seed_score", "sigma_point_keys", "softmax_ls_centroids",
            "split", "top_subspace", "truncated_svd", "window_mass"]

@@ -1,4 +1,5 @@
-"""Compacted-cache format and plain PyTorch attention over it."""
+"""Compacted-cache format and plain PyTorch attention over it (decoding over it is
+``holokv.holo_decode`` with no superposed slots and ``tail_bias``)."""
 from __future__ import annotations
 
 import math
@@ -49,17 +50,3 @@ def attend(q, k, v, bias=None, mask=None, scale=None):
     probs = torch.softmax(logits(q, k, bias, mask, scale), -1)
     return probs @ v, probs
 
-
-def biased_decode_ref(q, k, v, bias, lens, scale=None):
-    """Decode attention over a :class:`CompactKV`: one query per head.
-
-    q [B, Hq, d], k/v [B, Hkv, N, d], bias [B, Hkv, N], lens [B] -> [B, Hq, d].
-    Query head h reads KV head h // (Hq // Hkv) (GQA); entries at index >= lens[b]
-    are ignored. Computed in the dtype of ``q``.
-    """
-    B, Hq, d = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    valid = torch.arange(N, device=k.device) < lens.to(k.device)[:, None]  # [B, N]
-    out, _ = attend(pool_gqa(q.unsqueeze(2), Hkv), k.to(q.dtype), v.to(q.dtype),
-                    bias.to(q.dtype), valid[:, None, None, :], scale)
-    return out.reshape(B, Hq, d)

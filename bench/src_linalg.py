@@ -1,18 +1,23 @@
 """SRC compression's batched linear algebra on CUDA for one layer, float32: 8 KV heads x
 4096 binned tokens (bins of 64) x d = 128, rank 16.
 
+The whole compression of that layer ("layer": holokv.src.compact, softmax_ls: window-mass
+selection, sigma-point keys, log-mass fit, joint ridge value solve) with 1024 kept tokens,
+32 query heads observed over a 32-token window, 64 bins of 64 tokens -> 16 centroids each.
+
 Top-r right singular subspace of every bin's [64, 128] keys (sigma_point_keys,
 truncated_svd), by
-  holokv           linalg.top_subspace: Gram GEMM + holokv.batched_eigh (cuSOLVER
-                   syevBatched, one call for all 512 bins)
-  torch_eigh       the same Gram matrices through torch.linalg.eigh (loops over bins for d > 32)
+  holokv           linalg.top_subspace: the 64 x 64 row Gram (bins are wide) by GEMM +
+                   holokv.batched_eigh (cuSOLVER syevBatched, one call for all 512 bins)
+  torch_eigh       the 128 x 128 column Gram through torch.linalg.eigh (loops over bins for d > 32)
   torch_svd        torch.linalg.svd, default driver
   torch_gesvda     torch.linalg.svd(driver="gesvda") (batched approximate SVD)
   randomized       linalg.top_subspace(method="randomized"): GEMMs + QR + a small eigh
 and the ridge normal equations of the two summarizers: seed (one 128 x 128 system per
-bin, 128 right-hand sides) and softmax_ls (one (bins x rank)-square system per head,
-128 right-hand sides), by holokv.batched_cholesky_solve against torch.linalg.cholesky_ex
-+ torch.cholesky_solve.
+bin, 128 right-hand sides) and softmax_ls's joint value fit as a primal (bins x rank)-square
+system per head (ridge_solve takes the 128-square dual instead, as there are only 128
+reference rows), by holokv.batched_cholesky_solve against torch.linalg.cholesky_ex +
+torch.cholesky_solve.
 
 Reports the median milliseconds of cold-L2 runs (CUDA events) and rel_err: the relative
 error of the top-r singular values (subspace) or of the solution (solves) against float64
@@ -26,7 +31,7 @@ import torch
 
 import holokv
 from common import ColdL2Timer, provenance, save
-from holokv.src import linalg
+from holokv.src import attend, compact, linalg, plan
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,6 +60,21 @@ def main():
         rows.append({"problem": problem, "method": method, "ms": ms, "rel_err": err})
         print(f"{problem:10s} {method:14s} {ms:9.3f} ms  rel_err {err:.1e}", flush=True)
 
+    # a layer whose compaction bins exactly `tokens` tokens: n_keep kept + nb·r centroid entries fit the budget
+    n_keep, w, hq = 1024, 32, 4 * h
+    n = n_keep + args.tokens
+    budget = -(-(n_keep + nb * r) * (2 * d + 1) // (2 * d))  # token-equivalents, log-mass bytes included
+    q, k, v = (torch.randn(1, hh, nn, d, generator=gen).cuda() for hh, nn in ((hq, w), (h, n), (h, n)))
+    sizes = plan(n, budget, method="softmax_ls", head_dim=d, bin_size=args.bin_size, rank=r)
+    assert sizes == (n_keep, nb), sizes
+    opts = dict(budget=budget, method="softmax_ls", score="mass", bin_size=args.bin_size, rank=r, ridge=1.0)
+    ref = compact(*(t.double().cpu() for t in (q, k, v)), **opts)[0]
+    probe = torch.randn(1, h, 64, d, generator=gen)  # outputs compared through attention (entry order, signs)
+    print(f"layer: {h} KV heads, {n} tokens -> {n_keep} kept + {nb} bins x {r} centroids")
+    record("layer", "holokv", lambda: compact(q, k, v, **opts), attend(probe.double(), ref.k, ref.v, ref.bias)[0],
+           lambda res: attend(probe.cuda(), res[0].k, res[0].v, res[0].bias)[0])
+    del q, k, v
+
     x = torch.randn(h * nb, args.bin_size, d, generator=gen).cuda()  # one bin's keys per problem
     sigma_ref = torch.linalg.svdvals(x.double().cpu())[..., :r]
     top = lambda s: s.flip(-1)[..., :r].clamp_min(0).sqrt()  # ascending Gram eigenvalues -> top sigma
@@ -79,7 +99,7 @@ def main():
         record(problem, "holokv", lambda: holokv.batched_cholesky_solve(g, rhs), ref, lambda res: res[0])
         record(problem, "torch", lambda: torch.cholesky_solve(rhs, torch.linalg.cholesky_ex(g)[0]), ref)
         del a, g, rhs
-    config = {"kv_heads": h, "tokens": args.tokens, "bin_size": args.bin_size, "bins_per_head": nb,
+    config = {"kv_heads": h, "tokens": args.tokens, "layer_q_heads": hq, "layer_window": w, "layer_kept": n_keep, "bin_size": args.bin_size, "bins_per_head": nb,
               "head_dim": d, "rank": r, "dtype": "float32"}
     path = save("src_linalg_bench.json", {"bench": "src_linalg", **provenance(), "config": config,
                                           "timing": f"median of {args.reps} cold-L2 runs, CUDA events, ms",

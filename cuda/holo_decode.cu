@@ -1,6 +1,7 @@
 // CUDA kernel of holokv::holo_decode (split-KV "flash decoding").
 //
-// Grid (splits / WARPS, Hkv, B). Each warp owns one split: a chunk of cache
+// Grid (splits / warps, Hkv, B), up to 4 warps a block (fewer where shared
+// memory runs out: fp32, many phases and heads). Each warp owns one split: a chunk of cache
 // entries (superposed slots first, then exact tail tokens) of one sequence and
 // one KV head, and serves all G query heads of that KV head, so every K/V byte
 // is read from HBM once. Per tile of 32 entries:
@@ -8,6 +9,7 @@
 //           demodulated queries q*Phi_j (shared memory) for the KP phases read;
 //   values: lane = head dims; each entry's value weight per dimension is
 //           sum_j p_j Phi_j[d] (+ p for an exact token), accumulated online.
+// The split count fills the GPU's resident warps once (no partial last wave).
 // A second kernel merges the splits' (max, sum, acc) into the output.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,14 +22,27 @@
 namespace holokv {
 namespace {
 
-constexpr int WARPS = 4;
+constexpr int MAX_WARPS = 4;
 constexpr float NEG_INF = -INFINITY;
+
+// Small side inputs (phase keys, log-mass bias) come in any float dtype and are
+// read in it: converting them on the host would cost a kernel launch per call.
+enum class Dtype : int { f32, f64, f16, bf16 };
+__device__ __forceinline__ float load_float(const void* p, int64_t i, Dtype t) {
+  switch (t) {
+    case Dtype::f32: return static_cast<const float*>(p)[i];
+    case Dtype::f64: return float(static_cast<const double*>(p)[i]);
+    case Dtype::f16: return float(static_cast<const at::Half*>(p)[i]);
+    default: return float(static_cast<const at::BFloat16*>(p)[i]);
+  }
+}
 
 struct DecodeParams {
   const void *q, *k_slots, *v_slots, *k_tail, *v_tail;
-  const float* keys;  // [k, D]
+  const void* keys;  // [k, D]
   const int64_t *slot_lens, *tail_lens;
-  const float* tail_bias;  // [B, Hkv, T] or nullptr
+  const void* tail_bias;  // [B, Hkv, T] or nullptr
+  Dtype keys_dtype, bias_dtype;
   float *part_o, *part_ml;  // [B, Hq, splits, D], [B, Hq, splits, 2]
   int Hq, Hkv, G, S, T, k, splits, chunk;
   float slot_logit_gain, tail_logit_gain, slot_value_gain;
@@ -44,8 +59,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Shared-memory floats: phase table, demodulated queries, then per warp its
 // accumulators acc[G][D], running max m[G], running sum l[G], the tile's
-// per-entry weights p[32][PS] (column KP: weight of an exact token) and the
-// tile's value rows v[32][D]. Every region starts on 16 bytes (float4 reads, cp.async).
+// per-entry weights p[32][PS] (column KP: weight of an exact token) and
+// the tile's value rows v[32][D]. Every region starts on 16 bytes (float4 reads,
+// cp.async).
 __host__ __device__ constexpr int round4(int n) { return (n + 3) / 4 * 4; }
 template <int KP>
 constexpr int PS = round4(KP + 1);
@@ -54,8 +70,8 @@ __host__ __device__ constexpr int warp_floats(int G) {
   return G * D + round4(2 * G) + 32 * PS<KP> + 32 * D * int(sizeof(T)) / 4;
 }
 template <typename T, int D, int KP>
-__host__ __device__ constexpr int smem_floats(int G) {
-  return KP * D + G * (KP + 1) * D + WARPS * warp_floats<T, D, KP>(G);
+__host__ __device__ constexpr int smem_floats(int G, int warps) {
+  return KP * D + G * (KP + 1) * D + warps * warp_floats<T, D, KP>(G);
 }
 
 // DPL consecutive elements of a value row, loaded in one access.
@@ -65,7 +81,7 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 template <typename T, int D, int KP>
-__global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(DecodeParams p) {
   constexpr int VE = 16 / sizeof(T);  // elements per 16-byte load
   constexpr int NV = D / VE;          // 16-byte loads per row
   constexpr int DPL = D / 32;         // dims per lane in the value pass
@@ -90,7 +106,7 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
   // aligned mode (KP == 1 with k > 1) reads every slot under the query's own phase
   const int j0 = KP == 1 ? int(((n_sup + n_tail - 1) % k + k) % k) : 0;
 
-  for (int i = threadIdx.x; i < KP * D; i += blockDim.x) phis[i] = p.keys[j0 * D + i];
+  for (int i = threadIdx.x; i < KP * D; i += blockDim.x) phis[i] = load_float(p.keys, j0 * D + i, p.keys_dtype);
   __syncthreads();
   const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
@@ -113,7 +129,7 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
       for (int i = 0; i < DPL; ++i) ph[j][i] = phis[j * D + lane * DPL + i];
   }
 
-  const int split = blockIdx.x * WARPS + warp;
+  const int split = blockIdx.x * (blockDim.x / 32) + warp;
   if (split >= p.splits) return;
   const int64_t head_off = int64_t(b) * p.Hkv + kvh;
   const T* ks = static_cast<const T*>(p.k_slots) + head_off * p.S * D;
@@ -169,7 +185,8 @@ __global__ void __launch_bounds__(WARPS * 32) holo_decode_split_kernel(DecodePar
         }
       }
       const float gain = is_slot ? p.slot_logit_gain : p.tail_logit_gain;
-      const float offset = valid && !is_slot && p.tail_bias ? p.tail_bias[head_off * p.T + e - n_slots] : 0.f;
+      const float offset =
+          valid && !is_slot && p.tail_bias ? load_float(p.tail_bias, head_off * p.T + e - n_slots, p.bias_dtype) : 0.f;
       float mx = NEG_INF;
 #pragma unroll
       for (int j = 0; j < KP; ++j) {
@@ -269,31 +286,59 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32)
   }
 }
 
+// Split-KV launch: the split count is chosen so that the blocks of all (sequence,
+// KV head) rows fill the GPU's resident capacity once, each warp then streaming
+// a chunk of whole 32-entry tiles; then the merge.
 template <typename T, int D, int KP>
-void launch(DecodeParams& p, int B, cudaStream_t stream) {
-  const size_t smem = size_t(smem_floats<T, D, KP>(p.G)) * sizeof(float);
+void launch(DecodeParams p, const DecodeDims& dd, at::Tensor& out, cudaStream_t stream) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const auto smem_bytes = [&](int warps) { return size_t(smem_floats<T, D, KP>(p.G, warps)) * sizeof(float); };
+  int warps = MAX_WARPS;
+  while (warps > 1 && smem_bytes(warps) > prop->sharedMemPerBlockOptin) warps /= 2;
+  const size_t smem = smem_bytes(warps);
+  TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, "holo_decode: ", p.G, " query heads per KV head with ", KP,
+              " phases need ", smem, " bytes of shared memory; this GPU offers ", prop->sharedMemPerBlockOptin);
   auto kernel = holo_decode_split_kernel<T, D, KP>;
-  int dev, max_smem;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TORCH_CHECK(smem <= size_t(max_smem), "holo_decode: ", p.G, " query heads per KV head with ", KP,
-              " phases need ", smem, " bytes of shared memory; this GPU offers ", max_smem);
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  dim3 grid(unsigned(ceil_div(p.splits, WARPS)), unsigned(p.Hkv), unsigned(B));
-  kernel<<<grid, WARPS * 32, smem, stream>>>(p);
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem));
+  const int64_t rows = dd.B * dd.Hkv, capacity = dd.S + dd.T;
+  const int64_t blocks_per_row = std::max<int64_t>(1, int64_t(prop->multiProcessorCount) * std::max(per_sm, 1) / rows);
+  const int64_t chunk = 32 * ceil_div(ceil_div(capacity, blocks_per_row * warps), 32);
+  p.splits = int(ceil_div(capacity, chunk));
+  p.chunk = int(chunk);
+  at::Tensor part_o = at::empty({dd.B, dd.Hq, p.splits, dd.D}, out.options().dtype(at::kFloat));
+  at::Tensor part_ml = at::empty({dd.B, dd.Hq, p.splits, 2}, out.options().dtype(at::kFloat));
+  p.part_o = part_o.data_ptr<float>();
+  p.part_ml = part_ml.data_ptr<float>();
+  dim3 grid(unsigned(ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
+  kernel<<<grid, warps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  holo_decode_merge_kernel<T><<<unsigned(dd.B * dd.Hq), MERGE_WARPS * 32, 0, stream>>>(
+      p.part_o, p.part_ml, out.data_ptr<T>(), p.splits, int(dd.D));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int D>
-void launch_phases(DecodeParams& p, int B, int kp, cudaStream_t stream) {
+void launch_phases(const DecodeParams& p, const DecodeDims& dd, int kp, at::Tensor& out, cudaStream_t stream) {
   switch (kp) {
-    case 1: return launch<T, D, 1>(p, B, stream);
-    case 2: return launch<T, D, 2>(p, B, stream);
-    case 4: return launch<T, D, 4>(p, B, stream);
-    case 8: return launch<T, D, 8>(p, B, stream);
-    case 16: return launch<T, D, 16>(p, B, stream);
+    case 1: return launch<T, D, 1>(p, dd, out, stream);
+    case 2: return launch<T, D, 2>(p, dd, out, stream);
+    case 4: return launch<T, D, 4>(p, dd, out, stream);
+    case 8: return launch<T, D, 8>(p, dd, out, stream);
+    case 16: return launch<T, D, 16>(p, dd, out, stream);
     default: TORCH_CHECK(false, "holo_decode: no kernel for ", kp, " phases");
+  }
+}
+
+Dtype dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::f32;
+    case at::kDouble: return Dtype::f64;
+    case at::kHalf: return Dtype::f16;
+    case at::kBFloat16: return Dtype::bf16;
+    default: TORCH_CHECK(false, "holo_decode: unsupported dtype ", t.scalar_type());
   }
 }
 
@@ -316,25 +361,14 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
                 " must start on a 16-byte boundary (it is read in vector loads); a sliced view may not");
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
-  const int64_t capacity = dd.S + dd.T;  // entries per sequence at most
   if (out.numel() == 0) return out;
-  if (capacity == 0) return out.zero_();
-
-  // Enough warps to fill the GPU about 16 deep (its register limit), chunks of whole 32-entry tiles.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want = std::max<int64_t>(1, ceil_div(int64_t(sms) * 16, dd.B * dd.Hkv));
-  const int64_t chunk = 32 * ceil_div(ceil_div(capacity, want), 32);
-  const int64_t splits = ceil_div(capacity, chunk);
-  at::Tensor part_o = at::empty({dd.B, dd.Hq, splits, dd.D}, q.options().dtype(at::kFloat));
-  at::Tensor part_ml = at::empty({dd.B, dd.Hq, splits, 2}, q.options().dtype(at::kFloat));
-  at::Tensor keys_f = keys.to(at::kFloat).contiguous();
-  at::Tensor bias_f = tail_bias ? tail_bias->to(at::kFloat).contiguous() : at::Tensor();
+  if (dd.S + dd.T == 0) return out.zero_();
 
   DecodeParams p{q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
-                 keys_f.data_ptr<float>(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
-                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                 part_o.data_ptr<float>(), part_ml.data_ptr<float>(), int(dd.Hq), int(dd.Hkv), int(dd.G),
-                 int(dd.S), int(dd.T), int(dd.k), int(splits), int(chunk), 0.f, 0.f, 0.f};
+                 keys.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
+                 tail_bias ? tail_bias->data_ptr() : nullptr, dtype_code(keys),
+                 tail_bias ? dtype_code(*tail_bias) : Dtype::f32, nullptr, nullptr, int(dd.Hq), int(dd.Hkv),
+                 int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0, 0.f, 0.f, 0.f};
   const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));
   p.slot_logit_gain = float(sc * slot_gain);
   p.tail_logit_gain = float(sc);
@@ -344,12 +378,9 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   const auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     if (dd.D == 64)
-      launch_phases<scalar_t, 64>(p, int(dd.B), kp, stream);
+      launch_phases<scalar_t, 64>(p, dd, kp, out, stream);
     else
-      launch_phases<scalar_t, 128>(p, int(dd.B), kp, stream);
-    holo_decode_merge_kernel<scalar_t><<<unsigned(dd.B * dd.Hq), MERGE_WARPS * 32, 0, stream>>>(
-        part_o.data_ptr<float>(), part_ml.data_ptr<float>(), out.data_ptr<scalar_t>(), int(splits), int(dd.D));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_phases<scalar_t, 128>(p, dd, kp, out, stream);
   };
   if (dtype == at::kHalf)
     run(at::Half{});

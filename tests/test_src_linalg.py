@@ -17,12 +17,13 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("method", ["eigh", "randomized"])
-def test_top_subspace_matches_svd(method):
-    x = well_conditioned(3, 5)
+@pytest.mark.parametrize("method,wide", [("eigh", False), ("eigh", True), ("randomized", False)])
+def test_top_subspace_matches_svd(method, wide):
+    """wide: fewer rows than columns (a 12-token bin of 16-dim keys), solved through the row Gram."""
+    x = well_conditioned(3, 5, m=16, n=12).mT if wide else well_conditioned(3, 5)
     r = 4
     basis, sigma = top_subspace(x.float(), r, method=method, n_iter=6, generator=torch.Generator().manual_seed(1))
-    _, s, vh = torch.linalg.svd(x)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
     assert basis.shape == (3, 5, 16, r) and sigma.shape == (3, 5, r)
     assert rel(sigma, s[..., :r]) < 1e-4
     assert rel(basis @ basis.mT, vh[..., :r, :].mT @ vh[..., :r, :]) < 1e-4
@@ -34,31 +35,40 @@ def test_truncated_svd_is_best_rank_r():
     r = 5
     uf, sf, vhf = truncated_svd(a.float(), r)
     assert rel(uf @ torch.diag_embed(sf) @ vhf, u[..., :r] * s[..., None, :r] @ vh[..., :r, :]) < 1e-4
+    # the documented sign convention: each U column's largest-magnitude entry is positive
+    assert (uf.gather(-2, uf.abs().argmax(-2, keepdim=True)) > 0).all()
 
 
-def test_ridge_solve_matches_float64():
-    a, b = well_conditioned(2, 3), torch.randn(2, 3, 48, 7, dtype=torch.float64)
-    floor = 16 * 16 * torch.finfo(torch.float32).eps  # the documented float32 stability floor, n = 16
+@pytest.mark.parametrize("m,n", [(48, 16), (16, 48)])
+def test_ridge_solve_matches_float64(m, n):
+    """Tall a goes through the primal n-square system, wide a through the m-square dual: same objective."""
+    a = well_conditioned(2, 3, m=m, n=n) if m >= n else well_conditioned(2, 3, m=n, n=m).mT
+    b = torch.randn(2, 3, m, 7, dtype=torch.float64)
+    floor = 16 * n * torch.finfo(torch.float32).eps  # the documented float32 stability floor
     for ridge in (0.0, 0.1):
         x, info = ridge_solve(a.float(), b.float(), ridge)
         check_info(info)
+        assert x.shape == (2, 3, n, 7)
         lam = (ridge + floor) * (a.mT @ a).diagonal(dim1=-2, dim2=-1).mean(-1)
-        ref = torch.linalg.solve(a.mT @ a + lam[..., None, None] * torch.eye(16, dtype=a.dtype), a.mT @ b)
+        ref = torch.linalg.solve(a.mT @ a + lam[..., None, None] * torch.eye(n, dtype=a.dtype), a.mT @ b)
         assert rel(x, ref) < 1e-4
-    # ridge 0 is ordinary least squares up to that floor
-    assert rel(ridge_solve(a.float(), b.float())[0], torch.linalg.lstsq(a, b).solution) < 2e-3
+    if m >= n:  # ridge 0 is ordinary least squares up to that floor
+        assert rel(ridge_solve(a.float(), b.float())[0], torch.linalg.lstsq(a, b).solution) < 2e-3
+    else:  # ... and the minimum-norm solution of an underdetermined system
+        assert rel(ridge_solve(a.float(), b.float())[0], torch.linalg.pinv(a) @ b) < 2e-3
 
 
+@pytest.mark.parametrize("rows", [32, 8])  # 8 < 16 columns: the row-Gram subspace and the dual solve
 @pytest.mark.parametrize("kind", ["zeros", "duplicates", "rank1"])
-def test_degenerate_inputs_are_finite(kind):
-    x = torch.randn(6, 32, 16)
+def test_degenerate_inputs_are_finite(kind, rows):
+    x = torch.randn(6, rows, 16)
     if kind == "zeros":
         x = torch.zeros_like(x)
     elif kind == "duplicates":
         x = x[:, :1].expand_as(x).clone()
     else:
-        x = torch.randn(6, 32, 1) * torch.randn(6, 1, 16)
-    b = torch.randn(6, 32, 8)
+        x = torch.randn(6, rows, 1) * torch.randn(6, 1, 16)
+    b = torch.randn(6, rows, 8)
     sol, info = ridge_solve(x, b)
     check_info(info)
     for method in ("eigh", "randomized"):
@@ -68,6 +78,12 @@ def test_degenerate_inputs_are_finite(kind):
     assert all(torch.isfinite(t).all() for t in (sol, u, s, vh))
     if kind == "zeros":
         assert (sol == 0).all() and (u == 0).all()
-    else:  # the rank-deficient fit still explains b as well as exact least squares does
+    elif rows >= 16:  # the rank-deficient fit still explains b as well as exact least squares does
         best = torch.linalg.lstsq(x.double(), b.double(), rcond=1e-5, driver="gelsd").solution
         assert rel(x @ sol, x.double() @ best) < 1e-3
+    else:  # the dual solve of a rank-deficient wide x is accurate once the ridge is real (documented)
+        sol, info = ridge_solve(x, b, 0.1)
+        xd = x.double()
+        lam = (0.1 + 16 * 16 * torch.finfo(torch.float32).eps) * xd.square().sum((-2, -1)) / 16
+        ref = torch.linalg.solve(xd.mT @ xd + lam[:, None, None] * torch.eye(16, dtype=xd.dtype), xd.mT @ b.double())
+        assert (info == 0).all() and rel(sol, ref) < 1e-4

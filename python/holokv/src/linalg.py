@@ -6,15 +6,16 @@ no ``.item()``, no Python branching on tensor values. Failures are reported as a
 ``info`` tensor (0 = ok) that the caller checks once, after the compression path,
 with :func:`check_info`.
 
-The bodies are GEMMs plus a small symmetric factorization (``eigh`` of a d x d Gram
-matrix, Cholesky of the ridge normal equations) because that is what is fast on GPUs
-for d <= 128 and thousands of problems. On float32 CUDA tensors the factorizations
+The bodies are GEMMs plus a small symmetric factorization (``eigh`` of the smaller
+Gram matrix, Cholesky of the smaller side of the ridge normal equations) because
+that is what is fast on GPUs for sizes <= 128 and thousands of problems. On float32 CUDA tensors the factorizations
 run in the cuSOLVER-backed :func:`holokv.batched_eigh` and
 :func:`holokv.batched_cholesky_solve` (one batched call, no host sync; for d > 32
 ``torch.linalg.eigh`` loops over the matrices); elsewhere in ``torch.linalg``.
 
 Rank-deficient inputs (duplicate rows, zero bins) give finite results: singular
-directions with zero singular value come back with zero vectors, and the ridge
+directions with zero singular value come back with zero vectors where they are
+derived by division (see :func:`top_subspace`, :func:`truncated_svd`), and the ridge
 solve always adds a floor to the diagonal (see :func:`ridge_solve`).
 """
 from __future__ import annotations
@@ -42,26 +43,39 @@ def _gram_eigh(g: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.flip(-1)[..., :r].clamp_min(0), evecs.flip(-1)[..., :r]
 
 
+def _inv_sigma(s: torch.Tensor, n: int) -> torch.Tensor:
+    """1/s, with 0 where s is below ``eps · n · s_max`` (rank deficiency) instead of dividing by ~0."""
+    tol = torch.finfo(s.dtype).eps * n * s[..., :1]
+    return torch.where(s > tol, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+
+
 def top_subspace(x: torch.Tensor, r: int, *, method: str = "eigh", n_iter: int = 2,
                  oversample: int = 8, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-r right singular subspace of the rows of ``x``.
 
-    x [..., n, d] -> (basis [..., d, r] orthonormal columns, sigma [..., r] descending),
-    so that ``x ≈ (x @ basis) @ basis.mT`` is the best rank-r approximation.
+    x [..., n, d] -> (basis [..., d, r], sigma [..., r] descending), so that
+    ``x ≈ (x @ basis) @ basis.mT`` is the best rank-r approximation.
 
-    ``method="eigh"``: eigendecomposition of the Gram matrix xᵀx (one GEMM plus a
-    d x d ``eigh``). Squaring doubles the condition number, which only hurts the
-    trailing singular values we discard.
+    ``method="eigh"``: eigendecomposition of the smaller Gram matrix (one GEMM plus
+    a ``min(n, d)``-square ``eigh``): xᵀx, or for wide x (r <= n < d, e.g. a bin of
+    64 tokens with d = 128) x xᵀ = U Σ² Uᵀ and basis = xᵀ U Σ⁻¹, which is 8x fewer
+    eigensolver flops there. Squaring doubles the condition number, which only hurts
+    the trailing singular values we discard. Directions with zero singular value
+    (rank-deficient x) come back as zero columns in the wide case.
     ``method="randomized"``: subspace iteration on the Gram matrix with ``r +
     oversample`` random starting vectors and ``n_iter`` QR-orthonormalized power
     steps, then a small (r+p) x (r+p) ``eigh`` (Halko et al. 2011); all GEMMs.
     """
+    n, d = x.shape[-2:]
+    if method == "eigh" and r <= n < d:
+        evals, u = _gram_eigh(x @ x.mT, r)
+        sigma = evals.sqrt()
+        return (x.mT @ u) * _inv_sigma(sigma, d).unsqueeze(-2), sigma
     g = x.mT @ x
     if method == "eigh":
         evals, basis = _gram_eigh(g, r)
     elif method == "randomized":
-        d = g.shape[-1]
         p = min(d, r + oversample)
         omega = torch.randn(*g.shape[:-1], p, dtype=g.dtype, device=g.device, generator=generator)
         y = torch.linalg.qr(g @ omega).Q
@@ -79,13 +93,17 @@ def truncated_svd(a: torch.Tensor, r: int, **kw) -> tuple[torch.Tensor, torch.Te
 
     a [..., m, n] -> U [..., m, r], S [..., r], Vh [..., r, n]. Uses
     :func:`top_subspace` for V and U = a V / S; columns with S below
-    ``eps * S_max`` (rank deficiency) get U = 0 instead of dividing by ~0, so the
-    product stays finite and exact up to the dropped directions.
+    ``eps · n · S_max`` (rank deficiency) get U = 0 instead of dividing by ~0, so the
+    product stays finite and exact up to the dropped directions. Each pair (U column,
+    Vh row) is signed so that the U column's largest-magnitude entry is positive:
+    solvers differ in the signs they return, and a reader that is not sign-invariant
+    (the seed method reads U√S and Vh√S through softmax) would depend on them.
     """
     v, s = top_subspace(a, r, **kw)
-    tol = torch.finfo(a.dtype).eps * a.shape[-1] * s[..., :1]
-    inv = torch.where(s > tol, 1.0 / s.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(s))
-    return (a @ v) * inv.unsqueeze(-2), s, v.mT
+    u = (a @ v) * _inv_sigma(s, a.shape[-1]).unsqueeze(-2)
+    sign = u.gather(-2, u.abs().argmax(-2, keepdim=True)).sign()
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign, s, (v * sign).mT
 
 
 def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 0.0
@@ -102,22 +120,32 @@ def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 
     rank-deficient systems (duplicate columns, zero rows) positive definite in the
     working precision, and ``tiny`` makes an all-zero ``a`` return x = 0.
     ``ridge`` may be a tensor broadcastable to ``[...]``.
+    With more unknowns than rows (n > m: softmax_ls fits all bins' centroids to a
+    few reference queries) the same x comes from the m-square dual system,
+    x = aᵀ (a aᵀ + λ I)⁻¹ b, so the factorization costs m³ instead of n³. Its
+    rounding error grows like eps·‖a‖²/λ times the part of b outside a's column
+    space: none for a of full row rank (the usual underdetermined fit), but a
+    rank-deficient wide a needs a real ``ridge`` (softmax_ls uses 1) to stay accurate;
+    with the floor alone it is only finite.
     """
-    n = a.shape[-1]
+    m, n = a.shape[-2:]
     finfo = torch.finfo(a.dtype)
-    g = a.mT @ a
-    scale = g.diagonal(dim1=-2, dim2=-1).mean(-1)
-    lam = (torch.as_tensor(ridge, dtype=a.dtype, device=a.device) + 16 * n * finfo.eps) * scale + finfo.tiny
-    g = g + lam[..., None, None] * torch.eye(n, dtype=a.dtype, device=a.device)
-    rhs = a.mT @ b
+    # ridge stays a Python float where it is one: a scalar copied to the GPU would sync
+    lam = (ridge + 16 * n * finfo.eps) * (a.square().sum((-2, -1)) / n) + finfo.tiny
+    dual = n > m
+    g = a @ a.mT if dual else a.mT @ a
+    g = g + lam[..., None, None] * torch.eye(g.shape[-1], dtype=a.dtype, device=a.device)
+    rhs = b if dual else a.mT @ b
+    s, k = g.shape[-1], rhs.shape[-1]
     batch = torch.broadcast_shapes(g.shape[:-2], rhs.shape[:-2])
     if _cusolver(g):
-        k = rhs.shape[-1]
-        x, info = batched_cholesky_solve(g.expand(*batch, n, n).reshape(-1, n, n).contiguous(),
-                                         rhs.expand(*batch, n, k).reshape(-1, n, k).contiguous())
-        return x.reshape(*batch, n, k), info.reshape(batch)
-    chol, info = torch.linalg.cholesky_ex(g)
-    return torch.cholesky_solve(rhs, chol), info.expand(batch)
+        y, info = batched_cholesky_solve(g.expand(*batch, s, s).reshape(-1, s, s).contiguous(),
+                                         rhs.expand(*batch, s, k).reshape(-1, s, k).contiguous())
+        y, info = y.reshape(*batch, s, k), info.reshape(batch)
+    else:
+        chol, info = torch.linalg.cholesky_ex(g)
+        y, info = torch.cholesky_solve(rhs, chol), info.expand(batch)
+    return (a.mT @ y if dual else y), info
 
 
 def check_info(*infos: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
 """Caches on a tiny random Llama (GQA), CPU: exactness at ratio 1, generate, bytes, positions,
-padding, HoloKV's superposed prefill against its own decode steps, bad inputs."""
+padding, HoloKV's superposed prefill against its own decode steps, SRC's decode-time compression, bad inputs."""
 import copy
 import math
 
@@ -8,10 +8,13 @@ import torch
 from transformers import DynamicCache, GPT2Config, LlamaConfig, LlamaForCausalLM, MistralConfig
 
 from holokv.caches import METHODS, make_cache, superposed_attention, use_holokv_attention
+from holokv.caches.src import SRCLayer
 from holokv.caches.superposed import HoloSpec
 
 COMPRESSED = [m for m in METHODS if m != "full"]
 SELECTION = ["streaming", "topk", "h2o", "snapkv"]  # keep a subset of the tokens, each with its sequence index
+# SRC with decode-time compression steps small enough to fire within a few dozen generated tokens
+DECODE = dict(ratio=4, bin_size=32, rank=2, sinks=2, recent=8, window=4, every=8)
 
 
 def tiny_config(**kw):
@@ -48,10 +51,11 @@ def reference(model, batch):
         use_holokv_attention(model)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ratio_one_is_exact(model, batch, reference, method):
+@pytest.mark.parametrize("method, options", [(m, {}) for m in METHODS] +
+                         [("src", dict(every=1, recent=2, window=2))])  # a decode step after every token
+def test_ratio_one_is_exact(model, batch, reference, method, options):
     ids, mask = batch
-    cache = make_cache(method, model.config, ratio=1)
+    cache = make_cache(method, model.config, ratio=1, **options)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache,
                              output_scores=True, return_dict_in_generate=True)
@@ -170,6 +174,144 @@ def test_src_variants_generate(model, batch, options, length):
     assert cache.get_seq_length() == length + 3
 
 
+def kv_bytes(cache) -> int:
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values, layer.bias))
+
+
+def test_src_decode_bytes_track_ratio(model):
+    """With decode-time steps the bytes held stay within ceil(seen / ratio) token-equivalents, up to the
+    filling bin's excess over its centroids and one step's tokens (SRCLayer's rule); bins are summarized
+    (the bytes fall). Without steps every decoded token stays and the excess keeps growing."""
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(5))
+    token = 2 * 32 * 4 * 2 * 2  # one token's K and V: 2·d fp32 elements, 2 KV heads, 2 layers
+    entry = token // 64 * 65  # an entry also holds its log-mass
+    slack = (DECODE["bin_size"] - DECODE["rank"] - 1 + DECODE["every"] - 1) * entry
+    excess, falls = {}, {}
+    for every in (DECODE["every"], None):
+        cache = make_cache("src", model.config, **{**DECODE, "every": every})
+        excess[every], falls[every] = [], 0
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache)
+            for _ in range(128):
+                before = kv_bytes(cache)
+                out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+                falls[every] += kv_bytes(cache) < before
+                excess[every].append(kv_bytes(cache) - math.ceil(cache.get_seq_length() / 4) * token)
+    assert max(excess[8]) <= slack
+    assert falls[8] >= 3 and falls[None] == 0
+    assert excess[None][-1] > 2 * slack
+
+
+@pytest.mark.parametrize("options", [{}, dict(method="seed"), dict(score="seed")])
+@pytest.mark.parametrize("rows", [1, 2], ids=["batch1", "padded2"])
+def test_src_decode_compression_generates(model, batch, options, rows):
+    ids, mask = (x[-rows:] for x in batch)
+    cache = make_cache("src", model.config, **{**DECODE, "bin_size": 8, "every": 4, **options})
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, past_key_values=cache,
+                             output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (rows, ids.shape[1] + 24)
+    assert all(torch.isfinite(s).all() for s in out.scores)
+    assert cache.get_seq_length() == ids.shape[1] + 23  # positions: the true length, not the entries held
+    for layer in cache.layers:
+        assert layer.reviewed - layer.kept >= layer.bin_size  # a bin was summarized
+        assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+
+
+def test_src_decode_padded_matches_alone(model, batch):
+    """Decode-time steps on a left-padded batch: each sequence holds and reads what it does alone (its counts
+    are the batch's, its entries its own; filler past its length is never scored, fitted to or read)."""
+    ids, mask = batch
+    options = dict(ratio=2, every=4, recent=4, window=2, sinks=2, bin_size=8, rank=1)
+    runs, caches = [], []
+    for x, m in ((ids, mask), (ids[:1, 7:], mask[:1, 7:]), (ids[1:], mask[1:])):
+        caches.append(make_cache("src", model.config, **options))
+        with torch.no_grad():
+            runs.append(model.generate(x, attention_mask=m, max_new_tokens=32, do_sample=False,
+                                       past_key_values=caches[-1], output_scores=True, return_dict_in_generate=True))
+    first = caches[0].layers[0]
+    assert 0 < first.kept < first.reviewed - first.bin_size  # the scores chose; bins were summarized
+    assert first.r0 > 0
+    for row in (0, 1):
+        for s, s0 in zip(runs[0].scores, runs[1 + row].scores):
+            torch.testing.assert_close(s[row: row + 1], s0, atol=1e-5, rtol=1e-5)
+        for layer, alone in zip(caches[0].layers, caches[1 + row].layers):
+            n = int(alone.lens[0])
+            assert int(layer.lens[row]) == n
+            for name in ("keys", "values", "bias"):  # the filler's pull on the fits is ~1e-6 (values ~1e-2)
+                torch.testing.assert_close(getattr(layer, name)[row, :, :n], getattr(alone, name)[0, :, :n],
+                                           atol=5e-7, rtol=1e-5)
+
+
+def test_src_decode_attention_close_to_exact(model):
+    """After decode-time steps, layer 0's attention output (its input is the same in both runs) stays close
+    to exact attention over the whole history. Measured ~0.9998; zeroing the centroids' values or dropping
+    the summarized bins gives ~0.95."""
+    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(6))
+    outs = {}
+    for method, options in (("full", {}), ("src", DECODE)):
+        got = []
+        hook = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, o: got.append(a[0][0, -1]))
+        cache = make_cache(method, model.config, **options)
+        with torch.no_grad():
+            model(ids[:, :64], past_key_values=cache)
+            for t in range(64, 128):
+                model(ids[:, t: t + 1], past_key_values=cache)
+        hook.remove()
+        outs[method] = torch.stack(got[-32:])
+    layer = cache.layers[0]
+    assert layer.reviewed - layer.kept >= layer.bin_size
+    cos = torch.nn.functional.cosine_similarity(outs["src"], outs["full"], dim=-1)
+    assert cos.mean() > 0.99, cos
+
+
+@pytest.mark.parametrize("score", ["mass", "seed"])
+def test_src_steps_keep_heavy_hitters_exact(score):
+    """Generated tokens that every query attends (keys along the queries' common direction) stay exact when
+    they leave the recent window, while about half of the others are binned."""
+    g = torch.Generator().manual_seed(8)
+    n, d, scale = 112, 32, 32 ** -0.5
+    u = torch.randn(d, generator=g)
+    q, k, v = u + 0.5 * torch.randn(1, 4, n, d, generator=g), torch.randn(1, 2, n, d, generator=g), \
+        torch.randn(1, 2, n, d, generator=g)
+    heavy = [70, 85, 100]
+    k[:, :, heavy] = 0.6 * u + 0.05 * torch.randn(1, 2, 3, d, generator=g)
+    layer = SRCLayer(ratio=2, every=8, bin_size=16, rank=1, recent=8, window=4, sinks=2, score=score)
+    for t in [slice(0, 48)] + [slice(t, t + 1) for t in range(48, n)]:
+        layer.update(k[:, :, t], v[:, :, t])
+        layer.attend(q[:, :, t], None, scale)
+    exact = lambda t: (layer.keys[0] == k[0, :, t, None]).all(-1).any(-1)  # per KV head
+    assert all(exact(t).all() for t in heavy)
+    others = sum(int(exact(t).sum()) for t in range(48, 104) if t not in heavy)
+    assert 0.25 < others / (2 * 53) < 0.75, others
+    assert layer.reviewed - layer.kept >= 2 * layer.bin_size
+
+
+def test_src_step_keeps_what_its_window_reads():
+    """softmax_ls with more centroids than reference rows and ridge ~ 0: right after a step that summarizes a
+    bin, the observation query reads what it read before the step (masks, placeholders and the write-back
+    of the centroids all line up)."""
+    g = torch.Generator().manual_seed(7)
+    n, d, scale = 112, 32, 32 ** -0.5
+    q, k, v = torch.randn(1, 4, n, d, generator=g), torch.randn(1, 2, n, d, generator=g), torch.randn(1, 2, n, d,
+                                                                                                        generator=g)
+    layer = SRCLayer(ratio=4, every=8, bin_size=8, rank=4, recent=8, window=1, sinks=2, ridge=1e-9)
+    layer.update(k[:, :, :48], v[:, :, :48])
+    layer.attend(q[:, :, :48], None, scale)
+    none, steps = k[:, :, :0], 0
+    for t in range(48, n):
+        summarized = layer.reviewed - layer.kept
+        layer.update(k[:, :, t: t + 1], v[:, :, t: t + 1])
+        before = layer.attend(q[:, :, t: t + 1], None, scale)[:, 0]
+        after = torch.ops.holokv.holo_decode(q[:, :, t].contiguous(), none, none, k.new_ones(1, d),
+                                             torch.zeros_like(layer.lens), layer.keys, layer.values, layer.lens,
+                                             "full", scale, 1.0, layer.bias)
+        if (layer.reviewed - layer.kept) // 8 > summarized // 8:
+            steps += 1
+            torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert steps >= 4
+
+
 def test_src_half_precision(model, batch):
     """The compaction's solves run in fp32; the cache stores and decodes in the model's dtype."""
     ids, mask = batch
@@ -227,6 +369,8 @@ def test_requires_holokv_attention(batch):
     ("src", tiny_config(), {"score": "h2o"}, "score must be"),
     ("src", tiny_config(), {"rank": 8, "bin_size": 8}, "0 < rank < bin_size"),
     ("src", tiny_config(), {"window": 64}, "window <= recent"),
+    ("src", tiny_config(), {"every": 0}, "every \\(generated tokens between compression steps\\) must be"),
+    ("src", tiny_config(), {"every": 2.5}, "every .* must be a positive int"),
     ("full", GPT2Config(), {}, "not supported"),
     ("full", MistralConfig(sliding_window=16, num_hidden_layers=1), {}, "full-attention"),
     ("full", tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),

@@ -28,13 +28,14 @@ def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.view(*index.shape, *[1] * (x.dim() - 3)).expand(*index.shape, *x.shape[3:]))
 
 
-def append_ragged(buf: torch.Tensor, buf_len: torch.Tensor, new: torch.Tensor, new_len: torch.Tensor):
-    """Per sequence b: buf[b, :, :buf_len[b]] followed by new[b, :, :new_len[b]].
+def append_ragged(buf: torch.Tensor, buf_len: torch.Tensor, new: torch.Tensor, new_len, width: int | None = None):
+    """Per sequence b: buf[b, :, :buf_len[b]] followed by new[b, :, :new_len[b]] (new_len [B] or an int).
 
-    Sized to the longest result; entries past a sequence's own length are filler.
+    Sized ``width``, by default the longest result (found with a host sync: callers on a per-token path
+    that know it pass it); entries past a sequence's own length are filler.
     """
     n_buf, n_new = buf.shape[2], new.shape[2]
-    j = torch.arange(int((buf_len + new_len).max()), device=buf.device)
+    j = torch.arange(int((buf_len + new_len).max()) if width is None else width, device=buf.device)
     src = torch.where(j < buf_len[:, None], j, n_buf + j - buf_len[:, None])
     return take(torch.cat([buf, new], 2), src.clamp(max=n_buf + n_new - 1))
 

@@ -1,12 +1,14 @@
-"""SRC cache layer: one-shot compaction of the prompt with :func:`holokv.src.compact`.
+"""SRC cache layer: the prompt compacted once with :func:`holokv.src.compact`, then compressed while decoding.
 
 After the (exact) prefill each sequence's prompt becomes kept tokens plus centroid
 entries with a log-mass bias, sized to ``ceil(tokens / ratio)`` token-equivalents
 of bytes (bias included); SnapKV's observation window (the last ``window`` prompt
-queries) scores the tokens and is what the centroids are fitted for. Later tokens
-are appended exact (bias 0). Decode reads the entries with
-``torch.ops.holokv.holo_decode`` and no superposed slots: softmax(scale·q·kᵀ + bias)·v.
-Entries are unordered, positions live in the (RoPE'd) keys.
+queries) scores the tokens and is what the centroids are fitted for. Decoded tokens
+are appended exact (bias 0); every ``every`` of them a compression step
+(:meth:`SRCLayer.step`) bins and summarizes those that left the recent window.
+Decode reads the entries with ``torch.ops.holokv.holo_decode`` and no superposed
+slots: softmax(scale·q·kᵀ + bias)·v. Entries are unordered, positions live in the
+(RoPE'd) keys.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import math
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..src import causal_stats, check_info, compact, plan
-from ..src.compact import entry_elems
-from .base import FullLayer, append_ragged, exact_attention
+from ..src import causal_stats, check_info, compact, plan, pool_gqa, seed_score, split, window_mass
+from ..src.attention import logits
+from ..src.compact import entry_elems, fit, summarize_bins
+from ..src.selection import entropy
+from .base import FullLayer, append_ragged, exact_attention, take
 
 SCORES = ("mass", "seed")
 CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of the budget (bench/src_quality.py)
@@ -28,16 +32,73 @@ def ragged(parts: list[torch.Tensor]) -> torch.Tensor:
     return pad_sequence([p[0].transpose(0, 1) for p in parts], batch_first=True).transpose(1, 2).contiguous()
 
 
+class LateCheck:
+    """Solver failures of a compression step, raised at the next step (the last step's at the next prompt,
+    or by :meth:`flush`): by then the count's copy to the host has long finished, so reading it never waits
+    on the GPU queue (check_info would drain it)."""
+
+    def __init__(self):
+        self.pending = None  # (count on the host, CUDA event of its copy or None)
+
+    def __call__(self, info: torch.Tensor) -> None:
+        self.flush()
+        count = (info != 0).sum(dtype=torch.int32)
+        if count.is_cuda:
+            host, done = torch.empty((), dtype=count.dtype, pin_memory=True), torch.cuda.Event()
+            host.copy_(count, non_blocking=True)
+            done.record()
+            self.pending = host, done
+        else:
+            self.pending = count, None
+
+    def flush(self) -> None:
+        """Raise on the pending count (waits for its copy only)."""
+        if self.pending is not None:
+            count, done = self.pending
+            self.pending = None
+            if done is not None:
+                done.synchronize()
+            if count.item():
+                raise torch.linalg.LinAlgError(f"{count.item()} batched factorizations failed")
+
+
 class SRCLayer(FullLayer):
     """Options: ``method`` of the summary ("softmax_ls": fitted values and log-mass, or "seed": the source
     method's linear read-out), ``score`` deciding what stays exact ("mass": window attention, or "seed":
     mass − ``lam``·row entropy), ``rank`` centroids per bin of ``bin_size`` evicted tokens (default: centroids
     take about 1/8 of the budget), ``ridge`` of the value fit, ``window`` observation queries, ``sinks`` and
-    ``recent`` tokens always kept exact. A prompt fed in several chunks is compacted after its first one."""
+    ``recent`` tokens always kept exact, ``every``: generated tokens (counted per layer) between decode-time
+    compression steps, None for none (decoded tokens then stay exact). A prompt fed in several chunks is
+    compacted after its first one; the later chunks are decoded (and compressed) token by token.
+
+    While decoding, each sequence's entries are [settled | bin | tail]: settled holds the compacted prompt
+    and what earlier steps kept or summarized, the bin exact tokens waiting for summary (first in, first
+    summarized), the tail the exact tokens not reviewed yet, in order: the prompt's recent window (when the
+    prefill kept it whole, for every sequence), then the generated tokens. A step reviews the tail tokens
+    that have left the recent window: the last ``window`` queries score them as at prefill; the top k stay
+    exact, the rest join the bin, and each full bin becomes ``rank`` centroids fitted for those queries with
+    every other entry as context.
+
+    How many stay exact: the stream (that recent window, r0 tokens, plus the t generated ones) may hold what
+    its tokens add to the budget, r0 + ⌊t / ratio⌋ token-equivalents (the prefill paid for the r0); the
+    compacted prompt keeps its ceil(prompt / ratio), so together they stay within ceil(seen / ratio). Of the
+    stream's entries, the tail comes first; the reviewed tokens get the rest under the prefill's rule
+    (:func:`holokv.src.compact.fit`): the most kept exact such that kept + ⌈binned / bin_size⌉·rank fits.
+    k is that count minus the tokens kept before (never negative: kept tokens stay). Like the prefill's
+    plan, this counts the filling bin as the ``rank`` centroids it will become, so the cache holds up to
+    bin_size − rank − 1 entries more while a bin fills, and up to every − 1 tokens more between steps;
+    ratio 1 keeps everything. Where even the centroids do not fit (right after the prompt, or bins that
+    compress less than the ratio) every reviewed token is binned. All counts are Python ints shared by the
+    batch (the stream's budget does not depend on the prompt), so steps have static shapes, never sync with
+    the host, and a left-padded sequence is compressed as it would be alone (r0 is the batch's smallest).
+
+    Not counted in :meth:`nbytes`: the queries the steps score with (the last ``window``; for score="seed"
+    the whole tail's, for the row entropies), working state of a fixed size like the prefill's window.
+    """
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
                  ridge: float = 1.0, window: int = 32, bin_size: int | None = None, sinks: int = 4,
-                 recent: int = 32, lam: float = 0.5):
+                 recent: int = 32, lam: float = 0.5, every: int | None = 16):
         super().__init__()
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -51,19 +112,27 @@ class SRCLayer(FullLayer):
         if not 0 < window <= recent:
             raise ValueError(f"need 0 < window <= recent (the observation window stays exact), got "
                              f"window={window}, recent={recent}")
-        self.ratio, self.method, self.score, self.lam = ratio, method, score, lam
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every (generated tokens between compression steps) must be a positive int or "
+                             f"None, got {every!r}")
+        self.ratio, self.method, self.score, self.lam, self.every = ratio, method, score, lam, every
         self.rank, self.ridge, self.window, self.bin_size, self.sinks, self.recent = (
             rank, ridge, window, bin_size, sinks, recent)
         # seed centroids carry no log-mass, so only softmax_ls stores (and pays for) a bias per entry
         self.state = ("keys", "values", "lens") + (("bias",) if method == "softmax_ls" else ())
+        self.late_check = LateCheck()
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
         self.lens = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
         self.bias = key_states.new_zeros(*key_states.shape[:2], 0) if "bias" in self.state else None
+        # stream counts (see the class docstring): recent window taken over from the prompt, generated,
+        # reviewed and of those kept exact
+        self.r0 = self.generated = self.reviewed = self.kept = 0
+        self.queries = None  # [B, Hq, n, d]: queries of the tail's last n tokens
 
     def append(self, k, v):
-        self.new = k, v  # read() commits them: the prompt compacted, later tokens exact
+        self.new = k, v  # read() commits them: the prompt compacted, later tokens one by one
 
     def read(self, q, mask, scale, start):
         k, v = self.new
@@ -75,36 +144,150 @@ class SRCLayer(FullLayer):
         no_slots, phase = k[:, :, :0], k.new_ones(1, k.shape[3])  # an empty superposed part (phase unused)
         outs = []  # several new tokens: one decode step each, so they read what a decode would
         for i in range(q.shape[2]):
-            one = torch.ones_like(self.lens)
-            self.keys = append_ragged(self.keys, self.lens, k[:, :, i: i + 1], one)
-            self.values = append_ragged(self.values, self.lens, v[:, :, i: i + 1], one)
-            if self.bias is not None:
-                self.bias = append_ragged(self.bias, self.lens, self.bias.new_zeros(*k.shape[:2], 1), one)
-            self.lens = self.lens + 1
+            self.push(q[:, :, i: i + 1], k[:, :, i: i + 1], v[:, :, i: i + 1])
             outs.append(torch.ops.holokv.holo_decode(
                 q[:, :, i].contiguous(), no_slots, no_slots, phase, torch.zeros_like(self.lens), self.keys,
                 self.values, self.lens, "full", scale, 1.0, self.bias))
+            if self.every and self.generated % self.every == 0:
+                self.step(scale)
         return torch.stack(outs, 1)
 
+    def push(self, q, k, v) -> None:
+        """Append one token per sequence. Every sequence grows by one, so the new width is known without
+        asking the device for the longest length."""
+        width = self.keys.shape[2] + 1
+        self.keys = append_ragged(self.keys, self.lens, k, 1, width)
+        self.values = append_ragged(self.values, self.lens, v, 1, width)
+        if self.bias is not None:
+            self.bias = append_ragged(self.bias, self.lens, self.bias.new_zeros(*k.shape[:3]), 1, width)
+        self.lens = self.lens + 1
+        self.generated += 1
+        if self.queries is not None:
+            self.queries = torch.cat([self.queries, q], 2)[:, :, -self.kept_queries():]
+
+    def kept_queries(self) -> int:
+        """Queries the steps need: the observation window, or for score="seed" the whole tail's."""
+        return self.window if self.score == "mass" else self.r0 + self.generated - self.reviewed
+
+    def n_exact(self, n_new: int, head_dim: int) -> int:
+        """How many of the ``n_new`` tokens a step reviews stay exact (the rule of the class docstring)."""
+        t, tail = self.generated, self.r0 + self.generated - self.reviewed - n_new
+        if t <= math.floor(t / self.ratio):  # ratio 1: every token fits as it is
+            return n_new
+        room = self.r0 + math.floor(t / self.ratio) * 2 * head_dim // entry_elems(self.method, head_dim)
+        try:
+            target = fit(self.reviewed + n_new, room - tail, bin_size=self.bin_size, rank=self.rank)[0]
+        except ValueError:  # not even the bins' centroids fit yet (just after the prompt): bin them all
+            target = 0
+        return min(n_new, max(0, target - self.kept))
+
+    def visible(self, m: int, width: int, group: int, rows: int | None = None) -> torch.Tensor:
+        """[B, 1, group·rows, width]: the entries seen by the queries of the first ``rows`` (default all) of
+        the tail's last m tokens, as pooled GQA rows: everything but the tail tokens after them and filler."""
+        back = torch.arange(m - 1, m - 1 - (rows or m), -1, device=self.device).repeat(group).view(1, 1, -1, 1)
+        return torch.arange(width, device=self.device) <= (self.lens - 1).view(-1, 1, 1, 1) - back
+
+    def step(self, scale) -> None:
+        """Review the tail tokens that have left the recent window: keep the top k exact, bin the rest,
+        summarize full bins. Shapes follow from the Python counts alone (no host sync)."""
+        tail = self.r0 + self.generated - self.reviewed
+        n_new = tail - self.recent
+        if n_new <= 0:
+            return
+        B, H, width, d = self.keys.shape
+        n_keep = self.n_exact(n_new, d)
+        n_bin = (self.reviewed - self.kept) % self.bin_size  # exact tokens waiting in the bin
+        self.reviewed += n_new
+        self.kept += n_keep
+        if n_keep == n_new and n_bin == 0:  # nothing binned: the reviewed tokens are settled where they are
+            return
+        keep, out = split(self.review_scores(tail, n_new, scale), n_keep)
+
+        # rebuild the [bin | tail] end of every sequence as [kept | centroids | bin | rest of the tail]
+        end, arange = n_bin + tail, lambda n: torch.arange(n, device=self.device)
+        kv = [take(x, (self.lens - end)[:, None] + arange(end)) for x in (self.keys, self.values)]
+        new = [x[:, :, n_bin: n_bin + n_new] for x in kv]
+        binned = [torch.cat([x[:, :, :n_bin], take(y, out)], 2) for x, y in zip(kv, new)]
+        n_bins = binned[0].shape[2] // self.bin_size
+        n_cent, n_full = n_bins * self.rank, n_bins * self.bin_size
+        ends = [torch.cat([take(y, keep), x.new_zeros(B, H, n_cent, d), b[:, :, n_full:], x[:, :, n_bin + n_new:]],
+                          2) for x, y, b in zip(kv, new, binned)]
+        n_end = ends[0].shape[2]
+        start, width = self.lens - end, width - end + n_end
+        self.keys, self.values = (append_ragged(x, start, e, n_end, width)
+                                  for x, e in zip((self.keys, self.values), ends))
+        if self.bias is not None:  # the end holds exact tokens only: bias 0 until the centroids are written
+            self.bias = append_ragged(self.bias, start, self.bias.new_zeros(B, H, n_end), n_end, width)
+        self.lens = start + n_end
+        if n_bins == 0:
+            return
+
+        # the centroids are fitted with every other entry as context, placeholders hidden
+        first = start + n_keep  # [B]: placeholders at entries first .. first + n_cent - 1
+        j = torch.arange(width, device=self.device) - first.view(-1, 1, 1, 1)
+        obs = self.queries[:, :, -self.window:].float()
+        ctx = self.visible(obs.shape[2], width, obs.shape[1] // H) & ((j < 0) | (j >= n_cent))
+        bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.bin_size, d) for b in binned]
+        kc, vc, bc, info = summarize_bins(
+            self.method, pool_gqa(obs, H), self.keys.float(), self.values.float(),
+            None if self.bias is None else self.bias.float(), ctx, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
+            self.rank, self.ridge, scale)
+        self.late_check(info)
+        at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
+        self.keys.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.keys.dtype))
+        self.values.scatter_(2, at[..., None].expand(B, H, n_cent, d), vc.to(self.values.dtype))
+        if self.bias is not None:
+            self.bias.scatter_(2, at, bc.to(self.bias.dtype))
+
+    def review_scores(self, tail: int, n_new: int, scale) -> torch.Tensor:
+        """[B, Hkv, n_new] scores of the tail's first n_new tokens, as at prefill: the attention mass the
+        last ``window`` queries give them over the whole cache, less λ·(their own row's entropy) for "seed"."""
+        H, width = self.keys.shape[1], self.keys.shape[2]
+        G = self.queries.shape[1] // H
+        keys = self.keys.float()  # fp32 like the prefill's scores
+        bias = None if self.bias is None else self.bias.float()
+        obs = self.queries[:, :, -self.window:].float()
+        mass = window_mass(obs, keys, scale, bias, self.visible(obs.shape[2], width, G))
+        score = take(mass, (self.lens - tail)[:, None] + torch.arange(n_new, device=self.device))
+        if self.score == "mass":
+            return score
+        rows = pool_gqa(self.queries[:, :, :n_new].float(), H)  # the tail's own queries (all kept for "seed")
+        p = torch.softmax(logits(rows, keys, bias, self.visible(tail, width, G, n_new), scale), -1)
+        return seed_score(score, entropy(p).view(*score.shape[:2], G, n_new).mean(2), self.lam)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.queries is not None:
+            self.queries = self.queries[indices]
+
     def compact(self, q, k, v, scale) -> None:
-        """Compact each sequence's prompt (pads cut off, so each gets its own budget) and store them ragged."""
-        parts = []
+        """Compact each sequence's prompt (pads cut off, so each gets its own budget) and store them ragged,
+        centroids first: the kept tokens follow in order, so the recent window ends every sequence and
+        starts the decode stream's tail when the prefill kept it whole."""
+        self.late_check.flush()  # the previous generation's last step: the prefill syncs anyway
+        parts, tails = [], []
         for b, pad in enumerate(self.pads.tolist()):
             # fp32: the solves (eigh, Cholesky) have no half-precision kernels
             qb, kb, vb = (x[b: b + 1, :, pad:].float() for x in (q, k, v))
             n, d = kb.shape[2], kb.shape[3]
             budget, method = max(1, math.ceil(n / self.ratio)), self.method
             try:
-                plan(n, budget, method=method, head_dim=d, bin_size=self.bin_size, rank=self.rank)
+                n_keep = plan(n, budget, method=method, head_dim=d, bin_size=self.bin_size, rank=self.rank)[0]
             except ValueError:  # too short a prompt for one bin's centroids: keep what the bytes allow
                 budget, method = budget * 2 * d // entry_elems(method, d), "evict"
-            entropy = causal_stats(qb, kb, scale)[1] if self.score == "seed" else None
+                n_keep = min(n, budget)
+            row_entropy = causal_stats(qb, kb, scale)[1] if self.score == "seed" else None
             c, info = compact(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=self.score,
-                              row_entropy=entropy, lam=self.lam, bin_size=self.bin_size, rank=self.rank,
+                              row_entropy=row_entropy, lam=self.lam, bin_size=self.bin_size, rank=self.rank,
                               n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, scale=scale)
             check_info(info)  # once per prompt and layer: the host sync is affordable
-            parts.append(c)
-        self.keys, self.values = ragged([c.k for c in parts]).to(k.dtype), ragged([c.v for c in parts]).to(k.dtype)
-        self.lens = torch.cat([c.lens for c in parts]).to(self.lens)
+            parts.append([torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)])
+            # all of the sinks and the recent window kept (the split keeps protected tokens first)
+            tails.append(min(self.recent, n) if n_keep >= min(n, self.sinks + self.recent) else 0)
+        self.keys, self.values, bias = (ragged(list(x)).to(k.dtype) for x in zip(*parts))
+        self.lens = torch.tensor([p[0].shape[2] for p in parts], device=self.device)
         if self.bias is not None:
-            self.bias = ragged([c.bias for c in parts]).to(k.dtype)
+            self.bias = bias
+        if self.every:
+            self.r0 = min(tails)  # a count shared by the batch (see the class docstring)
+            self.queries = q[:, :, q.shape[2] - min(self.r0, self.kept_queries()):]

@@ -19,19 +19,46 @@ def plan(n: int, budget: int, *, method: str, head_dim: int, bin_size: int, rank
     """Static sizes (n_keep, n_bins) that fit ``budget`` token-equivalents (2·d elements each).
 
     Centroids cost an entry each (``rank`` per bin), the bins partition the n − n_keep
-    evicted tokens; n_keep is the largest count whose total fits. Plain Python ints
-    so that compaction has static shapes and never syncs.
+    evicted tokens; n_keep is the largest count whose total fits (:func:`fit`). Plain
+    Python ints so that compaction has static shapes and never syncs.
     """
     if n <= budget:  # nothing evicted: no centroids, no log-mass to store
         return n, 0
     cap = budget * 2 * head_dim // entry_elems(method, head_dim)
     if method == "evict":
         return cap, 0
-    for n_keep in range(cap, -1, -1):
-        n_bins = -(-(n - n_keep) // bin_size)
-        if n_keep + n_bins * rank <= cap:
-            return n_keep, n_bins
-    raise ValueError(f"budget {budget} cannot hold one centroid per bin")
+    return fit(n, cap, bin_size=bin_size, rank=rank)
+
+
+def fit(n: int, cap: int, *, bin_size: int, rank: int):
+    """(n_keep, n_bins): the most of n tokens kept exact when the other n − n_keep go, in bins of
+    ``bin_size``, to ``rank`` entries per bin and everything fits ``cap`` entries.
+
+    Closed form of the largest n_keep with n_keep + ⌈(n − n_keep)/bin_size⌉·rank ≤ cap: each full bin
+    frees bin_size − rank entries, so over = n − cap needs ⌈over/(bin_size − rank)⌉ bins.
+    """
+    over = n - cap
+    if over <= 0:
+        return n, 0
+    n_keep = cap - rank * -(-over // (bin_size - rank))
+    if n_keep < 0:
+        raise ValueError(f"{cap} entries cannot hold one centroid per bin")
+    return n_keep, -(-(n - n_keep) // bin_size)
+
+
+def summarize_bins(method: str, q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank: int,
+                   ridge: float = 1.0, scale=None):
+    """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, context unused) or
+    "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context k/v/b_ctx visible per ctx_mask).
+
+    q_ref [B, H, m, d] pooled reference queries; bins k/v_bins [B, H, nb, n, d], b_bins [B, H, nb, n].
+    Returns (k_c, v_c [B, H, nb·rank, d], bias_c [B, H, nb·rank], info [B, H] int32, 0 = ok).
+    """
+    if method == "seed":
+        kc, vc, info = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
+        return (kc.flatten(2, 3), vc.flatten(2, 3), kc.new_zeros(kc.shape[:2] + (kc.shape[2] * rank,)),
+                (info != 0).sum(-1, dtype=torch.int32))
+    return softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank, ridge, scale)
 
 
 def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,
@@ -75,14 +102,9 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     b_bins[..., evict.shape[-1]:] = torch.finfo(k.dtype).min
     b_bins = b_bins.view(B, Hkv, n_bins, bin_size)
     q_ref = pool_gqa(q_obs, Hkv)
-    if method == "seed":
-        kc, vc, inf = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
-        kc, vc, bc = kc.flatten(2, 3), vc.flatten(2, 3), k.new_zeros(B, Hkv, n_bins * rank)
-        info = info + (inf != 0).sum(-1, dtype=torch.int32)
-    else:
-        q_pos = (N - w + torch.arange(w, device=k.device)).repeat(q_ref.shape[2] // w)
-        mask = keep.unsqueeze(-2) <= q_pos[:, None]  # kept tokens may follow some window queries
-        kc, vc, bc, info = softmax_ls_centroids(q_ref, k_keep, v_keep, k.new_zeros(B, Hkv, n_keep), mask,
-                                                k_bins, v_bins, b_bins, rank, ridge, scale)
+    q_pos = (N - w + torch.arange(w, device=k.device)).repeat(q_ref.shape[2] // w)
+    mask = keep.unsqueeze(-2) <= q_pos[:, None]  # kept tokens may follow some window queries
+    kc, vc, bc, info = summarize_bins(method, q_ref, k_keep, v_keep, k.new_zeros(B, Hkv, n_keep), mask, k_bins,
+                                      v_bins, b_bins, rank, ridge, scale)
     return CompactKV(torch.cat([k_keep, kc], 2), torch.cat([v_keep, vc], 2),
                      torch.cat([k.new_zeros(B, Hkv, n_keep), bc], 2), lens), info

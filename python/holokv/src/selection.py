@@ -41,17 +41,19 @@ def causal_stats(q, k, scale=None, chunk: int = 256):
     return mass, torch.cat(ent, -1)
 
 
-def window_mass(q_obs, k, scale=None):
-    """SnapKV score: attention the last w prompt tokens give each token.
+def window_mass(q_obs, k, scale=None, bias=None, mask=None):
+    """SnapKV score: attention the last w tokens give each entry.
 
-    q_obs [B, Hq, w, d] (queries of positions N-w .. N-1), k [B, Hkv, N, d] -> [B, Hkv, N],
-    summed over the window, averaged over the group.
+    q_obs [B, Hq, w, d], k [B, Hkv, N, d] -> [B, Hkv, N], summed over the window, averaged over the group.
+    By default k is a prompt in order and q_obs its last w queries (positions N-w .. N-1); a compacted
+    cache passes its log-mass ``bias`` [B, Hkv, N] and the visibility ``mask`` [.., G·w, N] of the pooled rows.
     """
     B, Hq, w, _ = q_obs.shape
     Hkv, N = k.shape[1], k.shape[2]
-    pos = torch.arange(N, device=k.device)
-    mask = (pos <= pos[N - w:, None]).repeat(Hq // Hkv, 1)
-    p = torch.softmax(logits(pool_gqa(q_obs, Hkv), k, mask=mask, scale=scale), -1)
+    if mask is None:
+        pos = torch.arange(N, device=k.device)
+        mask = (pos <= pos[N - w:, None]).repeat(Hq // Hkv, 1)
+    p = torch.softmax(logits(pool_gqa(q_obs, Hkv), k, bias, mask, scale), -1)
     return p.sum(-2) * (Hkv / Hq)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 
 from .attention import CompactKV, logits, pool_gqa
-from .compact import METHODS, entry_elems
+from .compact import METHODS, entry_elems, summarize_bins
 from .linalg import check_info
 from .selection import entropy, protect_mask, split
-from .summarize import seed_centroids, softmax_ls_centroids
 
 
 class SRCStream:
@@ -113,18 +112,10 @@ class SRCStream:
         n, r = self.bin_size, self.rank
         b = {f: x[:, :, :n] for f, x in self.bin.items()}
         self.bin = {f: x[:, :, n:] for f, x in self.bin.items()}
-        H = st["k"].shape[1]
-        q_ref = pool_gqa(self.q_ref, H)
-        if self.method == "seed":
-            kc, vc, info = seed_centroids(q_ref.unsqueeze(2), b["k"].unsqueeze(2), b["v"].unsqueeze(2),
-                                          b["bias"].unsqueeze(2), r, self.scale)
-            kc, vc, info = kc.squeeze(2), vc.squeeze(2), info.squeeze(2)
-            bc = torch.zeros_like(kc[..., 0])
-        else:
-            mask = st["pos"].unsqueeze(-2) <= self.q_pos.repeat(q_ref.shape[2] // self.q_pos.shape[0])[:, None]
-            kc, vc, bc, info = softmax_ls_centroids(q_ref, st["k"], st["v"], st["bias"], mask, b["k"].unsqueeze(2),
-                                                    b["v"].unsqueeze(2), b["bias"].unsqueeze(2), r, self.ridge,
-                                                    self.scale)
+        q_ref = pool_gqa(self.q_ref, st["k"].shape[1])
+        mask = st["pos"].unsqueeze(-2) <= self.q_pos.repeat(q_ref.shape[2] // self.q_pos.shape[0])[:, None]
+        kc, vc, bc, info = summarize_bins(self.method, q_ref, st["k"], st["v"], st["bias"], mask,
+                                          *(b[f].unsqueeze(2) for f in ("k", "v", "bias")), r, self.ridge, self.scale)
         self.info = (info != 0).int() if self.info is None else self.info + (info != 0).int()
         cent = dict(k=kc, v=vc, bias=bc, imp=(b["imp"].sum(-1, keepdim=True) / r).expand_as(bc),
                     ent=b["ent"].mean(-1, keepdim=True).expand_as(bc), pos=torch.full_like(b["pos"][..., :r], -1))

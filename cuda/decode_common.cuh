@@ -1,0 +1,63 @@
+// Shared by holo_decode's split kernels (decode_simt.cuh, decode_mma.cuh) and
+// their launcher (holo_decode.cu): parameters, lengths, small device helpers.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace holokv {
+namespace {
+
+constexpr int MAX_WARPS = 4;
+constexpr float NEG_INF = -INFINITY;
+
+// Small side inputs (phase keys, log-mass bias) come in any float dtype and are
+// read in it: converting them on the host would cost a kernel launch per call.
+enum class Dtype : int { f32, f64, f16, bf16 };
+__device__ __forceinline__ float load_float(const void* p, int64_t i, Dtype t) {
+  switch (t) {
+    case Dtype::f32: return static_cast<const float*>(p)[i];
+    case Dtype::f64: return float(static_cast<const double*>(p)[i]);
+    case Dtype::f16: return float(static_cast<const at::Half*>(p)[i]);
+    default: return float(static_cast<const at::BFloat16*>(p)[i]);
+  }
+}
+
+struct DecodeParams {
+  const void *q, *k_slots, *v_slots, *k_tail, *v_tail;
+  const void* keys;  // [k, D]
+  const int64_t *slot_lens, *tail_lens;
+  const void* tail_bias;  // [B, Hkv, T] or nullptr
+  Dtype keys_dtype, bias_dtype;
+  float *part_o, *part_ml;  // [B, Hq, splits, D], [B, Hq, splits, 2]
+  int Hq, Hkv, G, S, T, k, splits, chunk;
+  float slot_logit_gain, tail_logit_gain, slot_value_gain;
+};
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+struct SeqLens {
+  int64_t n_sup, n_tail;  // superposed tokens, exact tail tokens
+  bool bad;
+  int n_slots, n_entries;
+};
+
+// Lengths past the tensors' capacity cannot be checked without a host sync:
+// such a sequence reads nothing and gets NaN outputs rather than an out-of-bounds read.
+__device__ __forceinline__ SeqLens seq_lens(const DecodeParams& p, int b) {
+  SeqLens s{p.slot_lens[b], p.tail_lens[b], false, 0, 0};
+  s.bad = s.n_sup < 0 || s.n_sup > int64_t(p.S) * p.k || s.n_tail < 0 || s.n_tail > p.T;
+  s.n_slots = s.bad ? 0 : int((s.n_sup + p.k - 1) / p.k);
+  s.n_entries = s.bad ? 0 : s.n_slots + int(s.n_tail);
+  return s;
+}
+
+}  // namespace
+}  // namespace holokv

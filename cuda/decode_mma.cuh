@@ -1,0 +1,272 @@
+// Tensor-core split kernel of holo_decode for one score per entry (KP == 1:
+// aligned mode, k = 1, SRC's compacted cache), 16-bit caches, G <= 16 query
+// heads per KV head.
+//
+// A warp owns one split (as in decode_simt.cuh). Its tiles of 32 entries (K and
+// V rows, 16-byte chunks XOR-swizzled so that ldmatrix reads are conflict-free)
+// stream into shared memory with cp.async, double-buffered, so the next tile is
+// in flight while one is computed. Per tile, with the G heads as the 16 rows of
+// mma.m16n8k16 (rows past G are zero):
+//   scores S[16 x 32] = Q Kᵀ: Q's fragments live in registers for the whole
+//           split (demodulated by the aligned phase for slots; ±1 keeps it exact);
+//   online softmax on S's accumulator fragments (rows shared by a lane quad);
+//   O[16 x D] += P V: P's accumulator layout is the A-operand layout of the
+//           next mma, V's fragments come from ldmatrix.trans.
+// Slots precede exact tokens in every split, and a slot's value weight per
+// dimension is p·sqrt(k)·Phi[d]: O is scaled by sqrt(k)·Phi column-wise once, when
+// the slots end. P is rounded to the cache dtype for its mma, as flash attention does.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "decode_common.cuh"
+
+namespace holokv {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same_v<T, at::Half>) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+// c += a b, m16n8k16, fp32 accumulation
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, at::Half>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_ptr) {
+  const uint32_t addr = uint32_t(__cvta_generic_to_shared(smem_ptr));
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// 16 bytes global -> shared, zero-filled (nothing read) when !ok: rows past the
+// range must be zeros, not stale data, because P (0 there) multiplies them.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  const uint32_t addr = uint32_t(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+constexpr int MMA_STAGES = 2;
+template <typename T, int D>
+constexpr int mma_warp_bytes() { return MMA_STAGES * 2 * 32 * D * int(sizeof(T)) + 32 * int(sizeof(float)); }
+
+template <typename T, int D>
+__global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeParams p) {
+  constexpr int NC = D / 8;   // 16-byte chunks per row
+  constexpr int NK = D / 16;  // k-steps of Q Kᵀ
+  constexpr int NN = D / 8;   // n-tiles of P V
+  extern __shared__ float4 smem4[];
+  const int b = blockIdx.z, kvh = blockIdx.y, G = p.G, k = p.k;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int split = blockIdx.x * (blockDim.x / 32) + warp;
+  if (split >= p.splits) return;  // no block-wide barrier below
+  T* tiles = reinterpret_cast<T*>(smem4) + warp * (mma_warp_bytes<T, D>() / int(sizeof(T)));  // [stage][K, V][32][D]
+  float* tile_bias = reinterpret_cast<float*>(tiles + MMA_STAGES * 2 * 32 * D);                 // [32]
+
+  const SeqLens sl = seq_lens(p, b);
+  const int j0 = int(((sl.n_sup + sl.n_tail - 1) % k + k) % k);  // the aligned phase
+  const int64_t head_off = int64_t(b) * p.Hkv + kvh;
+  const T* ks = static_cast<const T*>(p.k_slots) + head_off * p.S * D;
+  const T* vs = static_cast<const T*>(p.v_slots) + head_off * p.S * D;
+  const T* kt = static_cast<const T*>(p.k_tail) + head_off * p.T * D;
+  const T* vt = static_cast<const T*>(p.v_tail) + head_off * p.T * D;
+  const int e_begin = split * p.chunk, e_end = min(sl.n_entries, e_begin + p.chunk);
+  const int n_slots = sl.n_slots;
+
+  // Query fragments (A operand: rows = heads, lane holds rows r0, r0 + 8 and
+  // columns c0, c0 + 1 of each 8-column half of a k-step).
+  const int r0 = lane / 4, r1 = r0 + 8, c0 = (lane % 4) * 2;
+  const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D;
+  const bool has_slots = e_begin < min(n_slots, e_end);
+  uint32_t qa[NK][4], qs[NK][4];
+#pragma unroll
+  for (int s = 0; s < NK; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = i % 2 ? r1 : r0, d = 16 * s + (i / 2) * 8 + c0;
+      const float x0 = r < G ? float(q[r * D + d]) : 0.f, x1 = r < G ? float(q[r * D + d + 1]) : 0.f;
+      qa[s][i] = pack2<T>(x0, x1);
+      qs[s][i] = has_slots ? pack2<T>(x0 * load_float(p.keys, j0 * D + d, p.keys_dtype),
+                                      x1 * load_float(p.keys, j0 * D + d + 1, p.keys_dtype))
+                           : 0u;
+    }
+
+  // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)).
+  const auto tile_end = [&](int e0) { return min(e0 + 32, e0 < n_slots ? min(n_slots, e_end) : e_end); };
+  const auto load_tile = [&](int e0, int st) {
+    T* kd = tiles + st * 2 * 32 * D;
+    T* vd = kd + 32 * D;
+    const int e1 = tile_end(e0);
+    for (int i = lane; i < 32 * NC; i += 32) {
+      const int t = i / NC, c = i % NC, e = e0 + t;
+      const bool ok = e < e1;
+      const int64_t off = ok ? int64_t(e < n_slots ? e : e - n_slots) * D + c * 8 : 0;
+      const int sw = (c ^ (t & 7)) * 8;
+      cp_async16(kd + t * D + sw, ok ? (e < n_slots ? ks : kt) + off : p.q, ok);
+      cp_async16(vd + t * D + sw, ok ? (e < n_slots ? vs : vt) + off : p.q, ok);
+    }
+    cp_async_commit();
+  };
+  // Entry e0 + lane's additive logit (0 past the tile, for slots, without tail_bias): one coalesced load
+  // per lane, issued a tile ahead; the lanes then swap them through shared memory.
+  const auto load_bias = [&](int e0) {
+    const int e = e0 + lane;
+    return e < tile_end(e0) && e >= n_slots && p.tail_bias
+               ? load_float(p.tail_bias, head_off * p.T + e - n_slots, p.bias_dtype)
+               : 0.f;
+  };
+
+  float o[NN][4];
+#pragma unroll
+  for (int n = 0; n < NN; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // rows r0, r1; l is this lane's share
+  bool folded = !has_slots;
+  // O's slot part gets its per-dimension value weight sqrt(k)·Phi[d] (rows scale alike)
+  const auto fold_phase = [&]() {
+#pragma unroll
+    for (int n = 0; n < NN; ++n)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float w = p.slot_value_gain * load_float(p.keys, j0 * D + 8 * n + c0 + i, p.keys_dtype);
+        o[n][i] *= w, o[n][2 + i] *= w;
+      }
+    folded = true;
+  };
+
+  // One tile in stage st: this tile's lane bias is `bias`, the next tile's goes to `bias_next`.
+  const auto step = [&](int& e0, const int st, const float bias, float& bias_next) {
+    const int e1 = tile_end(e0);
+    const bool slot = e0 < n_slots;
+    if (!slot && !folded) fold_phase();
+    if (e1 < e_end) {
+      load_tile(e1, st ^ 1);
+      bias_next = load_bias(e1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    tile_bias[lane] = bias;
+    __syncwarp();  // every lane's copies of this tile (and its biases) have landed
+    const T* ktile = tiles + st * 2 * 32 * D;
+    const T* vtile = ktile + 32 * D;
+
+    float sc[4][4];
+    const auto scores = [&](const uint32_t (&qf)[NK][4]) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < NK; s += 2) {
+          // matrices: rows 8j.. of chunks 2s, 2s+1 (k-step s), 2s+2, 2s+3 (k-step s+1)
+          const int row = 8 * j + lane % 8, c = 2 * s + lane / 8;
+          uint32_t kb[4];
+          ldmatrix_x4<false>(kb, ktile + row * D + (c ^ (row & 7)) * 8);
+          mma16816<T>(sc[j], qf[s], kb[0], kb[1]);
+          mma16816<T>(sc[j], qf[s + 1], kb[2], kb[3]);
+        }
+      }
+    };
+    if (slot)  // two inlined copies: register arrays cannot be picked at run time
+      scores(qs);
+    else
+      scores(qa);
+    const float gain = slot ? p.slot_logit_gain : p.tail_logit_gain;
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool ok = e0 + 8 * j + c0 + i % 2 < e1;
+        sc[j][i] = ok ? sc[j][i] * gain + tile_bias[8 * j + c0 + i % 2] : NEG_INF;
+        mx[i / 2] = fmaxf(mx[i / 2], sc[j][i]);
+      }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      base[r] = m_new == NEG_INF ? 0.f : m_new;  // a row with nothing seen yet stays all zeros
+      alpha[r] = __expf(m[r] - base[r]);
+      m[r] = m_new;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sc[j][i] = __expf(sc[j][i] - base[i / 2]);
+        l[i / 2] += sc[j][i];
+      }
+#pragma unroll
+    for (int n = 0; n < NN; ++n) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+      for (int n = 0; n < NN; n += 2) {
+        // matrices: entries 16kk.., 16kk+8.. of chunk n, then of chunk n+1
+        const int row = 16 * kk + (lane / 8) % 2 * 8 + lane % 8, c = n + lane / 16;
+        uint32_t vb[4];
+        ldmatrix_x4<true>(vb, vtile + row * D + (c ^ (row & 7)) * 8);
+        mma16816<T>(o[n], pa, vb[0], vb[1]);
+        mma16816<T>(o[n + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncwarp();  // all lanes are done with this stage before it is refilled
+    e0 = e1;
+  };
+  // Unrolled by the two stages, so that the prefetched bias is never moved between
+  // registers: a move would wait for its load, one memory latency per tile.
+  float bias0 = 0.f, bias1 = 0.f;
+  int e0 = e_begin;
+  if (e0 < e_end) load_tile(e0, 0), bias0 = load_bias(e0);
+  while (e0 < e_end) {
+    step(e0, 0, bias0, bias1);
+    if (e0 < e_end) step(e0, 1, bias1, bias0);
+  }
+  if (!folded) fold_phase();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int h = r ? r1 : r0;
+    if (h >= G) continue;
+    const int64_t row = (int64_t(b) * p.Hq + int64_t(kvh) * G + h) * p.splits + split;
+#pragma unroll
+    for (int n = 0; n < NN; ++n)
+      *reinterpret_cast<float2*>(p.part_o + row * D + 8 * n + c0) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+    if (c0 == 0) p.part_ml[row * 2] = sl.bad ? NAN : m[r], p.part_ml[row * 2 + 1] = l[r];
+  }
+}
+
+}  // namespace
+}  // namespace holokv

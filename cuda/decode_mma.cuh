@@ -14,7 +14,9 @@
 //           next mma, V's fragments come from ldmatrix.trans.
 // Slots precede exact tokens in every split, and a slot's value weight per
 // dimension is p·sqrt(k)·Phi[d]: O is scaled by sqrt(k)·Phi column-wise once, when
-// the slots end. P is rounded to the cache dtype for its mma, as flash attention does.
+// the slots end. An exact entry's log-mass bias is loaded one tile ahead, one entry
+// per lane, and handed to the lanes that need it through shared memory. P is rounded
+// to the cache dtype for its mma, as flash attention does.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -132,13 +134,14 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
     }
     cp_async_commit();
   };
-  // Entry e0 + lane's additive logit (0 past the tile, for slots, without tail_bias): one coalesced load
-  // per lane, issued a tile ahead; the lanes then swap them through shared memory.
+  // Entry e0 + lane's additive logit, loaded a tile ahead as a raw element of T (the launcher
+  // converts tail_bias to T): nothing may wait on the load before the next tile uses it, so
+  // the address is clamped instead of the load being skipped, and the value is checked,
+  // converted and handed to the lanes that need it (through shared memory) only then.
+  const T* bias_src = static_cast<const T*>(p.tail_bias ? p.tail_bias : p.q);  // q: any valid address
   const auto load_bias = [&](int e0) {
     const int e = e0 + lane;
-    return e < tile_end(e0) && e >= n_slots && p.tail_bias
-               ? load_float(p.tail_bias, head_off * p.T + e - n_slots, p.bias_dtype)
-               : 0.f;
+    return bias_src[p.tail_bias && e >= n_slots && e < e_end ? head_off * p.T + e - n_slots : 0];
   };
 
   float o[NN][4];
@@ -159,18 +162,18 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   };
 
   // One tile in stage st: this tile's lane bias is `bias`, the next tile's goes to `bias_next`.
-  const auto step = [&](int& e0, const int st, const float bias, float& bias_next) {
+  const auto step = [&](int& e0, const int st, const T bias, T& bias_next) {
     const int e1 = tile_end(e0);
     const bool slot = e0 < n_slots;
     if (!slot && !folded) fold_phase();
+    bias_next = load_bias(e1);
     if (e1 < e_end) {
       load_tile(e1, st ^ 1);
-      bias_next = load_bias(e1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
-    tile_bias[lane] = bias;
+    tile_bias[lane] = p.tail_bias && e0 + lane >= n_slots && e0 + lane < e1 ? float(bias) : 0.f;
     __syncwarp();  // every lane's copies of this tile (and its biases) have landed
     const T* ktile = tiles + st * 2 * 32 * D;
     const T* vtile = ktile + 32 * D;
@@ -245,9 +248,9 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   };
   // Unrolled by the two stages, so that the prefetched bias is never moved between
   // registers: a move would wait for its load, one memory latency per tile.
-  float bias0 = 0.f, bias1 = 0.f;
+  T bias0 = load_bias(e_begin), bias1 = bias0;
   int e0 = e_begin;
-  if (e0 < e_end) load_tile(e0, 0), bias0 = load_bias(e0);
+  if (e0 < e_end) load_tile(e0, 0);
   while (e0 < e_end) {
     step(e0, 0, bias0, bias1);
     if (e0 < e_end) step(e0, 1, bias1, bias0);

@@ -106,10 +106,13 @@ void launch_simt(const DecodeParams& p, const DecodeDims& dd, at::Tensor& out, c
                   stream);
 }
 
+// The tensor-core kernel serves one score per entry, 16-bit caches, G <= 16.
+bool use_mma(at::ScalarType dtype, int kp, int64_t G) { return dtype != at::kFloat && kp == 1 && G <= 16; }
+
 template <typename T, int D>
 void launch_phases(const DecodeParams& p, const DecodeDims& dd, int kp, at::Tensor& out, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
-    if (kp == 1 && p.G <= 16)
+    if (use_mma(out.scalar_type(), kp, dd.G))
       return launch_split<T>(holo_decode_mma_kernel<T, D>, [](int warps) { return size_t(warps) * mma_warp_bytes<T, D>(); },
                              p, dd, out, stream);
   }
@@ -155,16 +158,18 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   if (out.numel() == 0) return out;
   if (dd.S + dd.T == 0) return out.zero_();
 
+  const int kp = dd.aligned ? 1 : int(dd.k);
+  // the tensor-core kernel reads the bias as T (a no-op where the cache stores it so)
+  const at::Tensor bias = !tail_bias ? at::Tensor() : use_mma(dtype, kp, dd.G) ? tail_bias->to(dtype) : *tail_bias;
   DecodeParams p{q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
                  keys.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
-                 tail_bias ? tail_bias->data_ptr() : nullptr, dtype_code(keys),
-                 tail_bias ? dtype_code(*tail_bias) : Dtype::f32, nullptr, nullptr, int(dd.Hq), int(dd.Hkv),
+                 bias.defined() ? bias.data_ptr() : nullptr, dtype_code(keys),
+                 bias.defined() ? dtype_code(bias) : Dtype::f32, nullptr, nullptr, int(dd.Hq), int(dd.Hkv),
                  int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0, 0.f, 0.f, 0.f};
   const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));
   p.slot_logit_gain = float(sc * slot_gain);
   p.tail_logit_gain = float(sc);
   p.slot_value_gain = float(std::sqrt(double(dd.k)));
-  const int kp = dd.aligned ? 1 : int(dd.k);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto run = [&](auto tag) {
     using scalar_t = decltype(tag);

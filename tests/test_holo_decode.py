@@ -157,6 +157,21 @@ def test_cuda_matches_reference(k, group, head_dim, dtype, mode):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_cuda_tail_bias_matches_reference(group, head_dim, dtype):
+    """Log-mass biases on the tail in the cache dtype, as SRC's compacted cache stores them (16-bit aligned
+    mode runs on tensor cores); the last case is a long compacted cache alone: no slots, ragged."""
+    for i, lens in enumerate(LENGTHS + [([0, 0], [700, 45])]):
+        case = decode_case(*lens, group=group, k=4, head_dim=head_dim, dtype=dtype, device="cuda", seed=i)
+        bias = (2 * torch.randn(case.k_tail.shape[:3], device="cuda")).to(dtype)
+        for mode in MODES:
+            out = holokv.holo_decode(*case.args(), mode=mode, tail_bias=bias)
+            assert_close_to_reference(out, case, mode, tail_bias=bias)
+
+
+@needs_cuda
 @pytest.mark.parametrize("k, group, head_dim, lens", [
     (4, 4, 128, ([4096 * 4 - 3, 1000], [7, 64])), (2, 3, 64, ([9000, 3], [1, 33])), (16, 8, 128, ([20000], [5])),
 ])

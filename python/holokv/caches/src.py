@@ -19,7 +19,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..src import causal_stats, check_info, compact, plan, pool_gqa, seed_score, split, window_mass
 from ..src.attention import logits
-from ..src.compact import entry_elems, fit, summarize_bins
+from ..src.compact import entry_elems, fit
+from ..src.summarize import summarize_bins
 from ..src.selection import entropy
 from .base import FullLayer, append_ragged, exact_attention, take
 

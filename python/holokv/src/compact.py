@@ -5,7 +5,7 @@ import torch
 
 from .attention import CompactKV, pool_gqa
 from .selection import protect_mask, seed_score, split, window_mass
-from .summarize import seed_centroids, softmax_ls_centroids
+from .summarize import summarize_bins
 
 METHODS = ("evict", "seed", "softmax_ls")
 
@@ -44,21 +44,6 @@ def fit(n: int, cap: int, *, bin_size: int, rank: int):
     if n_keep < 0:
         raise ValueError(f"{cap} entries cannot hold one centroid per bin")
     return n_keep, -(-(n - n_keep) // bin_size)
-
-
-def summarize_bins(method: str, q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank: int,
-                   ridge: float = 1.0, scale=None):
-    """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, context unused) or
-    "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context k/v/b_ctx visible per ctx_mask).
-
-    q_ref [B, H, m, d] pooled reference queries; bins k/v_bins [B, H, nb, n, d], b_bins [B, H, nb, n].
-    Returns (k_c, v_c [B, H, nb·rank, d], bias_c [B, H, nb·rank], info [B, H] int32, 0 = ok).
-    """
-    if method == "seed":
-        kc, vc, info = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
-        return (kc.flatten(2, 3), vc.flatten(2, 3), kc.new_zeros(kc.shape[:2] + (kc.shape[2] * rank,)),
-                (info != 0).sum(-1, dtype=torch.int32))
-    return softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank, ridge, scale)
 
 
 def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from .attention import CompactKV, logits, pool_gqa
-from .compact import METHODS, entry_elems, summarize_bins
+from .compact import METHODS, entry_elems
 from .linalg import check_info
 from .selection import entropy, protect_mask, split
+from .summarize import summarize_bins
 
 
 class SRCStream:

@@ -108,3 +108,18 @@ def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b
     resid = o - a_ctx @ v_ctx - a_c @ v0
     delta, info = ridge_solve(a_c, resid, ridge)
     return kc.flatten(2, 3), v0 + delta, bc.flatten(2, 3), info
+
+
+def summarize_bins(method: str, q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank: int,
+                   ridge: float = 1.0, scale=None):
+    """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, context unused) or
+    "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context k/v/b_ctx visible per ctx_mask).
+
+    q_ref [B, H, m, d] pooled reference queries; bins k/v_bins [B, H, nb, n, d], b_bins [B, H, nb, n].
+    Returns (k_c, v_c [B, H, nb·rank, d], bias_c [B, H, nb·rank], info [B, H] int32, 0 = ok).
+    """
+    if method == "seed":
+        kc, vc, info = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
+        return (kc.flatten(2, 3), vc.flatten(2, 3), kc.new_zeros(kc.shape[:2] + (kc.shape[2] * rank,)),
+                (info != 0).sum(-1, dtype=torch.int32))
+    return softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank, ridge, scale)

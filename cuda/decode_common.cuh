@@ -43,10 +43,21 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// 16 bytes global -> shared, zero-filled (nothing read) when !ok: rows past the
+// range must be zeros, not stale data, because P (0 there) multiplies them.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  const uint32_t addr = uint32_t(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 struct SeqLens {
   int64_t n_sup, n_tail;  // superposed tokens, exact tail tokens
   bool bad;
   int n_slots, n_entries;
+  int aligned_phase;  // the phase of the query's own position: aligned mode reads every slot under it
 };
 
 // Lengths past the tensors' capacity cannot be checked without a host sync:
@@ -56,6 +67,7 @@ __device__ __forceinline__ SeqLens seq_lens(const DecodeParams& p, int b) {
   s.bad = s.n_sup < 0 || s.n_sup > int64_t(p.S) * p.k || s.n_tail < 0 || s.n_tail > p.T;
   s.n_slots = s.bad ? 0 : int((s.n_sup + p.k - 1) / p.k);
   s.n_entries = s.bad ? 0 : s.n_slots + int(s.n_tail);
+  s.aligned_phase = int(((s.n_sup + s.n_tail - 1) % p.k + p.k) % p.k);
   return s;
 }
 

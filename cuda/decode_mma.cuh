@@ -63,16 +63,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_p
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-// 16 bytes global -> shared, zero-filled (nothing read) when !ok: rows past the
-// range must be zeros, not stale data, because P (0 there) multiplies them.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-  const uint32_t addr = uint32_t(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 constexpr int MMA_STAGES = 2;
 template <typename T, int D>
 constexpr int mma_warp_bytes() { return MMA_STAGES * 2 * 32 * D * int(sizeof(T)) + 32 * int(sizeof(float)); }
@@ -83,7 +73,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   constexpr int NK = D / 16;  // k-steps of Q Kᵀ
   constexpr int NN = D / 8;   // n-tiles of P V
   extern __shared__ float4 smem4[];
-  const int b = blockIdx.z, kvh = blockIdx.y, G = p.G, k = p.k;
+  const int b = blockIdx.z, kvh = blockIdx.y, G = p.G;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int split = blockIdx.x * (blockDim.x / 32) + warp;
   if (split >= p.splits) return;  // no block-wide barrier below
@@ -91,7 +81,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   float* tile_bias = reinterpret_cast<float*>(tiles + MMA_STAGES * 2 * 32 * D);                 // [32]
 
   const SeqLens sl = seq_lens(p, b);
-  const int j0 = int(((sl.n_sup + sl.n_tail - 1) % k + k) % k);  // the aligned phase
+  const int j0 = sl.aligned_phase;
   const int64_t head_off = int64_t(b) * p.Hkv + kvh;
   const T* ks = static_cast<const T*>(p.k_slots) + head_off * p.S * D;
   const T* vs = static_cast<const T*>(p.v_slots) + head_off * p.S * D;

@@ -8,8 +8,6 @@
 //   values: lane = head dims; each entry's value weight per dimension is
 //           sum_j p_j Phi_j[d] (+ p for an exact token), accumulated online.
 #pragma once
-#include <cuda_pipeline.h>
-
 #include "decode_common.cuh"
 
 namespace holokv {
@@ -56,11 +54,10 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
   T* vtile = reinterpret_cast<T*>(pw + 32 * PS<KP>);
 
   const SeqLens sl = seq_lens(p, b);
-  const int64_t n_sup = sl.n_sup, n_tail = sl.n_tail;
+  const int64_t n_sup = sl.n_sup;
   const bool bad = sl.bad;
   const int n_slots = sl.n_slots, n_entries = sl.n_entries;
-  // aligned mode (KP == 1 with k > 1) reads every slot under the query's own phase
-  const int j0 = KP == 1 ? int(((n_sup + n_tail - 1) % k + k) % k) : 0;
+  const int j0 = KP == 1 ? sl.aligned_phase : 0;  // full mode reads all k phases
 
   for (int i = threadIdx.x; i < KP * D; i += blockDim.x) phis[i] = load_float(p.keys, j0 * D + i, p.keys_dtype);
   __syncthreads();
@@ -102,9 +99,9 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
     for (int i = lane; i < n_tile * CH; i += 32) {
       const int t = i / CH, c = i % CH, ee = e0 + t;
       const T* src = (ee < n_slots ? vs + int64_t(ee) * D : vt + int64_t(ee - n_slots) * D) + c * VE;
-      __pipeline_memcpy_async(vtile + t * D + c * VE, src, 16);
+      cp_async16(vtile + t * D + c * VE, src, true);
     }
-    __pipeline_commit();
+    cp_async_commit();
     const int e = e0 + lane;
     const bool valid = e < e_end, is_slot = e < n_slots;
     // phases present in this entry: a partial last slot masks the missing ones
@@ -162,7 +159,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
       }
       pe[KP] = is_slot ? 0.f : psum;
       const float tile_sum = warp_sum(psum);
-      if (h == 0) __pipeline_wait_prior(0);
+      if (h == 0) cp_async_wait<0>();
       __syncwarp();
       if (lane == 0) m[h] = m_new, l[h] = l[h] * alpha + tile_sum;
 

@@ -3,16 +3,24 @@
 
 The whole compression of that layer ("layer": holokv.src.compact, softmax_ls: window-mass
 selection, sigma-point keys, log-mass fit, joint ridge value solve) with 1024 kept tokens,
-32 query heads observed over a 32-token window, 64 bins of 64 tokens -> 16 centroids each.
+32 query heads observed over a 32-token window, 64 bins of 64 tokens -> 16 centroids each:
+  holokv           compact() called eagerly (its default sigma-point PCA, subspace="iter")
+  holokv_graph     the same replayed from a CUDA graph (holokv.src.Graphed)
+  eigh_graph       the same with the exact PCA (subspace="eigh"), graphed
+rel_err compares attention outputs for random probes against compact() in float64 on
+the CPU with the exact PCA, so the "iter" rows include its approximation error on
+white-noise keys, the slowest case for it.
 
 Top-r right singular subspace of every bin's [64, 128] keys (sigma_point_keys,
 truncated_svd), by
   holokv           linalg.top_subspace: the 64 x 64 row Gram (bins are wide) by GEMM +
                    holokv.batched_eigh (cuSOLVER syevBatched, one call for all 512 bins)
+  holokv_iter      linalg.top_subspace(method="iter"): block subspace iteration on the same
+                   Gram (3 steps, 2r columns, Cholesky QR) + a 2r-square batched Jacobi eigh;
+                   eagerly and graphed (holokv_iter_graph)
   torch_eigh       the 128 x 128 column Gram through torch.linalg.eigh (loops over bins for d > 32)
   torch_svd        torch.linalg.svd, default driver
   torch_gesvda     torch.linalg.svd(driver="gesvda") (batched approximate SVD)
-  randomized       linalg.top_subspace(method="randomized"): GEMMs + QR + a small eigh
 and the ridge normal equations of the two summarizers: seed (one 128 x 128 system per
 bin, 128 right-hand sides) and softmax_ls's joint value fit as a primal (bins x rank)-square
 system per head (ridge_solve takes the 128-square dual instead, as there are only 128
@@ -21,7 +29,8 @@ torch.cholesky_solve.
 
 Reports the median milliseconds of cold-L2 runs (CUDA events) and rel_err: the relative
 error of the top-r singular values (subspace) or of the solution (solves) against float64
-on the CPU.
+on the CPU; subspace rows also report energy, the smallest fraction over bins of the
+optimal rank-r energy ‖x basis‖² that the basis captures.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ import torch
 
 import holokv
 from common import ColdL2Timer, provenance, save
-from holokv.src import attend, compact, linalg, plan
+from holokv.src import Graphed, attend, compact, linalg, plan
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -54,11 +63,12 @@ def main():
     timer = ColdL2Timer()
     rows = []
 
-    def record(problem, method, fn, ref, out=lambda res: res):
+    def record(problem, method, fn, ref, out=lambda res: res, **extra):
         ms = timer(fn, reps=args.reps, warmup=3) / 1e3
         err = rel_err(out(fn()), ref)
-        rows.append({"problem": problem, "method": method, "ms": ms, "rel_err": err})
-        print(f"{problem:10s} {method:14s} {ms:9.3f} ms  rel_err {err:.1e}", flush=True)
+        rows.append({"problem": problem, "method": method, "ms": ms, "rel_err": err, **extra})
+        print(f"{problem:10s} {method:18s} {ms:9.3f} ms  rel_err {err:.1e}",
+              *(f"{k} {v:.6f}" for k, v in extra.items()), flush=True)
 
     # a layer whose compaction bins exactly `tokens` tokens: n_keep kept + nb·r centroid entries fit the budget
     n_keep, w, hq = 1024, 32, 4 * h
@@ -68,27 +78,34 @@ def main():
     sizes = plan(n, budget, method="softmax_ls", head_dim=d, bin_size=args.bin_size, rank=r)
     assert sizes == (n_keep, nb), sizes
     opts = dict(budget=budget, method="softmax_ls", score="mass", bin_size=args.bin_size, rank=r, ridge=1.0)
-    ref = compact(*(t.double().cpu() for t in (q, k, v)), **opts)[0]
+    ref = compact(*(t.double().cpu() for t in (q, k, v)), **opts, subspace="eigh")[0]
     probe = torch.randn(1, h, 64, d, generator=gen)  # outputs compared through attention (entry order, signs)
+    ref = attend(probe.double(), ref.k, ref.v, ref.bias)[0]
+    out = lambda res: attend(probe.cuda(), res[0].k, res[0].v, res[0].bias)[0]
     print(f"layer: {h} KV heads, {n} tokens -> {n_keep} kept + {nb} bins x {r} centroids")
-    record("layer", "holokv", lambda: compact(q, k, v, **opts), attend(probe.double(), ref.k, ref.v, ref.bias)[0],
-           lambda res: attend(probe.cuda(), res[0].k, res[0].v, res[0].bias)[0])
-    del q, k, v
+    graphed = Graphed(compact)
+    record("layer", "holokv", lambda: compact(q, k, v, **opts), ref, out)
+    record("layer", "holokv_graph", lambda: graphed(q, k, v, **opts), ref, out)
+    record("layer", "eigh_graph", lambda: graphed(q, k, v, **opts, subspace="eigh"), ref, out)
+    del q, k, v, graphed
 
     x = torch.randn(h * nb, args.bin_size, d, generator=gen).cuda()  # one bin's keys per problem
-    sigma_ref = torch.linalg.svdvals(x.double().cpu())[..., :r]
+    s_ref = torch.linalg.svdvals(x.double().cpu())[..., :r]
     top = lambda s: s.flip(-1)[..., :r].clamp_min(0).sqrt()  # ascending Gram eigenvalues -> top sigma
+    energy = lambda basis: ((x @ basis).square().sum((-2, -1)).double().cpu() / s_ref.square().sum(-1)).min().item()
     print(f"subspace: {h * nb} bins [{args.bin_size}, {d}] -> rank {r}")
-    record("subspace", "holokv", lambda: linalg.top_subspace(x, r), sigma_ref, lambda res: res[1])
-    record("subspace", "torch_eigh", lambda: torch.linalg.eigh(x.mT @ x), sigma_ref, lambda res: top(res[0]))
-    record("subspace", "torch_svd", lambda: torch.linalg.svd(x, full_matrices=False), sigma_ref,
+    graphed = Graphed(linalg.top_subspace)
+    for method, fn in (("holokv", lambda: linalg.top_subspace(x, r)),
+                       ("holokv_iter", lambda: linalg.top_subspace(x, r, method="iter")),
+                       ("holokv_iter_graph", lambda: graphed(x, r, method="iter"))):
+        record("subspace", method, fn, s_ref, lambda res: res[1], energy=energy(fn()[0]))
+    record("subspace", "torch_eigh", lambda: torch.linalg.eigh(x.mT @ x), s_ref, lambda res: top(res[0]))
+    record("subspace", "torch_svd", lambda: torch.linalg.svd(x, full_matrices=False), s_ref,
            lambda res: res[1][..., :r])
     # gesvda needs rows >= columns: the right singular vectors of x are the left ones of xᵀ
     record("subspace", "torch_gesvda", lambda: torch.linalg.svd(x.mT, full_matrices=False, driver="gesvda"),
-           sigma_ref, lambda res: res[1][..., :r])
-    record("subspace", "randomized", lambda: linalg.top_subspace(x, r, method="randomized"), sigma_ref,
-           lambda res: res[1])
-    del x
+           s_ref, lambda res: res[1][..., :r])
+    del x, graphed
 
     for problem, batch, n in (("seed", h * nb, d), ("softmax_ls", h, nb * r)):
         a = torch.randn(batch, 2 * n, n, generator=gen)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import holokv
-from holokv.src import (CompactKV, attend, causal_stats, compact, plan, pool_gqa, seed_centroids,
+from holokv.src import (CompactKV, Graphed, attend, causal_stats, compact, plan, pool_gqa, seed_centroids,
                         sigma_point_keys, SRCStream)
 from holokv.src.linalg import check_info
 from conftest import needs_cuda
@@ -148,8 +148,8 @@ def test_stream_bounded_finite_and_protective(method, kind):
 
 
 @needs_cuda
-@pytest.mark.parametrize("method", ["seed", "softmax_ls"])
-def test_cuda_compact_matches_cpu_without_host_sync(method):
+@pytest.mark.parametrize("method,subspace", [("seed", "iter"), ("softmax_ls", "iter"), ("softmax_ls", "eigh")])
+def test_cuda_compact_matches_cpu_without_host_sync(method, subspace):
     """The whole one-shot compaction on CUDA (cuSOLVER solves, wide row-Gram subspaces, dual
     ridge solves) agrees with the CPU path and never waits on the host."""
     g = torch.Generator().manual_seed(3)
@@ -157,7 +157,7 @@ def test_cuda_compact_matches_cpu_without_host_sync(method):
     # 64-dim OLS map, and values of rank 8 = rank, so its rank-8 truncation is well defined
     q, k = torch.randn(1, 8, 48, 64, generator=g), torch.randn(1, 2, 600, 64, generator=g)
     v = torch.randn(1, 2, 600, 8, generator=g) @ torch.randn(1, 2, 8, 64, generator=g)
-    kw = dict(budget=200, method=method, score="mass", bin_size=48, rank=8, n_recent=48)
+    kw = dict(budget=200, method=method, score="mass", bin_size=48, rank=8, n_recent=48, subspace=subspace)
     ref, _ = compact(q, k, v, **kw)
     q, k, v = q.cuda(), k.cuda(), v.cuda()
     compact(q, k, v, **kw)  # warm up: cuSOLVER handles, allocator
@@ -171,3 +171,20 @@ def test_cuda_compact_matches_cpu_without_host_sync(method):
     probe = torch.randn(1, 2, 40, 64, generator=g)
     torch.testing.assert_close(attend(probe.cuda(), got.k, got.v, got.bias)[0].cpu(),
                                attend(probe, ref.k, ref.v, ref.bias)[0], rtol=1e-3, atol=1e-3)
+
+
+@needs_cuda
+def test_graphed_compact_replays_what_compact_computes():
+    """Graphed(compact): a capture per signature, inputs copied in, results equal to eager calls
+    on each new input; another shape gets its own graph; CPU inputs run eagerly."""
+    g = torch.Generator().manual_seed(4)
+    kw = dict(budget=160, method="softmax_ls", score="mass", bin_size=32, rank=4, n_recent=32)
+    run = Graphed(compact, max_graphs=1)
+    for n in (500, 500, 600, 500):
+        q, k, v = (torch.randn(1, h, m, 64, generator=g).cuda() for h, m in ((8, 32), (2, n), (2, n)))
+        (got, info), (ref, ref_info) = run(q, k, v, **kw), compact(q, k, v, **kw)
+        for a, b in zip(got + (info,), ref + (ref_info,)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert len(run.graphs) == 1  # the least recently used graph went
+    q, k, v = (x.cpu() for x in (q, k, v))
+    assert run(q, k, v, **kw)[0].k.device.type == "cpu" and len(run.graphs) == 1

@@ -48,7 +48,7 @@ def fit(n: int, cap: int, *, bin_size: int, rank: int):
 
 def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,
             lam: float = 0.5, bin_size: int = 64, rank: int = 4, n_sink: int = 4, n_recent: int = 32,
-            ridge: float = 1.0, scale=None) -> tuple[CompactKV, torch.Tensor]:
+            ridge: float = 1.0, scale=None, subspace: str = "iter") -> tuple[CompactKV, torch.Tensor]:
     """Compress a prompt's keys/values to ``budget`` token-equivalents of storage.
 
     q_obs [B, Hq, w, d]: queries of the last w prompt tokens (observation window,
@@ -58,7 +58,8 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     precomputed [B, Hkv, N] tensor (e.g. H2O accumulated mass). Sinks and the
     recent window are always kept. ``method``: "evict" drops the rest, "seed" and
     "softmax_ls" summarize the evicted tokens, in position order, into bins of
-    ``bin_size`` with ``rank`` centroids each.
+    ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
+    see :func:`~holokv.src.summarize.sigma_point_keys`).
 
     Returns (CompactKV with entries [kept in position order, centroids], info [B, Hkv]
     of the batched solves, 0 = ok; check it with linalg.check_info off the hot path).
@@ -90,6 +91,6 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     q_pos = (N - w + torch.arange(w, device=k.device)).repeat(q_ref.shape[2] // w)
     mask = keep.unsqueeze(-2) <= q_pos[:, None]  # kept tokens may follow some window queries
     kc, vc, bc, info = summarize_bins(method, q_ref, k_keep, v_keep, k.new_zeros(B, Hkv, n_keep), mask, k_bins,
-                                      v_bins, b_bins, rank, ridge, scale)
+                                      v_bins, b_bins, rank, ridge, scale, subspace)
     return CompactKV(torch.cat([k_keep, kc], 2), torch.cat([v_keep, vc], 2),
                      torch.cat([k.new_zeros(B, Hkv, n_keep), bc], 2), lens), info

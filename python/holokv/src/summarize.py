@@ -34,7 +34,7 @@ def seed_centroids(q_ref, k_bin, v_bin, b_bin, rank: int, scale=None):
     return (u * root.unsqueeze(-2)).mT, vh * root.unsqueeze(-1), info
 
 
-def sigma_point_keys(k_bin, b_bin, n_c: int):
+def sigma_point_keys(k_bin, b_bin, n_c: int, subspace: str = "iter"):
     """Centroid keys that match the bin's key mean and top covariance (unscented transform).
 
     With mass weights w = softmax(b_bin), mean μ and covariance C = Σ w (k−μ)(k−μ)ᵀ
@@ -42,7 +42,9 @@ def sigma_point_keys(k_bin, b_bin, n_c: int):
     μ ± sqrt(n_c/2 · λ_i)·u_i (plus μ itself when n_c is odd) have exactly that mean
     and covariance. Because log E_w[exp(s q·k)] = s q·μ + s²/2 qᵀCq + O(s³), the
     points reproduce the bin's log-partition function for every query to second
-    order, not just for the reference queries.
+    order, not just for the reference queries. ``subspace`` is the
+    :func:`~holokv.src.linalg.top_subspace` method of the PCA: "iter" (block subspace
+    iteration, the default: several times faster on the GPU) or "eigh" (exact).
     Returns (k_c [..., n_c, d], log-mass prior [..., n_c] = logsumexp(b_bin) − log n_c).
     """
     w = torch.softmax(b_bin, -1).unsqueeze(-1)
@@ -50,7 +52,7 @@ def sigma_point_keys(k_bin, b_bin, n_c: int):
     p = n_c // 2
     pts = [mu] if n_c % 2 else []
     if p:
-        basis, sig = top_subspace(w.sqrt() * (k_bin - mu), p)
+        basis, sig = top_subspace(w.sqrt() * (k_bin - mu), p, method=subspace)
         off = (basis * (sig * math.sqrt(n_c / 2)).unsqueeze(-2)).mT  # [..., p, d]
         pts += [mu + off, mu - off]
     log_mass = torch.logsumexp(b_bin, -1, keepdim=True) - math.log(n_c)
@@ -58,7 +60,7 @@ def sigma_point_keys(k_bin, b_bin, n_c: int):
 
 
 def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins,
-                         n_c: int, ridge: float = 1.0, scale=None):
+                         n_c: int, ridge: float = 1.0, scale=None, subspace: str = "iter"):
     """Summaries fitted to what softmax attention computes.
 
     Shapes: q_ref [B, H, m, d]; kept context k_ctx, v_ctx [B, H, Nk, d], b_ctx
@@ -67,7 +69,7 @@ def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b
     b_bins [B, H, nb, n] (padding: bias = dtype min). Bins are older than every
     reference query, so all of them are visible to all rows.
 
-    1. Keys: :func:`sigma_point_keys` per bin, n_c per bin.
+    1. Keys: :func:`sigma_point_keys` per bin, n_c per bin (PCA by ``subspace``).
     2. Log-mass: prior logsumexp(b_bin) − log n_c, then one shift per bin,
        δ_b = Σ_q ρ_qb (LSE_bin(q) − LSE_centroids(q)) / Σ_q ρ_qb, the least-squares
        fit of the log-partition error weighted by ρ_qb = the bin's share of query
@@ -85,35 +87,37 @@ def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b
     Returns (k_c, v_c [B, H, nb·n_c, d], bias_c [B, H, nb·n_c], info [B, H]).
     """
     B, H, nb, n, d = k_bins.shape
-    kc, bc = sigma_point_keys(k_bins, b_bins, n_c)  # [B, H, nb, n_c, d], [B, H, nb, n_c]
+    kc, bc = sigma_point_keys(k_bins, b_bins, n_c, subspace)  # [B, H, nb, n_c, d], [B, H, nb, n_c]
     q5 = q_ref.unsqueeze(2)  # [B, H, 1, m, d]
     l_bin = logits(q5, k_bins, b_bins, scale=scale)  # [B, H, nb, m, n]
     l_c = logits(q5, kc, bc, scale=scale)  # [B, H, nb, m, n_c]
     l_ctx = logits(q_ref, k_ctx, b_ctx, ctx_mask, scale)  # [B, H, m, Nk]
     lse_bin, lse_c = l_bin.logsumexp(-1), l_c.logsumexp(-1)  # [B, H, nb, m]
-    lse_all = torch.cat([l_ctx.logsumexp(-1, keepdim=True).mT, lse_bin], 2).logsumexp(2, keepdim=True)
-    rho = (lse_bin - lse_all).exp()
+    lse_all = torch.cat([l_ctx.logsumexp(-1).unsqueeze(2), lse_bin], 2).logsumexp(2)  # [B, H, m]
+    rho = (lse_bin - lse_all.unsqueeze(2)).exp()
     shift = (rho * (lse_bin - lse_c)).sum(-1) / rho.sum(-1).clamp_min(torch.finfo(rho.dtype).tiny)
     bc = bc + shift.unsqueeze(-1)
     l_c = l_c + shift[..., None, None]
 
-    flat = lambda x: x.transpose(2, 3).flatten(3)  # [B, H, nb, m, c] -> [B, H, m, nb·c]
-    v_all = torch.cat([v_ctx, v_bins.flatten(2, 3)], 2)
-    o = torch.softmax(torch.cat([l_ctx, flat(l_bin)], -1), -1) @ v_all  # exact target
-    a = torch.softmax(torch.cat([l_ctx, flat(l_c)], -1), -1)
-    a_ctx, a_c = a[..., :k_ctx.shape[2]], a[..., k_ctx.shape[2]:]
+    # The exact target O is assembled from its parts, each bin's local output weighted by its share ρ,
+    # rather than as one softmax over [kept ∪ all bins] (an [m, Nk + nb·n] matrix and a long GEMM).
     o_bin = torch.softmax(l_bin, -1) @ v_bins  # [B, H, nb, m, d]
-    v0 = (rho.unsqueeze(-1) * o_bin).sum(-2) / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(rho.dtype).tiny)
+    a = torch.softmax(torch.cat([l_ctx, l_c.transpose(2, 3).flatten(3)], -1), -1)  # [B, H, m, Nk + nb·n_c]
+    a_ctx, a_c = a[..., :k_ctx.shape[2]], a[..., k_ctx.shape[2]:]
+    o_bin = rho.unsqueeze(-1) * o_bin  # now weighted by the bins' shares
+    v0 = o_bin.sum(-2) / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(rho.dtype).tiny)
     v0 = v0.unsqueeze(3).expand(B, H, nb, n_c, d).flatten(2, 3)
-    resid = o - a_ctx @ v_ctx - a_c @ v0
+    # residual O − A_kept V_kept − A_c V_0, with the kept entries' two weights differenced before one GEMM
+    resid = ((l_ctx - lse_all.unsqueeze(-1)).exp() - a_ctx) @ v_ctx + o_bin.sum(2) - a_c @ v0
     delta, info = ridge_solve(a_c, resid, ridge)
     return kc.flatten(2, 3), v0 + delta, bc.flatten(2, 3), info
 
 
 def summarize_bins(method: str, q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank: int,
-                   ridge: float = 1.0, scale=None):
+                   ridge: float = 1.0, scale=None, subspace: str = "iter"):
     """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, context unused) or
-    "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context k/v/b_ctx visible per ctx_mask).
+    "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context k/v/b_ctx visible per ctx_mask,
+    sigma-point PCA by ``subspace``).
 
     q_ref [B, H, m, d] pooled reference queries; bins k/v_bins [B, H, nb, n, d], b_bins [B, H, nb, n].
     Returns (k_c, v_c [B, H, nb·rank, d], bias_c [B, H, nb·rank], info [B, H] int32, 0 = ok).
@@ -122,4 +126,5 @@ def summarize_bins(method: str, q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_
         kc, vc, info = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
         return (kc.flatten(2, 3), vc.flatten(2, 3), kc.new_zeros(kc.shape[:2] + (kc.shape[2] * rank,)),
                 (info != 0).sum(-1, dtype=torch.int32))
-    return softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank, ridge, scale)
+    return softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank, ridge, scale,
+                                subspace)

@@ -1,0 +1,59 @@
+"""CUDA-graph replay of a compression call: SRC compaction is a few hundred small kernels, and
+launching them one by one from Python costs more than running them."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+class Graphed:
+    """``fn`` replayed from a CUDA graph captured once per call signature.
+
+    The signature is the shapes, dtypes and devices of the tensor arguments plus the
+    other arguments' values. The first call with a signature runs ``fn`` twice on a side
+    stream (warm-up: library handles and workspaces), captures it, and replays; later
+    calls copy their tensors into the graph's input buffers and replay. ``fn`` must
+    have shapes that depend only on that signature and must never synchronize with the
+    host: :func:`~holokv.src.compact` qualifies, as its sizes are Python ints and
+    solver failures come back as ``info`` tensors. Results are cloned out of the
+    graph's memory. At most ``max_graphs`` graphs are kept (least recently used go),
+    as each holds its own memory pool. Calls with any tensor not on CUDA run ``fn`` directly.
+    """
+
+    def __init__(self, fn, max_graphs: int = 4):
+        self.fn, self.max_graphs = fn, max_graphs
+        self.graphs: OrderedDict = OrderedDict()
+
+    def __call__(self, *args, **kwargs):
+        leaves, _ = tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if not tensors or not all(t.is_cuda for t in tensors):
+            return self.fn(*args, **kwargs)
+        key = tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args, kwargs)
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, inputs, out = self.graphs[key]
+        for buf, x in zip(inputs, tensors):
+            buf.copy_(x)
+        graph.replay()
+        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)
+
+    def _capture(self, args, kwargs):
+        static_args, static_kwargs = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x,
+                                              (args, kwargs))
+        inputs = [x for x in tree_flatten((static_args, static_kwargs))[0] if isinstance(x, torch.Tensor)]
+        side = torch.cuda.Stream(inputs[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(*static_args, **static_kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(*static_args, **static_kwargs)
+        return graph, inputs, out

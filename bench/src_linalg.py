@@ -7,9 +7,10 @@ selection, sigma-point keys, log-mass fit, joint ridge value solve) with 1024 ke
   holokv           compact() called eagerly (its default sigma-point PCA, subspace="iter")
   holokv_graph     the same replayed from a CUDA graph (holokv.src.Graphed)
   eigh_graph       the same with the exact PCA (subspace="eigh"), graphed
-rel_err compares attention outputs for random probes against compact() in float64 on
-the CPU with the exact PCA, so the "iter" rows include its approximation error on
-white-noise keys, the slowest case for it.
+rel_err compares attention outputs for random probes against the same compact() in
+float64 on the CPU (numerical accuracy); attn_err compares them against attention over
+the uncompressed layer (what the compression loses, on white-noise keys: the hardest
+case for a low-rank summary and for the iterative PCA).
 
 Top-r right singular subspace of every bin's [64, 128] keys (sigma_point_keys,
 truncated_svd), by
@@ -78,15 +79,17 @@ def main():
     sizes = plan(n, budget, method="softmax_ls", head_dim=d, bin_size=args.bin_size, rank=r)
     assert sizes == (n_keep, nb), sizes
     opts = dict(budget=budget, method="softmax_ls", score="mass", bin_size=args.bin_size, rank=r, ridge=1.0)
-    ref = compact(*(t.double().cpu() for t in (q, k, v)), **opts, subspace="eigh")[0]
     probe = torch.randn(1, h, 64, d, generator=gen)  # outputs compared through attention (entry order, signs)
-    ref = attend(probe.double(), ref.k, ref.v, ref.bias)[0]
+    full = attend(probe.double(), k.double().cpu(), v.double().cpu())[0]  # the uncompressed layer
     out = lambda res: attend(probe.cuda(), res[0].k, res[0].v, res[0].bias)[0]
     print(f"layer: {h} KV heads, {n} tokens -> {n_keep} kept + {nb} bins x {r} centroids")
     graphed = Graphed(compact)
-    record("layer", "holokv", lambda: compact(q, k, v, **opts), ref, out)
-    record("layer", "holokv_graph", lambda: graphed(q, k, v, **opts), ref, out)
-    record("layer", "eigh_graph", lambda: graphed(q, k, v, **opts, subspace="eigh"), ref, out)
+    for method, subspace, fn in (("holokv", "iter", lambda: compact(q, k, v, **opts)),
+                                 ("holokv_graph", "iter", lambda: graphed(q, k, v, **opts)),
+                                 ("eigh_graph", "eigh", lambda: graphed(q, k, v, **opts, subspace="eigh"))):
+        ref = compact(*(t.double().cpu() for t in (q, k, v)), **opts, subspace=subspace)[0]
+        record("layer", method, fn, attend(probe.double(), ref.k, ref.v, ref.bias)[0], out,
+               attn_err=rel_err(out(fn()), full))
     del q, k, v, graphed
 
     x = torch.randn(h * nb, args.bin_size, d, generator=gen).cuda()  # one bin's keys per problem

@@ -97,6 +97,7 @@ def main():
             "seed": dict(method="seed", score="seed"),
             "softmax_ls (seed score)": dict(method="softmax_ls", score="seed"),
             "softmax_ls (window mass)": dict(method="softmax_ls", score="mass"),
+            "softmax_ls (window mass, exact PCA)": dict(method="softmax_ls", score="mass", subspace="eigh"),
         }
         for name, kw in one_shot.items():
             t0 = time.perf_counter()

@@ -60,10 +60,13 @@ def _start_block(n: int, p: int, like: torch.Tensor) -> torch.Tensor:
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning y [..., n, p] by Cholesky QR: yᵀy = LLᵀ, q = y L⁻ᵀ (a Gram matrix and two
     small batched factorizations instead of Householder QR, which torch loops over matrix by matrix on CUDA).
-    A diagonal floor relative to the mean squared column norm keeps rank-deficient blocks finite: their
-    null directions come back as near-zero columns."""
-    s = y.mT @ y
+    y is first scaled to unit norm (the span is unchanged), so that blocks of tiny entries (a bin of
+    duplicate keys has ~eps-sized centered keys) do not underflow; then a diagonal floor relative to the
+    mean squared column norm keeps rank-deficient blocks finite: their null directions come back as
+    near-zero columns, and an all-zero y as zeros."""
     finfo = torch.finfo(y.dtype)
+    y = y / y.norm(dim=(-2, -1), keepdim=True).clamp_min(finfo.tiny)
+    s = y.mT @ y
     floor = 16 * s.shape[-1] * finfo.eps * s.diagonal(dim1=-2, dim2=-1).mean(-1) + finfo.tiny
     chol, _ = torch.linalg.cholesky_ex(s + floor[..., None, None] * torch.eye(s.shape[-1], dtype=y.dtype,
                                                                              device=y.device))

@@ -8,8 +8,9 @@ import torch
 from transformers import DynamicCache, GPT2Config, LlamaConfig, LlamaForCausalLM, MistralConfig
 
 from holokv.caches import METHODS, make_cache, superposed_attention, use_holokv_attention
-from holokv.caches.src import SRCLayer
+from holokv.caches.src import COMPACT, SRCLayer
 from holokv.caches.superposed import HoloSpec
+from conftest import needs_cuda
 
 COMPRESSED = [m for m in METHODS if m != "full"]
 SELECTION = ["streaming", "topk", "h2o", "snapkv"]  # keep a subset of the tokens, each with its sequence index
@@ -322,6 +323,26 @@ def test_src_half_precision(model, batch):
                             output_scores=True, return_dict_in_generate=True)
     assert all(torch.isfinite(s).all() for s in out.scores)
     assert cache.layers[0].keys.dtype == cache.layers[0].bias.dtype == torch.bfloat16
+
+
+@needs_cuda
+def test_src_cuda_matches_cpu(model, batch):
+    """On CUDA the prompt compaction replays a CUDA graph captured once per prompt shape and shared by the
+    layers (two sequences of different lengths: two graphs for two layers), the decode-time steps and
+    decode run as kernels; the generation agrees with the CPU path."""
+    ids, mask = batch
+    COMPACT.graphs.clear()
+    outs = []
+    for dev in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(dev)
+        cache = make_cache("src", m.config, **DECODE)
+        with torch.no_grad():
+            outs.append(m.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=24, do_sample=False,
+                                   past_key_values=cache, output_scores=True, return_dict_in_generate=True))
+    assert len(COMPACT.graphs) == 2
+    assert torch.equal(outs[0].sequences, outs[1].sequences.cpu())
+    for a, b in zip(outs[0].scores, outs[1].scores):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-3, rtol=1e-3)
 
 
 def test_superposed_attention_is_differentiable():

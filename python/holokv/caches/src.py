@@ -8,7 +8,9 @@ are appended exact (bias 0); every ``every`` of them a compression step
 (:meth:`SRCLayer.step`) bins and summarizes those that left the recent window.
 Decode reads the entries with ``torch.ops.holokv.holo_decode`` and no superposed
 slots: softmax(scale·q·kᵀ + bias)·v. Entries are unordered, positions live in the
-(RoPE'd) keys.
+(RoPE'd) keys. On CUDA the prompt compaction is replayed from a CUDA graph
+(:class:`holokv.src.Graphed`) shared by all layers: their prompts have the same shapes,
+so one capture per prompt length serves the whole model.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import math
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..src import causal_stats, check_info, compact, plan, pool_gqa, seed_score, split, window_mass
+from ..src import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score, split, window_mass
 from ..src.attention import logits
 from ..src.compact import entry_elems, fit
 from ..src.summarize import summarize_bins
@@ -26,6 +28,7 @@ from .base import FullLayer, append_ragged, exact_attention, take
 
 SCORES = ("mass", "seed")
 CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of the budget (bench/src_quality.py)
+COMPACT = Graphed(compact)  # one graph per prompt shape, replayed by every layer
 
 
 def ragged(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -278,7 +281,7 @@ class SRCLayer(FullLayer):
                 budget, method = budget * 2 * d // entry_elems(method, d), "evict"
                 n_keep = min(n, budget)
             row_entropy = causal_stats(qb, kb, scale)[1] if self.score == "seed" else None
-            c, info = compact(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=self.score,
+            c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=self.score,
                               row_entropy=row_entropy, lam=self.lam, bin_size=self.bin_size, rank=self.rank,
                               n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, scale=scale)
             check_info(info)  # once per prompt and layer: the host sync is affordable

@@ -2,10 +2,16 @@
 launching them one by one from Python costs more than running them."""
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
+
+
+# CUDA graphs need torch's caching allocator (a plain cudaMalloc inside a capture invalidates it);
+# with it disabled, as under compute-sanitizer, Graphed runs its function eagerly.
+GRAPHLESS = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1"
 
 
 class Graphed:
@@ -19,7 +25,8 @@ class Graphed:
     host: :func:`~holokv.src.compact` qualifies, as its sizes are Python ints and
     solver failures come back as ``info`` tensors. Results are cloned out of the
     graph's memory. At most ``max_graphs`` graphs are kept (least recently used go),
-    as each holds its own memory pool. Calls with any tensor not on CUDA run ``fn`` directly.
+    as each holds its own memory pool. Calls with any tensor not on CUDA run ``fn`` directly, and so
+    do all calls while torch's CUDA caching allocator is disabled (``GRAPHLESS``).
     """
 
     def __init__(self, fn, max_graphs: int = 4):
@@ -29,7 +36,7 @@ class Graphed:
     def __call__(self, *args, **kwargs):
         leaves, _ = tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        if not tensors or not all(t.is_cuda for t in tensors):
+        if GRAPHLESS or not tensors or not all(t.is_cuda for t in tensors):
             return self.fn(*args, **kwargs)
         key = tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
         if key not in self.graphs:

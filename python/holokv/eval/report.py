@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 COLUMNS = [("method", "spec", "{}"), ("ratio", "ratio", "{:g}"), ("bytes/tok", "bytes_per_token", "{:.0f}"),
-           ("achieved", "achieved_ratio", "{:.2f}x"), ("ppl", "ppl", "{:.3f}"), ("passkey", "passkey", "{:.2f}"),
+           ("achieved", "achieved_ratio", "{:.2f}x"), ("end bytes/tok", "end_bytes_per_token", "{:.0f}"),
+           ("ppl", "ppl", "{:.3f}"), ("passkey", "passkey", "{:.2f}"),
            ("attn cos", "cosine", "{:.4f}"), ("attn relL2", "rel_l2", "{:.4f}")]
 
 

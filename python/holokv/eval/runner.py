@@ -107,8 +107,9 @@ def run_eval(cfg: EvalConfig) -> dict:
             for w in ppl_windows:
                 nll_bytes.append(tasks.continuation_nll(model, new_cache, w, cfg.context))
                 bar.update()
-            run["ppl"] = tasks.perplexity([n for n, _ in nll_bytes])
+            run["ppl"] = tasks.perplexity([n for n, *_ in nll_bytes])
             run["bytes_per_token"] = nll_bytes[0][1]  # same context length as fidelity's
+            run["end_bytes_per_token"] = nll_bytes[0][2]
         if "passkey" in cfg.tasks:
             hits = []
             for n, d, ctx, question, key in prompts:

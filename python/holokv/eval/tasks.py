@@ -16,11 +16,14 @@ def _positions(start: int, n: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def continuation_nll(model, new_cache, window: torch.Tensor, context: int) -> tuple[float, float]:
-    """(mean NLL of the tokens after ``context`` in ``window``, bytes per context token held after prefill).
+def continuation_nll(model, new_cache, window: torch.Tensor, context: int) -> tuple[float, float, float]:
+    """(mean NLL of the tokens after ``context`` in ``window``, bytes per token held after the prefill,
+    bytes per token held after the continuation).
 
     The context is prefilled (and compressed); the continuation is then decoded one token at a
-    time, teacher-forced, as in generation.
+    time, teacher-forced, as in generation. The two byte counts differ for the one-shot methods
+    (SnapKV, Top-K), which append decoded tokens exact, and for none of those that compress while
+    decoding (StreamingLLM, H2O, SRC).
     """
     cache = new_cache()
     ids = window[None].to(model.device)
@@ -31,7 +34,7 @@ def continuation_nll(model, new_cache, window: torch.Tensor, context: int) -> tu
         preds.append(model(ids[:, t: t + 1], position_ids=_positions(t, 1, ids.device),
                            **{CACHE_KWARG: cache}).logits[:, -1])
     nll = F.cross_entropy(torch.cat(preds).float(), ids[0, context:])
-    return nll.item(), held
+    return nll.item(), held, cache.bytes_per_token()
 
 
 @torch.no_grad()

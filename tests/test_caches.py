@@ -16,7 +16,7 @@ from conftest import needs_cuda
 COMPRESSED = [m for m in METHODS if m != "full"]
 SELECTION = ["streaming", "topk", "h2o", "snapkv"]  # keep a subset of the tokens, each with its sequence index
 # SRC with decode-time compression steps small enough to fire within a few dozen generated tokens
-DECODE = dict(ratio=4, bin_size=32, rank=2, sinks=2, recent=8, window=4, every=8)
+DECODE = dict(ratio=4, decode_bin=32, rank=2, sinks=2, recent=8, window=4, every=8)
 
 
 def tiny_config(head_dim=32, **kw):
@@ -187,7 +187,7 @@ def test_src_decode_bytes_track_ratio(model):
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(5))
     token = 2 * 32 * 4 * 2 * 2  # one token's K and V: 2·d fp32 elements, 2 KV heads, 2 layers
     entry = token // 64 * 65  # an entry also holds its log-mass
-    slack = (DECODE["bin_size"] - DECODE["rank"] - 1 + DECODE["every"] - 1) * entry
+    slack = (DECODE["decode_bin"] - DECODE["rank"] - 1 + DECODE["every"] - 1) * entry
     excess, falls = {}, {}
     for every in (DECODE["every"], None):
         cache = make_cache("src", model.config, **{**DECODE, "every": every})
@@ -208,7 +208,7 @@ def test_src_decode_bytes_track_ratio(model):
 @pytest.mark.parametrize("rows", [1, 2], ids=["batch1", "padded2"])
 def test_src_decode_compression_generates(model, batch, options, rows):
     ids, mask = (x[-rows:] for x in batch)
-    cache = make_cache("src", model.config, **{**DECODE, "bin_size": 8, "every": 4, **options})
+    cache = make_cache("src", model.config, **{**DECODE, "decode_bin": 8, "every": 4, **options})
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, past_key_values=cache,
                              output_scores=True, return_dict_in_generate=True)
@@ -216,7 +216,7 @@ def test_src_decode_compression_generates(model, batch, options, rows):
     assert all(torch.isfinite(s).all() for s in out.scores)
     assert cache.get_seq_length() == ids.shape[1] + 23  # positions: the true length, not the entries held
     for layer in cache.layers:
-        assert layer.reviewed - layer.kept >= layer.bin_size  # a bin was summarized
+        assert layer.reviewed - layer.kept >= layer.decode_bin  # a bin was summarized
         assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
 
 
@@ -224,7 +224,7 @@ def test_src_decode_padded_matches_alone(model, batch):
     """Decode-time steps on a left-padded batch: each sequence holds and reads what it does alone (its counts
     are the batch's, its entries its own; filler past its length is never scored, fitted to or read)."""
     ids, mask = batch
-    options = dict(ratio=2, every=4, recent=4, window=2, sinks=2, bin_size=8, rank=1)
+    options = dict(ratio=2, every=4, recent=4, window=2, sinks=2, decode_bin=8, rank=1)
     runs, caches = [], []
     for x, m in ((ids, mask), (ids[:1, 7:], mask[:1, 7:]), (ids[1:], mask[1:])):
         caches.append(make_cache("src", model.config, **options))
@@ -232,7 +232,7 @@ def test_src_decode_padded_matches_alone(model, batch):
             runs.append(model.generate(x, attention_mask=m, max_new_tokens=32, do_sample=False,
                                        past_key_values=caches[-1], output_scores=True, return_dict_in_generate=True))
     first = caches[0].layers[0]
-    assert 0 < first.kept < first.reviewed - first.bin_size  # the scores chose; bins were summarized
+    assert 0 < first.kept < first.reviewed - first.decode_bin  # the scores chose; bins were summarized
     assert first.r0 > 0
     for row in (0, 1):
         for s, s0 in zip(runs[0].scores, runs[1 + row].scores):
@@ -262,7 +262,7 @@ def test_src_decode_attention_close_to_exact(model):
         hook.remove()
         outs[method] = torch.stack(got[-32:])
     layer = cache.layers[0]
-    assert layer.reviewed - layer.kept >= layer.bin_size
+    assert layer.reviewed - layer.kept >= layer.decode_bin
     cos = torch.nn.functional.cosine_similarity(outs["src"], outs["full"], dim=-1)
     assert cos.mean() > 0.99, cos
 
@@ -278,7 +278,7 @@ def test_src_steps_keep_heavy_hitters_exact(score):
         torch.randn(1, 2, n, d, generator=g)
     heavy = [70, 85, 100]
     k[:, :, heavy] = 0.6 * u + 0.05 * torch.randn(1, 2, 3, d, generator=g)
-    layer = SRCLayer(ratio=2, every=8, bin_size=16, rank=1, recent=8, window=4, sinks=2, score=score)
+    layer = SRCLayer(ratio=2, every=8, decode_bin=16, rank=1, recent=8, window=4, sinks=2, score=score)
     for t in [slice(0, 48)] + [slice(t, t + 1) for t in range(48, n)]:
         layer.update(k[:, :, t], v[:, :, t])
         layer.attend(q[:, :, t], None, scale)
@@ -286,7 +286,7 @@ def test_src_steps_keep_heavy_hitters_exact(score):
     assert all(exact(t).all() for t in heavy)
     others = sum(int(exact(t).sum()) for t in range(48, 104) if t not in heavy)
     assert 0.25 < others / (2 * 53) < 0.75, others
-    assert layer.reviewed - layer.kept >= 2 * layer.bin_size
+    assert layer.reviewed - layer.kept >= 2 * layer.decode_bin
 
 
 def test_src_step_keeps_what_its_window_reads():
@@ -297,7 +297,7 @@ def test_src_step_keeps_what_its_window_reads():
     n, d, scale = 112, 32, 32 ** -0.5
     q, k, v = torch.randn(1, 4, n, d, generator=g), torch.randn(1, 2, n, d, generator=g), torch.randn(1, 2, n, d,
                                                                                                         generator=g)
-    layer = SRCLayer(ratio=4, every=8, bin_size=8, rank=4, recent=8, window=1, sinks=2, ridge=1e-9)
+    layer = SRCLayer(ratio=4, every=8, decode_bin=8, rank=4, recent=8, window=1, sinks=2, ridge=1e-9)
     layer.update(k[:, :, :48], v[:, :, :48])
     layer.attend(q[:, :, :48], None, scale)
     none, steps = k[:, :, :0], 0
@@ -393,6 +393,7 @@ def test_requires_holokv_attention(batch):
     ("src", tiny_config(), {"method": "evict"}, "method must be"),
     ("src", tiny_config(), {"score": "h2o"}, "score must be"),
     ("src", tiny_config(), {"rank": 8, "bin_size": 8}, "0 < rank < bin_size"),
+    ("src", tiny_config(), {"rank": 4, "decode_bin": 4}, "0 < rank < decode_bin"),
     ("src", tiny_config(), {"window": 64}, "window <= recent"),
     ("src", tiny_config(), {"every": 0}, "every \\(generated tokens between compression steps\\) must be"),
     ("src", tiny_config(), {"every": 2.5}, "every .* must be a positive int"),

@@ -34,7 +34,8 @@ METHODS = tuple(LAYERS)
 def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> CompressedCache:
     """A cache for a model with ``config``. ``options`` go to the layer class (e.g. HoloKV's ``k``,
     ``sinks``, ``mode``, ``prefill``, ``slot_gain``; StreamingLLM's ``sinks``; SnapKV's ``window``; SRC's
-    ``method``, ``score``, ``rank``, ``ridge``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``;
+    ``method``, ``score``, ``rank``, ``ridge``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``,
+    ``decode_bin``;
     positional-only ``method`` leaves that name to SRC's option)."""
     if method not in LAYERS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

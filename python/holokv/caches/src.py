@@ -69,8 +69,10 @@ class LateCheck:
 class SRCLayer(FullLayer):
     """Options: ``method`` of the summary ("softmax_ls": fitted values and log-mass, or "seed": the source
     method's linear read-out), ``score`` deciding what stays exact ("mass": window attention, or "seed":
-    mass − ``lam``·row entropy), ``rank`` centroids per bin of ``bin_size`` evicted tokens (default: centroids
-    take about 1/8 of the budget), ``ridge`` of the value fit, ``window`` observation queries, ``sinks`` and
+    mass − ``lam``·row entropy), ``rank`` centroids per bin of ``bin_size`` tokens evicted from the prompt
+    (default: centroids take about 1/8 of the budget) or of ``decode_bin`` tokens evicted while decoding
+    (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
+    exact, stays small against it), ``ridge`` of the value fit, ``window`` observation queries, ``sinks`` and
     ``recent`` tokens always kept exact, ``every``: generated tokens (counted per layer) between decode-time
     compression steps, None for none (decoded tokens then stay exact). A prompt fed in several chunks is
     compacted after its first one; the later chunks are decoded (and compressed) token by token.
@@ -87,10 +89,10 @@ class SRCLayer(FullLayer):
     its tokens add to the budget, r0 + ⌊t / ratio⌋ token-equivalents (the prefill paid for the r0); the
     compacted prompt keeps its ceil(prompt / ratio), so together they stay within ceil(seen / ratio). Of the
     stream's entries, the tail comes first; the reviewed tokens get the rest under the prefill's rule
-    (:func:`holokv.src.compact.fit`): the most kept exact such that kept + ⌈binned / bin_size⌉·rank fits.
+    (:func:`holokv.src.compact.fit`): the most kept exact such that kept + ⌈binned / decode_bin⌉·rank fits.
     k is that count minus the tokens kept before (never negative: kept tokens stay). Like the prefill's
     plan, this counts the filling bin as the ``rank`` centroids it will become, so the cache holds up to
-    bin_size − rank − 1 entries more while a bin fills, and up to every − 1 tokens more between steps;
+    decode_bin − rank − 1 entries more while a bin fills, and up to every − 1 tokens more between steps;
     ratio 1 keeps everything. Where even the centroids do not fit (right after the prompt, or bins that
     compress less than the ratio) every reviewed token is binned. All counts are Python ints shared by the
     batch (the stream's budget does not depend on the prompt), so steps have static shapes, never sync with
@@ -102,7 +104,7 @@ class SRCLayer(FullLayer):
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
                  ridge: float = 1.0, window: int = 32, bin_size: int | None = None, sinks: int = 4,
-                 recent: int = 32, lam: float = 0.5, every: int | None = 16):
+                 recent: int = 32, lam: float = 0.5, every: int | None = 16, decode_bin: int | None = None):
         super().__init__()
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -111,8 +113,10 @@ class SRCLayer(FullLayer):
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         bin_size = bin_size or max(2 * rank, math.ceil(rank * ratio / CENTROID_SHARE))
-        if not 0 < rank < bin_size:
-            raise ValueError(f"need 0 < rank < bin_size, got rank={rank}, bin_size={bin_size}")
+        decode_bin = decode_bin or max(2 * rank, math.ceil(2 * rank * ratio))
+        for name, size in (("bin_size", bin_size), ("decode_bin", decode_bin)):
+            if not 0 < rank < size:
+                raise ValueError(f"need 0 < rank < {name}, got rank={rank}, {name}={size}")
         if not 0 < window <= recent:
             raise ValueError(f"need 0 < window <= recent (the observation window stays exact), got "
                              f"window={window}, recent={recent}")
@@ -120,8 +124,8 @@ class SRCLayer(FullLayer):
             raise ValueError(f"every (generated tokens between compression steps) must be a positive int or "
                              f"None, got {every!r}")
         self.ratio, self.method, self.score, self.lam, self.every = ratio, method, score, lam, every
-        self.rank, self.ridge, self.window, self.bin_size, self.sinks, self.recent = (
-            rank, ridge, window, bin_size, sinks, recent)
+        self.rank, self.ridge, self.window, self.bin_size, self.decode_bin, self.sinks, self.recent = (
+            rank, ridge, window, bin_size, decode_bin, sinks, recent)
         # seed centroids carry no log-mass, so only softmax_ls stores (and pays for) a bias per entry
         self.state = ("keys", "values", "lens") + (("bias",) if method == "softmax_ls" else ())
         self.late_check = LateCheck()
@@ -180,7 +184,7 @@ class SRCLayer(FullLayer):
             return n_new
         room = self.r0 + math.floor(t / self.ratio) * 2 * head_dim // entry_elems(self.method, head_dim)
         try:
-            target = fit(self.reviewed + n_new, room - tail, bin_size=self.bin_size, rank=self.rank)[0]
+            target = fit(self.reviewed + n_new, room - tail, bin_size=self.decode_bin, rank=self.rank)[0]
         except ValueError:  # not even the bins' centroids fit yet (just after the prompt): bin them all
             target = 0
         return min(n_new, max(0, target - self.kept))
@@ -200,7 +204,7 @@ class SRCLayer(FullLayer):
             return
         B, H, width, d = self.keys.shape
         n_keep = self.n_exact(n_new, d)
-        n_bin = (self.reviewed - self.kept) % self.bin_size  # exact tokens waiting in the bin
+        n_bin = (self.reviewed - self.kept) % self.decode_bin  # exact tokens waiting in the bin
         self.reviewed += n_new
         self.kept += n_keep
         if n_keep == n_new and n_bin == 0:  # nothing binned: the reviewed tokens are settled where they are
@@ -212,8 +216,8 @@ class SRCLayer(FullLayer):
         kv = [take(x, (self.lens - end)[:, None] + arange(end)) for x in (self.keys, self.values)]
         new = [x[:, :, n_bin: n_bin + n_new] for x in kv]
         binned = [torch.cat([x[:, :, :n_bin], take(y, out)], 2) for x, y in zip(kv, new)]
-        n_bins = binned[0].shape[2] // self.bin_size
-        n_cent, n_full = n_bins * self.rank, n_bins * self.bin_size
+        n_bins = binned[0].shape[2] // self.decode_bin
+        n_cent, n_full = n_bins * self.rank, n_bins * self.decode_bin
         ends = [torch.cat([take(y, keep), x.new_zeros(B, H, n_cent, d), b[:, :, n_full:], x[:, :, n_bin + n_new:]],
                           2) for x, y, b in zip(kv, new, binned)]
         n_end = ends[0].shape[2]
@@ -231,7 +235,7 @@ class SRCLayer(FullLayer):
         j = torch.arange(width, device=self.device) - first.view(-1, 1, 1, 1)
         obs = self.queries[:, :, -self.window:].float()
         ctx = self.visible(obs.shape[2], width, obs.shape[1] // H) & ((j < 0) | (j >= n_cent))
-        bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.bin_size, d) for b in binned]
+        bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.decode_bin, d) for b in binned]
         kc, vc, bc, info = summarize_bins(
             self.method, pool_gqa(obs, H), self.keys.float(), self.values.float(),
             None if self.bias is None else self.bias.float(), ctx, *bins, bins[0].new_zeros(bins[0].shape[:-1]),

@@ -189,3 +189,13 @@ def test_cuda_graphed_compact_replays_what_compact_computes():
         assert len(run.graphs) == (not GRAPHLESS)  # the least recently used graph went
     q, k, v = (x.cpu() for x in (q, k, v))
     assert run(q, k, v, **kw)[0].k.device.type == "cpu" and len(run.graphs) == (not GRAPHLESS)
+
+
+@needs_cuda
+def test_cuda_graphed_keys_on_argument_names():
+    """The same values under other keywords are another call: no replay of the wrong graph."""
+    f = Graphed(lambda x, *, a, b: x * a + b)
+    x = torch.full((3,), 2.0, device="cuda")
+    assert f(x, a=2.0, b=3.0).tolist() == [7.0] * 3
+    assert f(x, b=2.0, a=3.0).tolist() == [8.0] * 3
+    assert len(f.graphs) == (0 if GRAPHLESS else 2)

@@ -34,11 +34,12 @@ class Graphed:
         self.graphs: OrderedDict = OrderedDict()
 
     def __call__(self, *args, **kwargs):
-        leaves, _ = tree_flatten((args, kwargs))
+        leaves, spec = tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         if GRAPHLESS or not tensors or not all(t.is_cuda for t in tensors):
             return self.fn(*args, **kwargs)
-        key = tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
+        # the structure too (which keyword holds which value), then every leaf
+        key = (str(spec), *((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves))
         if key not in self.graphs:
             self.graphs[key] = self._capture(args, kwargs)
             while len(self.graphs) > self.max_graphs:

@@ -6,15 +6,17 @@ import math
 import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, LlamaConfig, LlamaForCausalLM, MistralConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from holokv.caches import METHODS, make_cache, superposed_attention, use_holokv_attention
+from holokv.caches.selection import ExpectedAttentionLayer
 from holokv.caches.src import COMPACT, SRCLayer
 from holokv.caches.superposed import HoloSpec
 from holokv.src.graph import GRAPHLESS
 from conftest import needs_cuda
 
 COMPRESSED = [m for m in METHODS if m != "full"]
-SELECTION = ["streaming", "topk", "h2o", "snapkv"]  # keep a subset of the tokens, each with its sequence index
+SELECTION = ["streaming", "topk", "h2o", "snapkv", "expected"]  # keep a subset of the tokens, each with its sequence index
 # SRC with decode-time compression steps small enough to fire within a few dozen generated tokens
 DECODE = dict(ratio=4, decode_bin=32, rank=2, sinks=2, recent=8, window=4, every=8)
 
@@ -347,6 +349,28 @@ def test_src_cuda_matches_cpu(batch):
     # fp32 on both, but two eigensolvers and Cholesky paths: centroids differ at ~1e-4, logits up to ~1e-3
     for a, b in zip(outs[0].scores, outs[1].scores):
         torch.testing.assert_close(b.cpu(), a, atol=1e-2, rtol=1e-2)
+
+
+def test_expected_attention_models_the_next_query():
+    """Every prompt query is one pre-RoPE query at positions 0..n-1: brought back before RoPE they coincide
+    (covariance 0), and with future=1 the model is that query at position n, so the scores are the
+    attention it pays each token (GQA group mean) times ‖v‖."""
+    g = torch.Generator().manual_seed(8)
+    n, d, scale = 24, 32, 32 ** -0.5
+    rotary = LlamaRotaryEmbedding(tiny_config())
+    rope = lambda x, pos: apply_rotary_pos_emb(x, x, *rotary(x, pos))[0]
+    base = torch.randn(1, 4, 1, d, generator=g)
+    q = rope(base.expand(1, 4, n, d), torch.arange(n)[None])
+    k, v = torch.randn(1, 2, n, d, generator=g), torch.randn(1, 2, n, d, generator=g)
+    layer = ExpectedAttentionLayer(ratio=1, rotary=rotary, sinks=0, future=1)
+    layer.update(k, v)
+    layer.attend(q, None, scale)
+    mu, cov = layer.query_model(q)
+    q_next = rope(base, torch.tensor([[n]]))[:, :, 0]
+    torch.testing.assert_close(mu, q_next, atol=1e-5, rtol=1e-5)
+    assert cov.abs().max() < 1e-5
+    p = torch.softmax(scale * q_next.view(1, 2, 2, 1, d) @ k.unsqueeze(2).mT, -1).mean(2).squeeze(2)
+    torch.testing.assert_close(layer.prompt_scores(q, None, scale), p * v.norm(dim=-1), atol=1e-6, rtol=1e-5)
 
 
 def test_superposed_attention_is_differentiable():

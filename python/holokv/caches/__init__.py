@@ -11,11 +11,13 @@ compression a cache holds about ``tokens / ratio`` tokens' worth of K/V.
 """
 from __future__ import annotations
 
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
 from .attention import NAME as ATTN_IMPLEMENTATION, use_holokv_attention
 from .base import CompressedCache, FullLayer
 from .holo import HoloKVLayer
 from .model_check import check_model, head_dim
-from .selection import H2OLayer, SnapKVLayer, StreamingLayer, TopKLayer
+from .selection import ExpectedAttentionLayer, H2OLayer, SnapKVLayer, StreamingLayer, TopKLayer
 from .src import SRCLayer
 from .superposed import HoloSpec, superposed_attention
 
@@ -26,6 +28,7 @@ LAYERS = {
     "topk": TopKLayer,
     "h2o": H2OLayer,
     "snapkv": SnapKVLayer,
+    "expected": ExpectedAttentionLayer,
     "src": SRCLayer,
 }
 METHODS = tuple(LAYERS)
@@ -33,16 +36,22 @@ METHODS = tuple(LAYERS)
 
 def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> CompressedCache:
     """A cache for a model with ``config``. ``options`` go to the layer class (e.g. HoloKV's ``k``,
-    ``sinks``, ``mode``, ``prefill``, ``slot_gain``; StreamingLLM's ``sinks``; SnapKV's ``window``; SRC's
+    ``sinks``, ``mode``, ``prefill``, ``slot_gain``; StreamingLLM's ``sinks``; SnapKV's ``window``; Expected
+    Attention's ``sinks``, ``future``, ``epsilon`` (its ``rotary`` comes from the config); SRC's
     ``method``, ``score``, ``rank``, ``ridge``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``,
     ``decode_bin``;
     positional-only ``method`` leaves that name to SRC's option)."""
     if method not in LAYERS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     layout = check_model(config)
+    text = config.get_text_config(decoder=True)
     if method == "holokv":
         options = dict(head_dim=head_dim(config), rope_layout=layout, **options)
-    text = config.get_text_config(decoder=True)
+    if method == "expected":
+        if layout != "half":
+            raise ValueError("expected attention de-rotates queries with rotate-half RoPE; this model's is "
+                             f"{layout}")
+        options = dict(rotary=LlamaRotaryEmbedding(text), **options)  # the Llama family's RoPE, from config
     layers = [LAYERS[method](ratio=ratio, **options) for _ in range(text.num_hidden_layers)]
     return CompressedCache(layers, method, ratio)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .base import FullLayer, apply_probs, attention_probs, budget, take, visible
 
@@ -159,3 +160,53 @@ class SnapKVLayer(SelectionLayer):
         B, H, n = votes.shape
         votes = F.max_pool1d(votes.view(B * H, 1, n), self.kernel, 1, self.kernel // 2).view(B, H, n)
         return votes.masked_fill(self.idx >= q_idx[0], INF)
+
+
+class ExpectedAttentionLayer(SelectionLayer):
+    """Expected Attention (Devoto et al. 2025; kvpress's ExpectedAttentionPress): the attention that future
+    queries are expected to pay each token. The prompt's queries past the first ``sinks``, brought back before
+    RoPE, model a query as Gaussian per head (mean μ, covariance Σ); RoPE averaged over the next ``future``
+    positions, R̄, carries it to where future queries will be: μ' = R̄μ, Σ' = R̄ΣR̄ᵀ. Under that model a key's
+    expected exp(logit) is exp(s·kᵀμ' + s²·kᵀΣ'k / 2) (s = scale): its softmax over the tokens, averaged over
+    the GQA group, plus ``epsilon``, times ‖v‖ is the score. The first ``sinks`` tokens are kept. One-shot,
+    like SnapKV. ``rotary``: the model's rotary embedding (transformers' module; make_cache builds it), whose
+    (cos, sin) must carry no attention scaling for the de-rotation to be exact."""
+
+    def __init__(self, ratio: float = 1.0, rotary=None, sinks: int = 4, future: int = 512, epsilon: float = 0.0):
+        super().__init__(ratio)
+        if rotary is None:
+            raise ValueError("expected attention needs the model's rotary embedding (make_cache passes it)")
+        self.rotary, self.sinks, self.future, self.epsilon = rotary, sinks, future, epsilon
+
+    def query_model(self, q):
+        """Mean [B, Hq, d] and covariance [B, Hq, d, d] of the pre-RoPE prompt queries past the sinks (pads
+        excluded), both carried by RoPE averaged over each sequence's next ``future`` positions."""
+        B, Hq, n, d = q.shape
+        pos = torch.arange(n, device=q.device) - self.pads[:, None]  # [B, n]; < 0 on pads
+        q = q.float()
+        cos, sin = self.rotary(q, pos.clamp_min(0))
+        pre = apply_rotary_pos_emb(q, q, cos, -sin)[0]  # RoPE at -pos undoes RoPE at pos
+        w = (pos >= min(self.sinks, int((n - self.pads).min()) - 1)).float()  # sinks out, unless that is all
+        w = (w / w.sum(-1, keepdim=True))[:, None, :, None]
+        mu = (w * pre).sum(2)
+        dev = pre - mu.unsqueeze(2)
+        cov = (w * dev).mT @ dev
+        ahead = (n - self.pads)[:, None] + torch.arange(self.future, device=q.device)  # [B, future]
+        cos, sin = (x.mean(1) for x in self.rotary(q, ahead))  # [B, d]: the averaged rotation
+        half = d // 2
+        swap = torch.zeros(d, d, device=q.device)  # rotate_half as a matrix: x -> [-x2, x1]
+        swap[:half, half:], swap[half:, :half] = -torch.eye(half), torch.eye(half)
+        rot = (torch.diag_embed(cos) + sin.unsqueeze(-1) * swap).unsqueeze(1)  # [B, 1, d, d]
+        return (rot @ mu.unsqueeze(-1)).squeeze(-1), rot @ cov @ rot.mT
+
+    def prompt_scores(self, q, mask, scale):
+        mu, cov = self.query_model(q)
+        B, Hkv, n, d = self.keys.shape
+        G = q.shape[1] // Hkv
+        k = self.keys.float()
+        mu, cov = mu.view(B, Hkv, G, d), cov.view(B, Hkv, G, d, d)
+        logit = scale * torch.einsum("bhgd,bhnd->bhgn", mu, k) + scale ** 2 / 2 * torch.einsum(
+            "bhnd,bhgde,bhne->bhgn", k, cov, k)
+        logit = logit.masked_fill((self.idx < self.pads[:, None, None]).unsqueeze(2), -INF)
+        score = (logit.softmax(-1).mean(2) + self.epsilon) * self.values.float().norm(dim=-1)
+        return score.masked_fill(self.rel() < self.sinks, INF)

@@ -26,7 +26,7 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str = "float32"
     methods: list[str] = field(default_factory=lambda: ["holokv", "holokv:mode=full", "streaming", "topk", "h2o",
-                                                        "snapkv", "src"])
+                                                        "snapkv", "expected", "src"])
     ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     context: int = 512  # tokens prefilled (and compressed) before scoring
     continuation: int = 32  # tokens scored after the context

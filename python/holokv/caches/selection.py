@@ -195,7 +195,8 @@ class ExpectedAttentionLayer(SelectionLayer):
         cos, sin = (x.mean(1) for x in self.rotary(q, ahead))  # [B, d]: the averaged rotation
         half = d // 2
         swap = torch.zeros(d, d, device=q.device)  # rotate_half as a matrix: x -> [-x2, x1]
-        swap[:half, half:], swap[half:, :half] = -torch.eye(half), torch.eye(half)
+        eye = torch.eye(half, device=q.device)
+        swap[:half, half:], swap[half:, :half] = -eye, eye
         rot = (torch.diag_embed(cos) + sin.unsqueeze(-1) * swap).unsqueeze(1)  # [B, 1, d, d]
         return (rot @ mu.unsqueeze(-1)).squeeze(-1), rot @ cov @ rot.mT
 

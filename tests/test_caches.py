@@ -84,14 +84,27 @@ def test_generate_compressed(model, batch, method):
 def test_bytes_shrink(model, method, ratio):
     ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(2))
     held = {}
-    for m, r in (("full", 1), (method, ratio)):
-        cache = make_cache(m, model.config, ratio=r)
+    # SRC also holds (and counts) its scoring queries; a 4-query window keeps them a small share here
+    for m, r, options in (("full", 1, {}), (method, ratio, dict(window=4) if method == "src" else {})):
+        cache = make_cache(m, model.config, ratio=r, **options)
         with torch.no_grad():
             model(ids, past_key_values=cache)
         held[m] = cache.bytes_per_token()
     achieved = held["full"] / held[method]
     # index/score metadata and HoloKV's open slot cost a little on top of the budget
     assert 0.85 * ratio <= achieved <= 1.2 * ratio, achieved
+
+
+def test_src_counts_its_scoring_queries(model):
+    """The last ``window`` queries that decode-time steps score with are part of SRC's bytes."""
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(2))
+    held = {}
+    for window in (4, 32):
+        cache = make_cache("src", model.config, ratio=4, window=window)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        held[window] = cache.nbytes()
+    assert held[32] - held[4] == 28 * 4 * 32 * 4 * 2  # queries x query heads x head_dim x fp32 bytes x layers
 
 
 @pytest.mark.parametrize("method", COMPRESSED)

@@ -141,7 +141,8 @@ class FullLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for name in self.state:
-            setattr(self, name, getattr(self, name)[indices])
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[indices])
         self.pads = self.pads[indices]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

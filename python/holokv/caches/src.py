@@ -98,8 +98,9 @@ class SRCLayer(FullLayer):
     batch (the stream's budget does not depend on the prompt), so steps have static shapes, never sync with
     the host, and a left-padded sequence is compressed as it would be alone (r0 is the batch's smallest).
 
-    Not counted in :meth:`nbytes`: the queries the steps score with (the last ``window``; for score="seed"
-    the whole tail's, for the row entropies), working state of a fixed size like the prefill's window.
+    :meth:`nbytes` counts, besides the entries, the queries the steps score with (the last ``window``; for
+    score="seed" the whole tail's, for the row entropies): memory the other caches do not need. The budget
+    rule above leaves them out, so SRC's bytes per token exceed 1/ratio by their share.
     """
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
@@ -127,7 +128,8 @@ class SRCLayer(FullLayer):
         self.rank, self.ridge, self.window, self.bin_size, self.decode_bin, self.sinks, self.recent = (
             rank, ridge, window, bin_size, decode_bin, sinks, recent)
         # seed centroids carry no log-mass, so only softmax_ls stores (and pays for) a bias per entry
-        self.state = ("keys", "values", "lens") + (("bias",) if method == "softmax_ls" else ())
+        # the scoring queries are state too: held (and counted in nbytes) while decoding
+        self.state = ("keys", "values", "lens", "queries") + (("bias",) if method == "softmax_ls" else ())
         self.late_check = LateCheck()
 
     def lazy_initialization(self, key_states, value_states):
@@ -262,11 +264,6 @@ class SRCLayer(FullLayer):
         rows = pool_gqa(self.queries[:, :, :n_new].float(), H)  # the tail's own queries (all kept for "seed")
         p = torch.softmax(logits(rows, keys, bias, self.visible(tail, width, G, n_new), scale), -1)
         return seed_score(score, entropy(p).view(*score.shape[:2], G, n_new).mean(2), self.lam)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.queries is not None:
-            self.queries = self.queries[indices]
 
     def compact(self, q, k, v, scale) -> None:
         """Compact each sequence's prompt (pads cut off, so each gets its own budget) and store them ragged,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 from .base import FullLayer, apply_probs, attention_probs, budget, take, visible
 
@@ -162,6 +162,11 @@ class SnapKVLayer(SelectionLayer):
         return votes.masked_fill(self.idx >= q_idx[0], INF)
 
 
+def turn(x, cos, sin):
+    """RoPE's pairwise rotation of x's last dimension (rotate-half layout) by angles given as cos, sin."""
+    return x * cos + rotate_half(x) * sin
+
+
 class ExpectedAttentionLayer(SelectionLayer):
     """Expected Attention (Devoto et al. 2025; kvpress's ExpectedAttentionPress): the attention that future
     queries are expected to pay each token. The prompt's queries past the first ``sinks``, brought back before
@@ -181,24 +186,21 @@ class ExpectedAttentionLayer(SelectionLayer):
     def query_model(self, q):
         """Mean [B, Hq, d] and covariance [B, Hq, d, d] of the pre-RoPE prompt queries past the sinks (pads
         excluded), both carried by RoPE averaged over each sequence's next ``future`` positions."""
-        B, Hq, n, d = q.shape
+        n = q.shape[2]
         pos = torch.arange(n, device=q.device) - self.pads[:, None]  # [B, n]; < 0 on pads
         q = q.float()
         cos, sin = self.rotary(q, pos.clamp_min(0))
-        pre = apply_rotary_pos_emb(q, q, cos, -sin)[0]  # RoPE at -pos undoes RoPE at pos
+        pre = turn(q, cos.unsqueeze(1), -sin.unsqueeze(1))  # RoPE at -pos undoes RoPE at pos
         w = (pos >= min(self.sinks, int((n - self.pads).min()) - 1)).float()  # sinks out, unless that is all
         w = (w / w.sum(-1, keepdim=True))[:, None, :, None]
         mu = (w * pre).sum(2)
         dev = pre - mu.unsqueeze(2)
         cov = (w * dev).mT @ dev
         ahead = (n - self.pads)[:, None] + torch.arange(self.future, device=q.device)  # [B, future]
-        cos, sin = (x.mean(1) for x in self.rotary(q, ahead))  # [B, d]: the averaged rotation
-        half = d // 2
-        swap = torch.zeros(d, d, device=q.device)  # rotate_half as a matrix: x -> [-x2, x1]
-        eye = torch.eye(half, device=q.device)
-        swap[:half, half:], swap[half:, :half] = -eye, eye
-        rot = (torch.diag_embed(cos) + sin.unsqueeze(-1) * swap).unsqueeze(1)  # [B, 1, d, d]
-        return (rot @ mu.unsqueeze(-1)).squeeze(-1), rot @ cov @ rot.mT
+        cos, sin = (x.mean(1) for x in self.rotary(q, ahead))  # [B, d]: the averaged rotation R̄
+        mu = turn(mu, cos.unsqueeze(1), sin.unsqueeze(1))
+        cos, sin = cos[:, None, None], sin[:, None, None]
+        return mu, turn(turn(cov, cos, sin).mT, cos, sin)  # rows of ΣR̄ᵀ, transposed (Σ symmetric): R̄ΣR̄ᵀ
 
     def prompt_scores(self, q, mask, scale):
         mu, cov = self.query_model(q)

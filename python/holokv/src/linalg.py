@@ -49,6 +49,15 @@ def _inv_sigma(s: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(s > tol, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
 
 
+def _with_floor(g: torch.Tensor, mean_sq: torch.Tensor, n: int, ridge: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """g + λI with λ = (ridge + 16·n·eps)·mean_sq + tiny (mean_sq: the mean squared column norm behind g):
+    the relative floor that keeps the Cholesky factorization of a rank-deficient Gram matrix positive
+    definite in the working precision, and gives an all-zero Gram a finite factor."""
+    finfo = torch.finfo(g.dtype)
+    lam = (ridge + 16 * n * finfo.eps) * mean_sq + finfo.tiny
+    return g + lam[..., None, None] * torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+
+
 def _start_block(n: int, p: int, like: torch.Tensor) -> torch.Tensor:
     """A fixed pseudo-random ±1 [n, p] block (an integer hash of (row, column)): identical on every device,
     so that CPU and CUDA iterate from the same start, and capturable in a CUDA graph (no RNG state)."""
@@ -67,9 +76,7 @@ def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     finfo = torch.finfo(y.dtype)
     y = y / y.norm(dim=(-2, -1), keepdim=True).clamp_min(finfo.tiny)
     s = y.mT @ y
-    floor = 16 * s.shape[-1] * finfo.eps * s.diagonal(dim1=-2, dim2=-1).mean(-1) + finfo.tiny
-    chol, _ = torch.linalg.cholesky_ex(s + floor[..., None, None] * torch.eye(s.shape[-1], dtype=y.dtype,
-                                                                             device=y.device))
+    chol, _ = torch.linalg.cholesky_ex(_with_floor(s, s.diagonal(dim1=-2, dim2=-1).mean(-1), s.shape[-1]))
     return torch.linalg.solve_triangular(chol, y.mT, upper=False).mT
 
 
@@ -162,12 +169,9 @@ def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 
     with the floor alone it is only finite.
     """
     m, n = a.shape[-2:]
-    finfo = torch.finfo(a.dtype)
-    # ridge stays a Python float where it is one: a scalar copied to the GPU would sync
-    lam = (ridge + 16 * n * finfo.eps) * (a.square().sum((-2, -1)) / n) + finfo.tiny
     dual = n > m
-    g = a @ a.mT if dual else a.mT @ a
-    g = g + lam[..., None, None] * torch.eye(g.shape[-1], dtype=a.dtype, device=a.device)
+    # ridge stays a Python float where it is one: a scalar copied to the GPU would sync
+    g = _with_floor(a @ a.mT if dual else a.mT @ a, a.square().sum((-2, -1)) / n, n, ridge)
     rhs = b if dual else a.mT @ b
     s, k = g.shape[-1], rhs.shape[-1]
     batch = torch.broadcast_shapes(g.shape[:-2], rhs.shape[:-2])

@@ -104,11 +104,11 @@ def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b
     o_bin = torch.softmax(l_bin, -1) @ v_bins  # [B, H, nb, m, d]
     a = torch.softmax(torch.cat([l_ctx, l_c.transpose(2, 3).flatten(3)], -1), -1)  # [B, H, m, Nk + nb·n_c]
     a_ctx, a_c = a[..., :k_ctx.shape[2]], a[..., k_ctx.shape[2]:]
-    o_bin = rho.unsqueeze(-1) * o_bin  # now weighted by the bins' shares
-    v0 = o_bin.sum(-2) / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(rho.dtype).tiny)
+    o_share = rho.unsqueeze(-1) * o_bin  # each bin's part of the exact output
+    v0 = o_share.sum(-2) / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(rho.dtype).tiny)
     v0 = v0.unsqueeze(3).expand(B, H, nb, n_c, d).flatten(2, 3)
     # residual O − A_kept V_kept − A_c V_0, with the kept entries' two weights differenced before one GEMM
-    resid = ((l_ctx - lse_all.unsqueeze(-1)).exp() - a_ctx) @ v_ctx + o_bin.sum(2) - a_c @ v0
+    resid = ((l_ctx - lse_all.unsqueeze(-1)).exp() - a_ctx) @ v_ctx + o_share.sum(2) - a_c @ v0
     delta, info = ridge_solve(a_c, resid, ridge)
     return kc.flatten(2, 3), v0 + delta, bc.flatten(2, 3), info
 

@@ -4,6 +4,9 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <c10/macros/Macros.h>
+
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -23,22 +26,35 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
               ref.device());
 }
 
-inline void check_keys(const at::Tensor& keys, const at::Tensor& x, const char* x_name) {
-  check_float_tensor(keys, "keys");
-  check_same_device(keys, x, "keys", x_name);
-  TORCH_CHECK(keys.dim() == 2, "keys must be [k, head_dim], got ", keys.sizes());
-  TORCH_CHECK(is_pow2_upto16(keys.size(0)), "keys.size(0) = k must be a power of two in {1,2,4,8,16}, got ",
-              keys.size(0));
-  TORCH_CHECK(keys.size(1) == x.size(-1), "keys.size(1) = ", keys.size(1), " must equal ", x_name,
+// The phase keys [k, head_dim] of a superposed cache (holokv.phase_keys).
+inline void check_phase(const at::Tensor& phase, const at::Tensor& x, const char* x_name) {
+  check_float_tensor(phase, "phase");
+  check_same_device(phase, x, "phase", x_name);
+  TORCH_CHECK(phase.dim() == 2, "phase must be [k, head_dim], got ", phase.sizes());
+  TORCH_CHECK(is_pow2_upto16(phase.size(0)), "phase.size(0) = k must be a power of two in {1,2,4,8,16}, got ",
+              phase.size(0));
+  TORCH_CHECK(phase.size(1) == x.size(-1), "phase.size(1) = ", phase.size(1), " must equal ", x_name,
               ".size(-1) = head_dim = ", x.size(-1));
 }
 
-// x [B, H, N, d], keys [k, d]; returns nothing, throws on bad input.
-inline void check_superpose(const at::Tensor& x, const at::Tensor& keys) {
+// x [B, H, N, d], phase [k, d]; returns nothing, throws on bad input.
+inline void check_superpose(const at::Tensor& x, const at::Tensor& phase) {
   check_float_tensor(x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be [B, H, N, head_dim], got ", x.sizes());
   TORCH_CHECK(x.size(3) % 2 == 0, "x: head_dim must be even, got ", x.size(3));
-  check_keys(keys, x, "x");
+  check_phase(phase, x, "x");
+}
+
+// int64 lengths or offsets on `ref`'s device, [B] or, where per_head_ok, [B, Hkv].
+inline bool check_lens(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name, int64_t B,
+                       int64_t Hkv, bool per_head_ok) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  const bool per_head = per_head_ok && t.dim() == 2;
+  TORCH_CHECK((t.dim() == 1 && t.size(0) == B) || (per_head && t.size(0) == B && t.size(1) == Hkv), name,
+              " must be [B] = [", B, "]", per_head_ok ? " or [B, Hkv]" : "", ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  check_same_device(t, ref, name, ref_name);
+  return per_head;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -56,14 +72,15 @@ inline void check_tail_bias(const std::optional<at::Tensor>& tail_bias, const at
 
 struct DecodeDims {
   int64_t B, Hq, Hkv, G, S, T, D, k;
-  bool aligned;
+  bool aligned, per_head;  // per_head: tail_lens (and tail_start) are [B, Hkv]
 };
 
 inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slots,
-                                    const at::Tensor& v_slots, const at::Tensor& keys,
+                                    const at::Tensor& v_slots, const at::Tensor& phase,
                                     const at::Tensor& slot_lens, const at::Tensor& k_tail,
                                     const at::Tensor& v_tail, const at::Tensor& tail_lens,
-                                    const std::string& mode, const std::optional<at::Tensor>& tail_bias) {
+                                    const std::string& mode, const std::optional<at::Tensor>& tail_bias,
+                                    const std::optional<at::Tensor>& tail_start) {
   TORCH_CHECK(mode == "full" || mode == "aligned", "mode must be \"full\" or \"aligned\", got \"", mode,
               "\"");
   check_float_tensor(q, "q");
@@ -90,17 +107,65 @@ inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slo
               " slots but k_slots holds ", k_slots.size(2));
   TORCH_CHECK(v_tail.size(2) == k_tail.size(2), "v_tail holds ", v_tail.size(2), " tokens but k_tail holds ",
               k_tail.size(2));
-  check_keys(keys, q, "q");
-  const std::pair<const at::Tensor*, const char*> lens[] = {{&slot_lens, "slot_lens"},
-                                                            {&tail_lens, "tail_lens"}};
-  for (auto [t, name] : lens) {
-    TORCH_CHECK(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, name, " must be [B] = [", B, "], got ", t->sizes());
-    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
-    check_same_device(*t, q, name, "q");
+  check_phase(phase, q, "q");
+  check_lens(slot_lens, "slot_lens", q, "q", B, Hkv, false);
+  const bool per_head = check_lens(tail_lens, "tail_lens", q, "q", B, Hkv, true);
+  if (tail_start) {
+    check_lens(*tail_start, "tail_start", q, "q", B, Hkv, true);
+    TORCH_CHECK(tail_start->sizes() == tail_lens.sizes(), "tail_start must have the shape of tail_lens, ",
+                tail_lens.sizes(), ", got ", tail_start->sizes());
   }
   check_tail_bias(tail_bias, k_tail);
-  return {B, Hq, Hkv, Hq / Hkv, k_slots.size(2), k_tail.size(2), D, keys.size(0), mode == "aligned"};
+  return {B, Hq, Hkv, Hq / Hkv, k_slots.size(2), k_tail.size(2), D, phase.size(0), mode == "aligned", per_head};
+}
+
+// holo_append: new tokens k, v [B, Hkv, d] into a superposed cache (see holo_append_cpu.cpp).
+struct AppendDims {
+  int64_t B, H, S, T, D, k;
+};
+
+inline AppendDims check_holo_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& phase,
+                                    const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& k_tail,
+                                    const at::Tensor& v_tail, const at::Tensor& slot_lens, const at::Tensor& tail_lens,
+                                    const at::Tensor& tail_start, int64_t sinks, double exact_share) {
+  check_float_tensor(k, "k");
+  TORCH_CHECK(k.dim() == 3, "k must be [B, Hkv, head_dim] (one new token per sequence), got ", k.sizes());
+  const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
+  const std::pair<const at::Tensor*, const char*> cache[] = {
+      {&v, "v"}, {&k_slots, "k_slots"}, {&v_slots, "v_slots"}, {&k_tail, "k_tail"}, {&v_tail, "v_tail"}};
+  for (auto [t, name] : cache) {
+    check_float_tensor(*t, name);
+    check_same_device(*t, k, name, "k");
+    TORCH_CHECK(t->scalar_type() == k.scalar_type(), name, " has dtype ", t->scalar_type(), " but k has ",
+                k.scalar_type());
+    const int64_t rank = t == &v ? 3 : 4;
+    TORCH_CHECK(t->dim() == rank && t->size(0) == B && t->size(1) == H && t->size(rank - 1) == D, name,
+                " must be [B, Hkv, ", rank == 4 ? "len, " : "", "head_dim] with B = ", B, ", Hkv = ", H,
+                ", head_dim = ", D, " (from k), got ", t->sizes());
+  }
+  TORCH_CHECK(v_slots.size(2) == k_slots.size(2), "v_slots holds ", v_slots.size(2), " slots but k_slots holds ",
+              k_slots.size(2));
+  TORCH_CHECK(v_tail.size(2) == k_tail.size(2), "v_tail holds ", v_tail.size(2), " rows but k_tail holds ",
+              k_tail.size(2));
+  TORCH_CHECK(k_tail.size(2) > 0, "k_tail must have room for at least one token");
+  check_phase(phase, k, "k");
+  check_lens(slot_lens, "slot_lens", k, "k", B, H, false);
+  check_lens(tail_lens, "tail_lens", k, "k", B, H, false);
+  check_lens(tail_start, "tail_start", k, "k", B, H, false);
+  TORCH_CHECK(sinks >= 0, "sinks must be >= 0, got ", sinks);
+  TORCH_CHECK(exact_share >= 0 && exact_share <= 1, "exact_share must lie in [0, 1], got ", exact_share);
+  return {B, H, k_slots.size(2), k_tail.size(2), D, phase.size(0)};
+}
+
+// HoloKV's closing rule (python/holokv/caches/superposed.py, HoloSpec.closed): how many of a sequence's
+// tokens are superposed once `valid` were read. The first `sinks` stay exact, then slots close in whole
+// as soon as the exact tokens exceed the share, never before they are full.
+inline C10_HOST_DEVICE int64_t closed_tokens(int64_t valid, int64_t sinks, int64_t k, double exact_share) {
+  const int64_t s = valid < sinks ? valid : sinks;
+  int64_t exact = int64_t(floor(double(valid) * exact_share));
+  exact = exact > s ? exact : s;
+  const int64_t full = (valid - s) / k * k, due = (valid - exact + k - 1) / k * k;
+  return full < due ? full : due;
 }
 
 // Batched linear algebra takes fp32 [batch, rows, cols] contiguous tensors.

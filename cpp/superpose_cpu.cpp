@@ -10,12 +10,12 @@
 
 namespace holokv {
 
-at::Tensor superpose_cpu(const at::Tensor& x, const at::Tensor& keys) {
-  check_superpose(x, keys);
-  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3), k = keys.size(0);
+at::Tensor superpose_cpu(const at::Tensor& x, const at::Tensor& phase) {
+  check_superpose(x, phase);
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3), k = phase.size(0);
   const int64_t S = ceil_div(N, k);
   at::Tensor out = at::empty({B, H, S, D}, x.options());
-  at::Tensor phi = keys.to(at::kDouble);
+  at::Tensor phi = phase.to(at::kDouble);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "superpose_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();

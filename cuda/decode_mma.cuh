@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   T* tiles = reinterpret_cast<T*>(smem4) + warp * (mma_warp_bytes<T, D>() / int(sizeof(T)));  // [stage][K, V][32][D]
   float* tile_bias = reinterpret_cast<float*>(tiles + MMA_STAGES * 2 * 32 * D);                 // [32]
 
-  const SeqLens sl = seq_lens(p, b);
+  const SeqLens sl = seq_lens(p, b, kvh);
   const int j0 = sl.aligned_phase;
   const int64_t head_off = int64_t(b) * p.Hkv + kvh;
   const T* ks = static_cast<const T*>(p.k_slots) + head_off * p.S * D;
@@ -103,8 +103,8 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
       const int r = i % 2 ? r1 : r0, d = 16 * s + (i / 2) * 8 + c0;
       const float x0 = r < G ? float(q[r * D + d]) : 0.f, x1 = r < G ? float(q[r * D + d + 1]) : 0.f;
       qa[s][i] = pack2<T>(x0, x1);
-      qs[s][i] = has_slots ? pack2<T>(x0 * load_float(p.keys, j0 * D + d, p.keys_dtype),
-                                      x1 * load_float(p.keys, j0 * D + d + 1, p.keys_dtype))
+      qs[s][i] = has_slots ? pack2<T>(x0 * load_float(p.phase, j0 * D + d, p.phase_dtype),
+                                      x1 * load_float(p.phase, j0 * D + d + 1, p.phase_dtype))
                            : 0u;
     }
 
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
     for (int i = lane; i < 32 * NC; i += 32) {
       const int t = i / NC, c = i % NC, e = e0 + t;
       const bool ok = e < e1;
-      const int64_t off = ok ? int64_t(e < n_slots ? e : e - n_slots) * D + c * 8 : 0;
+      const int64_t off = ok ? int64_t(e < n_slots ? e : sl.tail_row(e - n_slots, p.T)) * D + c * 8 : 0;
       const int sw = (c ^ (t & 7)) * 8;
       cp_async16(kd + t * D + sw, ok ? (e < n_slots ? ks : kt) + off : p.q, ok);
       cp_async16(vd + t * D + sw, ok ? (e < n_slots ? vs : vt) + off : p.q, ok);
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   const T* bias_src = static_cast<const T*>(p.tail_bias ? p.tail_bias : p.q);  // q: any valid address
   const auto load_bias = [&](int e0) {
     const int e = e0 + lane;
-    return bias_src[p.tail_bias && e >= n_slots && e < e_end ? head_off * p.T + e - n_slots : 0];
+    return bias_src[p.tail_bias && e >= n_slots && e < e_end ? head_off * p.T + sl.tail_row(e - n_slots, p.T) : 0];
   };
 
   float o[NN][4];
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
     for (int n = 0; n < NN; ++n)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const float w = p.slot_value_gain * load_float(p.keys, j0 * D + 8 * n + c0 + i, p.keys_dtype);
+        const float w = p.slot_value_gain * load_float(p.phase, j0 * D + 8 * n + c0 + i, p.phase_dtype);
         o[n][i] *= w, o[n][2 + i] *= w;
       }
     folded = true;

@@ -53,13 +53,13 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
   float* pw = m + round4(2 * G);
   T* vtile = reinterpret_cast<T*>(pw + 32 * PS<KP>);
 
-  const SeqLens sl = seq_lens(p, b);
+  const SeqLens sl = seq_lens(p, b, kvh);
   const int64_t n_sup = sl.n_sup;
   const bool bad = sl.bad;
   const int n_slots = sl.n_slots, n_entries = sl.n_entries;
   const int j0 = KP == 1 ? sl.aligned_phase : 0;  // full mode reads all k phases
 
-  for (int i = threadIdx.x; i < KP * D; i += blockDim.x) phis[i] = load_float(p.keys, j0 * D + i, p.keys_dtype);
+  for (int i = threadIdx.x; i < KP * D; i += blockDim.x) phis[i] = load_float(p.phase, j0 * D + i, p.phase_dtype);
   __syncthreads();
   const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
     constexpr int CH = D * int(sizeof(T)) / 16;
     for (int i = lane; i < n_tile * CH; i += 32) {
       const int t = i / CH, c = i % CH, ee = e0 + t;
-      const T* src = (ee < n_slots ? vs + int64_t(ee) * D : vt + int64_t(ee - n_slots) * D) + c * VE;
+      const T* src = (ee < n_slots ? vs + int64_t(ee) * D : vt + int64_t(sl.tail_row(ee - n_slots, p.T)) * D) + c * VE;
       cp_async16(vtile + t * D + c * VE, src, true);
     }
     cp_async_commit();
@@ -108,7 +108,8 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
     const int n_ph = !valid ? 0 : !is_slot ? 1 : KP == 1 ? 1 : int(min(int64_t(k), n_sup - int64_t(e) * k));
     uint4 kr[NV];
     if (valid) {
-      const uint4* src = reinterpret_cast<const uint4*>(is_slot ? ks + int64_t(e) * D : kt + int64_t(e - n_slots) * D);
+      const uint4* src =
+          reinterpret_cast<const uint4*>(is_slot ? ks + int64_t(e) * D : kt + int64_t(sl.tail_row(e - n_slots, p.T)) * D);
 #pragma unroll
       for (int c = 0; c < NV; ++c) kr[c] = src[c];
     }
@@ -139,7 +140,9 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
       }
       const float gain = is_slot ? p.slot_logit_gain : p.tail_logit_gain;
       const float offset =
-          valid && !is_slot && p.tail_bias ? load_float(p.tail_bias, head_off * p.T + e - n_slots, p.bias_dtype) : 0.f;
+          valid && !is_slot && p.tail_bias
+              ? load_float(p.tail_bias, head_off * p.T + sl.tail_row(e - n_slots, p.T), p.bias_dtype)
+              : 0.f;
       float mx = NEG_INF;
 #pragma unroll
       for (int j = 0; j < KP; ++j) {
@@ -148,12 +151,13 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
       }
       const float m_old = m[h];
       const float m_new = fmaxf(m_old, warp_max(mx));
-      const float alpha = __expf(m_old - m_new);  // 0 while m_old is -inf
+      const float base = m_new == NEG_INF ? 0.f : m_new;  // nothing unmasked yet: weights stay 0, not NaN
+      const float alpha = __expf(m_old - base);  // 0 while m_old is -inf
       float psum = 0.f;
       float* pe = pw + lane * PS<KP>;
 #pragma unroll
       for (int j = 0; j < KP; ++j) {
-        const float pj = j < n_ph ? __expf(s[j] - m_new) : 0.f;
+        const float pj = j < n_ph ? __expf(s[j] - base) : 0.f;
         psum += pj;
         pe[j] = is_slot ? pj * p.slot_value_gain : 0.f;
       }

@@ -34,9 +34,12 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32)
   const int64_t row = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* ml = part_ml + row * splits * 2;
+  // A NaN or +inf logit leaves its split a NaN sum (its weight is exp(inf - inf) or exp(NaN)), lengths past
+  // the capacity a NaN max: the row is NaN. fmaxf skips NaNs, so they are looked for apart.
   float mx = NEG_INF;
   bool bad = false;
-  for (int c = threadIdx.x; c < splits; c += blockDim.x) bad |= isnan(ml[2 * c]), mx = fmaxf(mx, ml[2 * c]);
+  for (int c = threadIdx.x; c < splits; c += blockDim.x)
+    bad |= isnan(ml[2 * c]) || isnan(ml[2 * c + 1]), mx = fmaxf(mx, ml[2 * c]);
   mx = warp_max(mx);
   bad = __any_sync(0xffffffffu, bad);
   if (lane == 0) wmax[warp] = mx, wbad[warp] = bad;
@@ -44,11 +47,9 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32)
   for (int w = 0; w < MERGE_WARPS; ++w) mx = fmaxf(mx, wmax[w]), bad |= wbad[w];
   float num[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;  // D <= 128: at most 4 dims per lane
 #pragma unroll 4
-  for (int c = warp; c < splits; c += MERGE_WARPS) {
-    const float l = ml[2 * c + 1];
-    if (l == 0.f) continue;
+  for (int c = warp; c < splits; c += MERGE_WARPS) {  // splits with nothing unmasked weigh 0
     const float w = __expf(ml[2 * c] - mx);
-    den += l * w;
+    den += ml[2 * c + 1] * w;
     const float* po = part_o + (row * splits + c) * D;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -62,7 +63,7 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32)
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float n = 0.f, dsum = 0.f;
     for (int w = 0; w < MERGE_WARPS; ++w) n += red[w][d], dsum += red[w][128];
-    out[row * D + d] = T(bad ? NAN : dsum > 0.f ? n / dsum : 0.f);
+    out[row * D + d] = T(bad ? NAN : mx == NEG_INF ? 0.f : n / dsum);  // every logit -inf, or none: zeros
   }
 }
 
@@ -126,25 +127,15 @@ void launch_phases(const DecodeParams& p, const DecodeDims& dd, int kp, at::Tens
   }
 }
 
-Dtype dtype_code(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::f32;
-    case at::kDouble: return Dtype::f64;
-    case at::kHalf: return Dtype::f16;
-    case at::kBFloat16: return Dtype::bf16;
-    default: TORCH_CHECK(false, "holo_decode: unsupported dtype ", t.scalar_type());
-  }
-}
-
 }  // namespace
 
 at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, const at::Tensor& v_slots,
-                            const at::Tensor& keys, const at::Tensor& slot_lens, const at::Tensor& k_tail,
+                            const at::Tensor& phase, const at::Tensor& slot_lens, const at::Tensor& k_tail,
                             const at::Tensor& v_tail, const at::Tensor& tail_lens, c10::string_view mode,
                             std::optional<double> scale, double slot_gain,
-                            const std::optional<at::Tensor>& tail_bias) {
-  const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
-                                          std::string(mode), tail_bias);
+                            const std::optional<at::Tensor>& tail_bias, const std::optional<at::Tensor>& tail_start) {
+  const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens,
+                                          std::string(mode), tail_bias, tail_start);
   TORCH_CHECK(dd.D == 64 || dd.D == 128, "CUDA holo_decode supports head_dim 64 and 128, got ", dd.D);
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
@@ -162,10 +153,10 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   // the tensor-core kernel reads the bias as T (a no-op where the cache stores it so)
   const at::Tensor bias = !tail_bias ? at::Tensor() : use_mma(dtype, kp, dd.G) ? tail_bias->to(dtype) : *tail_bias;
   DecodeParams p{q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
-                 keys.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
-                 bias.defined() ? bias.data_ptr() : nullptr, dtype_code(keys),
-                 bias.defined() ? dtype_code(bias) : Dtype::f32, nullptr, nullptr, int(dd.Hq), int(dd.Hkv),
-                 int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0, 0.f, 0.f, 0.f};
+                 phase.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
+                 tail_start ? tail_start->data_ptr<int64_t>() : nullptr, bias.defined() ? bias.data_ptr() : nullptr,
+                 dtype_code(phase), bias.defined() ? dtype_code(bias) : Dtype::f32, dd.per_head, nullptr, nullptr,
+                 int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0, 0.f, 0.f, 0.f};
   const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));
   p.slot_logit_gain = float(sc * slot_gain);
   p.tail_logit_gain = float(sc);

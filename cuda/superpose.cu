@@ -25,14 +25,14 @@ __global__ void superpose_kernel(const T* __restrict__ x, const float* __restric
   out[idx] = T(acc * acc_t(norm));
 }
 
-at::Tensor superpose_cuda(const at::Tensor& x, const at::Tensor& keys) {
-  check_superpose(x, keys);
+at::Tensor superpose_cuda(const at::Tensor& x, const at::Tensor& phase) {
+  check_superpose(x, phase);
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3), k = keys.size(0);
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3), k = phase.size(0);
   const int64_t S = ceil_div(N, k);
   at::Tensor out = at::empty({B, H, S, D}, x.options());
   if (out.numel() == 0) return out;
-  at::Tensor phi = keys.to(at::kFloat).contiguous();
+  at::Tensor phi = phase.to(at::kFloat).contiguous();
   const int threads = 256;
   const int64_t blocks = ceil_div(out.numel(), threads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "superpose_cuda", [&] {

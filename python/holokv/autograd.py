@@ -9,14 +9,14 @@ from .reference import demodulate_ref
 
 
 def _setup(ctx, inputs, output):
-    x, keys = inputs
-    ctx.save_for_backward(keys)
+    x, phase = inputs
+    ctx.save_for_backward(phase)
     ctx.n_tokens = x.shape[2]
 
 
 def _backward(ctx, grad):
-    (keys,) = ctx.saved_tensors
-    grad_x = demodulate_ref(grad, keys, ctx.n_tokens) / math.sqrt(keys.shape[0])
+    (phase,) = ctx.saved_tensors
+    grad_x = demodulate_ref(grad, phase, ctx.n_tokens) / math.sqrt(phase.shape[0])
     return grad_x, None
 
 

@@ -27,24 +27,27 @@ def phase_keys(k: int, head_dim: int, rope_layout: str = "half", *, device=None,
     return ops.phase_keys(k, head_dim, rope_layout).to(device=device, dtype=dtype)
 
 
-def superpose(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def superpose(x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """Superpose k consecutive tokens per slot: ``[B, H, N, d] -> [B, H, ceil(N/k), d]``.
 
     ``slot_s = sum_t x[s*k + t] * Phi_t / sqrt(k)`` (the sqrt(k) variance
     normalization), accumulated in fp32 (fp64 for fp64 input), stored in x's
-    dtype. A last partial slot sums only the tokens present. ``keys`` is
+    dtype. A last partial slot sums only the tokens present. ``phase`` is
     ``[k, d]`` from :func:`phase_keys`. Differentiable (its adjoint demodulates).
     """
-    return ops.superpose(x, keys)
+    return ops.superpose(x, phase)
 
 
-def holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens, mode: str = "full",
-                scale: float | None = None, slot_gain: float = 1.0, tail_bias: torch.Tensor | None = None) -> torch.Tensor:
+def holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode: str = "full",
+                scale: float | None = None, slot_gain: float = 1.0, tail_bias: torch.Tensor | None = None,
+                tail_start: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a superposed cache plus an exact tail.
 
     Shapes: q ``[B, Hq, d]`` (one new token per sequence); k_slots, v_slots
-    ``[B, Hkv, S, d]``; k_tail, v_tail ``[B, Hkv, T, d]``; keys ``[k, d]``;
-    slot_lens, tail_lens int64 ``[B]``. Hq must be a multiple of Hkv (GQA).
+    ``[B, Hkv, S, d]``; k_tail, v_tail ``[B, Hkv, T, d]``; phase ``[k, d]`` (the
+    phase keys of :func:`phase_keys`); slot_lens int64 ``[B]``; tail_lens int64
+    ``[B]``, or ``[B, Hkv]`` where each KV head holds its own number of exact
+    entries. Hq must be a multiple of Hkv (GQA).
     Returns ``[B, Hq, d]`` in q's dtype; softmax and sums run in fp32.
 
     ``slot_lens[b]`` counts the *tokens* held superposed by sequence b (its last
@@ -71,12 +74,45 @@ def holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
     no superposed tokens this is the decode over an SRC-compacted cache (one
     decode core, two cache formats).
 
+    ``tail_start`` (optional, int64, shaped like ``tail_lens``) makes each tail a
+    ring: its entry t lives in row ``(tail_start + t) mod T``, so a cache can drop
+    its oldest exact tokens by moving the start instead of moving the others.
+
+    Non-finite input, the same on CPU, on CUDA and in the reference (README, "NaN and
+    masking conventions"): a NaN logit (NaN in q, a used key, scale, slot_gain or
+    tail_bias) or a +inf logit makes that query row NaN. An entry whose logit is -inf
+    is masked (weight 0); a row whose every entry is masked, or that has no entries,
+    is zeros. Values are weighted as in ``p @ v``: NaN in a used value gives NaN even
+    at weight 0 (except in an all-masked row, which reads no value). Capacity past the
+    lengths is never read. ``phase`` must be finite (a ±1 table from :func:`phase_keys`).
     Lengths outside the tensors' capacity raise on CPU; on CUDA (where checking
-    them would need a host sync) that sequence's output is NaN. A sequence with
-    no entries at all gets zeros.
+    them would need a host sync) that sequence's output is NaN.
     """
-    return ops.holo_decode(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens, mode, scale,
-                           slot_gain, tail_bias)
+    return ops.holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode, scale,
+                           slot_gain, tail_bias, tail_start)
+
+
+def holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks: int,
+                exact_share: float) -> None:
+    """Append one new token per sequence to a HoloKV cache, in place (HoloKV's active accumulation buffer).
+
+    k, v ``[B, Hkv, d]``; the cache is what :func:`holo_decode` reads: slots ``[B, Hkv, S, d]``, a tail
+    ring ``[B, Hkv, T, d]`` holding each sequence's ``[sinks | exact stream tokens]`` from
+    ``tail_start``, and int64 ``[B]`` counters slot_lens (superposed tokens, a multiple of k),
+    tail_lens, tail_start, all mutated. Per sequence, with ``valid = slot_lens + tail_lens`` tokens
+    held before the new one: the slots that are due once ``valid`` tokens were read (the first
+    ``sinks`` stay exact; a slot closes, whole, once the exact tokens exceed ``exact_share`` of
+    ``valid``; :class:`holokv.caches.superposed.HoloSpec`) are summed from the ring's oldest stream
+    tokens, ``sum_t x_t * Phi_t / sqrt(k)`` in fp32 as :func:`superpose` does, and written once; the
+    sinks move past the closed rows and the ring's start advances; then the new token goes to the
+    end of the ring. One launch, no host sync; the decode that follows reads the new token exact.
+
+    Capacity: on CPU a sequence that needs more slots or tail rows than the tensors hold raises;
+    on CUDA (where checking would sync) it is left unchanged with ``tail_lens = T + 1``, and
+    :func:`holo_decode` then gives NaN for it.
+    """
+    ops.holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
+                    exact_share)
 
 
 def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

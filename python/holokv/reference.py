@@ -8,6 +8,7 @@ uses them directly.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -40,58 +41,89 @@ def phase_keys_ref(k: int, head_dim: int, rope_layout: str = "half") -> torch.Te
     return hadamard(k)[:, key_groups(head_dim, k, rope_layout)]
 
 
-def superpose_ref(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def superpose_ref(x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """x [B, H, N, d] -> slots [B, H, ceil(N/k), d]; slot_s = sum_t x[s*k+t] * Phi_t / sqrt(k)."""
-    k = keys.shape[0]
+    k = phase.shape[0]
     B, H, N, d = x.shape
     S = -(-N // k)
     pad = x.new_zeros(B, H, S * k - N, d)
     xs = torch.cat([x, pad], 2).view(B, H, S, k, d)
-    return (xs * keys.to(x.dtype)).sum(3) / math.sqrt(k)
+    return (xs * phase.to(x.dtype)).sum(3) / math.sqrt(k)
 
 
-def demodulate_ref(slots: torch.Tensor, keys: torch.Tensor, n_tokens: int) -> torch.Tensor:
+def demodulate_ref(slots: torch.Tensor, phase: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """slots [B, H, S, d] -> [B, H, n_tokens, d]: token s*k+j reads slot s under Phi_j."""
-    k = keys.shape[0]
+    k = phase.shape[0]
     B, H, S, d = slots.shape
-    out = slots.unsqueeze(3) * keys.to(slots.dtype)  # [B, H, S, k, d]
+    out = slots.unsqueeze(3) * phase.to(slots.dtype)  # [B, H, S, k, d]
     return out.reshape(B, H, S * k, d)[:, :, :n_tokens]
 
 
-def holo_decode_ref(q, k_slots, v_slots, keys, slot_lens, k_tail, v_tail, tail_lens,
-                    mode: str = "full", scale: float | None = None, slot_gain: float = 1.0, tail_bias=None):
+def holo_decode_ref(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens,
+                    mode: str = "full", scale: float | None = None, slot_gain: float = 1.0, tail_bias=None,
+                    tail_start=None):
     """Reference for ``torch.ops.holokv.holo_decode``; see its docstring for the semantics.
 
-    Computed per sequence in the dtype of ``q`` (pass float64 for a reference).
+    Computed per sequence and KV head in the dtype of ``q`` (pass float64 for a reference).
     """
     B, Hq, d = q.shape
     Hkv = k_slots.shape[1]
     G = Hq // Hkv
-    k = keys.shape[0]
+    k, T = phase.shape[0], k_tail.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dt = q.dtype
-    out = torch.empty_like(q)
-    for b in range(B):
-        n_sup, n_tail = int(slot_lens[b]), int(tail_lens[b])
+    phi = phase.to(dt)
+    lens = tail_lens.view(B, -1).expand(B, Hkv)
+    starts = (torch.zeros_like(tail_lens) if tail_start is None else tail_start).view(B, -1).expand(B, Hkv)
+    out = torch.empty_like(q).view(B, Hkv, G, d)
+    for b, h in itertools.product(range(B), range(Hkv)):
+        n_sup, n_tail = int(slot_lens[b]), int(lens[b, h])
         n_slots = -(-n_sup // k)
-        qb = q[b].view(Hkv, G, d)
-        ks, vs = k_slots[b, :, :n_slots].to(dt), v_slots[b, :, :n_slots].to(dt)
-        phi = keys.to(dt)
+        qh = q[b].view(Hkv, G, d)[h]
+        ks, vs = k_slots[b, h, :n_slots].to(dt), v_slots[b, h, :n_slots].to(dt)
+        # logits are gain * <q, k> as in the kernels (with scale = inf, the order decides NaN against inf)
         if mode == "aligned":
             j = (n_sup + n_tail - 1) % k
-            s_sup = scale * slot_gain * torch.einsum("hgd,hsd->hgs", qb * phi[j], ks)
-            v_sup = math.sqrt(k) * vs * phi[j]  # [Hkv, S, d]
+            s_sup = scale * slot_gain * ((qh * phi[j]) @ ks.T)
+            v_sup = math.sqrt(k) * vs * phi[j]  # [S, d]
         elif mode == "full":
-            kd = demodulate_ref(ks.unsqueeze(0), phi, n_sup)[0]  # [Hkv, n_sup, d]
-            s_sup = scale * slot_gain * torch.einsum("hgd,hnd->hgn", qb, kd)
-            v_sup = math.sqrt(k) * demodulate_ref(vs.unsqueeze(0), phi, n_sup)[0]
+            kd = demodulate_ref(ks[None, None], phi, n_sup)[0, 0]  # [n_sup, d]
+            s_sup = scale * slot_gain * (qh @ kd.T)
+            v_sup = math.sqrt(k) * demodulate_ref(vs[None, None], phi, n_sup)[0, 0]
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        kt, vt = k_tail[b, :, :n_tail].to(dt), v_tail[b, :, :n_tail].to(dt)
-        s_tail = scale * torch.einsum("hgd,htd->hgt", qb, kt)
+        rows = (int(starts[b, h]) + torch.arange(n_tail)) % max(T, 1)  # the tail is a ring from its start
+        kt, vt = k_tail[b, h, rows].to(dt), v_tail[b, h, rows].to(dt)
+        s_tail = scale * (qh @ kt.T)
         if tail_bias is not None:
-            s_tail = s_tail + tail_bias[b, :, None, :n_tail].to(dt)
-        p = torch.softmax(torch.cat([s_sup, s_tail], -1), -1)
-        vall = torch.cat([v_sup, vt], 1)  # [Hkv, n, d]
-        out[b] = torch.einsum("hgn,hnd->hgd", p, vall).reshape(Hq, d)
-    return out
+            s_tail = s_tail + tail_bias[b, h, rows].to(dt)
+        s = torch.cat([s_sup, s_tail], -1)
+        masked = (s == -math.inf).all(-1, keepdim=True)  # nothing to attend to (or no entries): zeros
+        p = torch.softmax(s.masked_fill(masked, 0.0), -1)  # a NaN or +inf logit gives a NaN row
+        out[b, h] = (p @ torch.cat([v_sup, vt], 0)).masked_fill(masked, 0.0)
+    return out.view(B, Hq, d)
+
+
+def closed_tokens_ref(valid: int, sinks: int, k: int, exact_share: float) -> int:
+    """HoloKV's closing rule for one sequence (``HoloSpec.closed``): tokens superposed once ``valid`` were read."""
+    s = min(valid, sinks)
+    exact = max(s, math.floor(valid * exact_share))
+    return min((valid - s) // k * k, -(-(valid - exact) // k) * k)
+
+
+def holo_append_ref(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks: int,
+                    exact_share: float) -> None:
+    """Reference for ``torch.ops.holokv.holo_append`` (in place, same semantics; see its docstring)."""
+    kk, T = phase.shape[0], k_tail.shape[2]
+    for b in range(k.shape[0]):
+        sl, tl, start = int(slot_lens[b]), int(tail_lens[b]), int(tail_start[b])
+        close = closed_tokens_ref(sl + tl, sinks, kk, exact_share) - sl
+        n_sinks = min(sl + tl, sinks)
+        row = lambda i: (start + i) % T  # noqa: E731
+        for x, slots, tail in ((k, k_slots, k_tail), (v, v_slots, v_tail)):
+            block = tail[b][:, [row(n_sinks + i) for i in range(close)]]  # [H, close, d]
+            slots[b, :, sl // kk: (sl + close) // kk] = superpose_ref(block[None].float(), phase.float())[0].to(
+                slots.dtype)
+            tail[b][:, [row(close + i) for i in range(n_sinks)]] = tail[b][:, [row(i) for i in range(n_sinks)]]
+            tail[b, :, row(tl)] = x[b]
+        tail_start[b], tail_lens[b], slot_lens[b] = row(close), tl + 1 - close, sl + close

@@ -24,7 +24,7 @@ from ..src.attention import logits
 from ..src.compact import entry_elems, fit
 from ..src.summarize import summarize_bins
 from ..src.selection import entropy
-from .base import FullLayer, append_ragged, exact_attention, take
+from .base import FullLayer, take
 
 SCORES = ("mass", "seed")
 CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of the budget (bench/src_quality.py)
@@ -106,7 +106,7 @@ class SRCLayer(FullLayer):
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
                  ridge: float = 1.0, window: int = 32, bin_size: int | None = None, sinks: int = 4,
                  recent: int = 32, lam: float = 0.5, every: int | None = 16, decode_bin: int | None = None):
-        super().__init__()
+        FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
         if method not in ("softmax_ls", "seed"):  # "evict" is the snapkv/topk cache
@@ -128,52 +128,66 @@ class SRCLayer(FullLayer):
         self.rank, self.ridge, self.window, self.bin_size, self.decode_bin, self.sinks, self.recent = (
             rank, ridge, window, bin_size, decode_bin, sinks, recent)
         # seed centroids carry no log-mass, so only softmax_ls stores (and pays for) a bias per entry
-        # the scoring queries are state too: held (and counted in nbytes) while decoding
-        self.state = ("keys", "values", "lens", "queries") + (("bias",) if method == "softmax_ls" else ())
+        self.log_mass = method == "softmax_ls"
         self.late_check = LateCheck()
+        # the scoring queries are state too (held, and counted in nbytes, while decoding): a ring of the
+        # tail's last queries, written in place by each decode step
+        self.q_cap = window if score == "mass" else recent + (every or 1)
 
-    def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        self.lens = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
-        self.bias = key_states.new_zeros(*key_states.shape[:2], 0) if "bias" in self.state else None
+    def prefill(self, q, k, v, mask, scale, pads):
         # stream counts (see the class docstring): recent window taken over from the prompt, generated,
         # reviewed and of those kept exact
         self.r0 = self.generated = self.reviewed = self.kept = 0
-        self.queries = None  # [B, Hq, n, d]: queries of the tail's last n tokens
+        return super().prefill(q, k, v, mask, scale, pads)
 
-    def append(self, k, v):
-        self.new = k, v  # read() commits them: the prompt compacted, later tokens one by one
+    @property
+    def held_k(self) -> torch.Tensor:
+        """[B, Hkv, width, d]: the entries as far as the longest sequence's (entries past lens are filler)."""
+        return self.store.k[:, :, :self.width]
 
-    def read(self, q, mask, scale, start):
-        k, v = self.new
-        self.new = None
-        if start == 0:
-            out = exact_attention(q, k, v, mask, scale)
-            self.compact(q, k, v, scale)
-            return out
-        no_slots, phase = k[:, :, :0], k.new_ones(1, k.shape[3])  # an empty superposed part (phase unused)
-        outs = []  # several new tokens: one decode step each, so they read what a decode would
-        for i in range(q.shape[2]):
-            self.push(q[:, :, i: i + 1], k[:, :, i: i + 1], v[:, :, i: i + 1])
-            outs.append(torch.ops.holokv.holo_decode(
-                q[:, :, i].contiguous(), no_slots, no_slots, phase, torch.zeros_like(self.lens), self.keys,
-                self.values, self.lens, "full", scale, 1.0, self.bias))
-            if self.every and self.generated % self.every == 0:
-                self.step(scale)
-        return torch.stack(outs, 1)
+    @property
+    def held_v(self) -> torch.Tensor:
+        return self.store.v[:, :, :self.width]
 
-    def push(self, q, k, v) -> None:
-        """Append one token per sequence. Every sequence grows by one, so the new width is known without
-        asking the device for the longest length."""
-        width = self.keys.shape[2] + 1
-        self.keys = append_ragged(self.keys, self.lens, k, 1, width)
-        self.values = append_ragged(self.values, self.lens, v, 1, width)
-        if self.bias is not None:
-            self.bias = append_ragged(self.bias, self.lens, self.bias.new_zeros(*k.shape[:3]), 1, width)
-        self.lens = self.lens + 1
+    @property
+    def lens(self) -> torch.Tensor:
+        return self.store.lens
+
+    def decode(self, q, k, v, scale):
+        """Append one token per sequence, and its query to the ring; every sequence grows by one."""
+        self.n_valid.add_(1)
+        self.store.append(k, v)
+        if self.every:
+            self.q_ring.index_copy_(2, self.q_at, q.unsqueeze(2))
+            self.q_at.add_(1).remainder_(self.q_cap)
+        return self.store.decode(q, scale)
+
+    def after_token(self) -> None:
+        super().after_token()
+        self.width += 1
         self.generated += 1
-        if self.queries is not None:
-            self.queries = torch.cat([self.queries, q], 2)[:, :, -self.kept_queries():]
+        self.q_written += 1
+        if self.every and self.generated % self.every == 0:
+            self.step(self.scale)
+
+    def bound(self, seen: int) -> int:
+        return self.width + seen - self.seen  # every decode step adds one entry, a compression step removes
+
+    def kept_queries(self) -> int:
+        """Queries the steps need: the observation window, or for score="seed" the whole tail's."""
+        return self.window if self.score == "mass" else self.r0 + self.generated - self.reviewed
+
+    @property
+    def queries(self) -> torch.Tensor:
+        """[B, Hq, m, d]: the last m = kept_queries() queries in order (the ring unrolled)."""
+        m = min(self.q_written, self.kept_queries())
+        ordered = self.q_ring.roll(-(self.q_written % self.q_cap), 2) if self.q_written >= self.q_cap else \
+            self.q_ring[:, :, :self.q_written]
+        return ordered[:, :, ordered.shape[2] - m:]
+
+    def nbytes(self) -> int:
+        held = 0 if not self.every else min(self.q_written, self.kept_queries()) * self.q_ring[:, :, 0].nbytes
+        return self.store.nbytes() + held
 
     def kept_queries(self) -> int:
         """Queries the steps need: the observation window, or for score="seed" the whole tail's."""
@@ -204,7 +218,7 @@ class SRCLayer(FullLayer):
         n_new = tail - self.recent
         if n_new <= 0:
             return
-        B, H, width, d = self.keys.shape
+        B, H, width, d = self.held_k.shape
         n_keep = self.n_exact(n_new, d)
         n_bin = (self.reviewed - self.kept) % self.decode_bin  # exact tokens waiting in the bin
         self.reviewed += n_new
@@ -215,7 +229,7 @@ class SRCLayer(FullLayer):
 
         # rebuild the [bin | tail] end of every sequence as [kept | centroids | bin | rest of the tail]
         end, arange = n_bin + tail, lambda n: torch.arange(n, device=self.device)
-        kv = [take(x, (self.lens - end)[:, None] + arange(end)) for x in (self.keys, self.values)]
+        kv = [take(x, (self.lens - end)[:, None] + arange(end)) for x in (self.held_k, self.held_v)]
         new = [x[:, :, n_bin: n_bin + n_new] for x in kv]
         binned = [torch.cat([x[:, :, :n_bin], take(y, out)], 2) for x, y in zip(kv, new)]
         n_bins = binned[0].shape[2] // self.decode_bin
@@ -224,11 +238,13 @@ class SRCLayer(FullLayer):
                           2) for x, y, b in zip(kv, new, binned)]
         n_end = ends[0].shape[2]
         start, width = self.lens - end, width - end + n_end
-        self.keys, self.values = (append_ragged(x, start, e, n_end, width)
-                                  for x, e in zip((self.keys, self.values), ends))
-        if self.bias is not None:  # the end holds exact tokens only: bias 0 until the centroids are written
-            self.bias = append_ragged(self.bias, start, self.bias.new_zeros(B, H, n_end), n_end, width)
-        self.lens = start + n_end
+        rows = (start[:, None] + arange(n_end))[:, None].expand(B, H, n_end)  # the end is rewritten in place
+        for x, e in zip((self.store.k, self.store.v), ends):
+            x.scatter_(2, rows[..., None].expand(B, H, n_end, d), e)
+        if self.store.bias is not None:  # the end holds exact tokens only: bias 0 until the centroids are written
+            self.store.bias.scatter_(2, rows, 0.0)
+        self.store.lens.copy_(start + n_end)
+        self.width = width
         if n_bins == 0:
             return
 
@@ -238,24 +254,25 @@ class SRCLayer(FullLayer):
         obs = self.queries[:, :, -self.window:].float()
         ctx = self.visible(obs.shape[2], width, obs.shape[1] // H) & ((j < 0) | (j >= n_cent))
         bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.decode_bin, d) for b in binned]
+        bias = self.store.bias
         kc, vc, bc, info = summarize_bins(
-            self.method, pool_gqa(obs, H), self.keys.float(), self.values.float(),
-            None if self.bias is None else self.bias.float(), ctx, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
+            self.method, pool_gqa(obs, H), self.held_k.float(), self.held_v.float(),
+            None if bias is None else bias[:, :, :width].float(), ctx, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
             self.rank, self.ridge, scale)
         self.late_check(info)
         at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
-        self.keys.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.keys.dtype))
-        self.values.scatter_(2, at[..., None].expand(B, H, n_cent, d), vc.to(self.values.dtype))
-        if self.bias is not None:
-            self.bias.scatter_(2, at, bc.to(self.bias.dtype))
+        self.store.k.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.store.k.dtype))
+        self.store.v.scatter_(2, at[..., None].expand(B, H, n_cent, d), vc.to(self.store.v.dtype))
+        if bias is not None:
+            bias.scatter_(2, at, bc.to(bias.dtype))
 
     def review_scores(self, tail: int, n_new: int, scale) -> torch.Tensor:
         """[B, Hkv, n_new] scores of the tail's first n_new tokens, as at prefill: the attention mass the
         last ``window`` queries give them over the whole cache, less λ·(their own row's entropy) for "seed"."""
-        H, width = self.keys.shape[1], self.keys.shape[2]
+        H, width = self.held_k.shape[1], self.held_k.shape[2]
         G = self.queries.shape[1] // H
-        keys = self.keys.float()  # fp32 like the prefill's scores
-        bias = None if self.bias is None else self.bias.float()
+        keys = self.held_k.float()  # fp32 like the prefill's scores
+        bias = None if self.store.bias is None else self.store.bias[:, :, :width].float()
         obs = self.queries[:, :, -self.window:].float()
         mass = window_mass(obs, keys, scale, bias, self.visible(obs.shape[2], width, G))
         score = take(mass, (self.lens - tail)[:, None] + torch.arange(n_new, device=self.device))
@@ -265,13 +282,14 @@ class SRCLayer(FullLayer):
         p = torch.softmax(logits(rows, keys, bias, self.visible(tail, width, G, n_new), scale), -1)
         return seed_score(score, entropy(p).view(*score.shape[:2], G, n_new).mean(2), self.lam)
 
-    def compact(self, q, k, v, scale) -> None:
+    def compress_prompt(self, q, k, v, mask, scale, pads) -> None:
         """Compact each sequence's prompt (pads cut off, so each gets its own budget) and store them ragged,
         centroids first: the kept tokens follow in order, so the recent window ends every sequence and
         starts the decode stream's tail when the prefill kept it whole."""
         self.late_check.flush()  # the previous generation's last step: the prefill syncs anyway
+        self.scale = scale
         parts, tails = [], []
-        for b, pad in enumerate(self.pads.tolist()):
+        for b, pad in enumerate(self.pads):
             # fp32: the solves (eigh, Cholesky) have no half-precision kernels
             qb, kb, vb = (x[b: b + 1, :, pad:].float() for x in (q, k, v))
             n, d = kb.shape[2], kb.shape[3]
@@ -289,10 +307,14 @@ class SRCLayer(FullLayer):
             parts.append([torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)])
             # all of the sinks and the recent window kept (the split keeps protected tokens first)
             tails.append(min(self.recent, n) if n_keep >= min(n, self.sinks + self.recent) else 0)
-        self.keys, self.values, bias = (ragged(list(x)).to(k.dtype) for x in zip(*parts))
-        self.lens = torch.tensor([p[0].shape[2] for p in parts], device=self.device)
-        if self.bias is not None:
-            self.bias = bias
+        keys, values, bias = (ragged(list(x)).to(k.dtype) for x in zip(*parts))
+        lens = [p[0].shape[2] for p in parts]
+        self.store.write(keys, values, torch.tensor(lens, device=self.device), bias)
+        self.width = max(lens)
         if self.every:
             self.r0 = min(tails)  # a count shared by the batch (see the class docstring)
-            self.queries = q[:, :, q.shape[2] - min(self.r0, self.kept_queries()):]
+            first = q[:, :, q.shape[2] - min(self.r0, self.kept_queries()):]
+            self.q_ring = q.new_zeros(*q.shape[:2], self.q_cap, q.shape[3])
+            self.q_written = first.shape[2]
+            self.q_ring[:, :, :self.q_written] = first
+            self.q_at = torch.tensor([self.q_written % self.q_cap], device=self.device)

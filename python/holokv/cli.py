@@ -1,9 +1,10 @@
-"""``holokv`` command line. ``holokv eval`` runs the quality-vs-memory grid."""
+"""``holokv`` command line. ``holokv eval`` runs the quality-vs-memory grid, ``holokv bench`` the benchmarks."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .bench import add_parser as bench_parser
 from .caches import METHODS
 
 
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="holokv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
+    bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return args.run(args)
     from .eval import EvalConfig, run_eval
     from .eval.report import table
 

@@ -40,24 +40,27 @@ import argparse
 import torch
 
 import holokv
-from common import ColdL2Timer, provenance, save
 from holokv.src import Graphed, attend, compact, linalg, plan
+
+from .common import ColdL2Timer, add_out, need_cuda, provenance, save
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=4096, help="binned (evicted) tokens per head")
     ap.add_argument("--bin-size", type=int, default=64)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20, help="timed runs (torch_eigh and torch_svd take ~1 s each)")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = ap.parse_args()
+    add_out(ap)
+
+
+def run(args) -> int:
+    need_cuda("src")
     h, d, r = args.kv_heads, args.head_dim, args.rank
     nb = args.tokens // args.bin_size
     gen = torch.Generator().manual_seed(0)
@@ -127,7 +130,4 @@ def main():
                                           "timing": f"median of {args.reps} cold-L2 runs, CUDA events, ms",
                                           "rows": rows}, args.out)
     print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

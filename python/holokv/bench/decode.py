@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import holokv
-from common import ColdL2Timer, copy_bandwidth, provenance, save
+
+from .common import ColdL2Timer, add_out, copy_bandwidth, need_cuda, provenance, save
 
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]  # the fastest decode SDPA has
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--k", type=int, nargs="+", default=[4])
@@ -35,8 +35,11 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tail", type=int, default=64, help="exact tail tokens (open slot + recent window)")
     ap.add_argument("--compact-ratio", type=int, nargs="+", default=[4, 8], help="compacted cache: N / entries")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = ap.parse_args()
+    add_out(ap)
+
+
+def run(args) -> int:
+    need_cuda("decode")
     dtype = getattr(torch, args.dtype)
     timer = ColdL2Timer()
     peak = copy_bandwidth(timer)
@@ -104,7 +107,4 @@ def main():
                                       "timing": "median of 50 cold-L2 runs, CUDA events", "rows": rows},
                 args.out)
     print(f"copy bandwidth {peak / 1e9:.0f} GB/s; wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

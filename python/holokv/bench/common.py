@@ -1,4 +1,4 @@
-"""Timing and provenance helpers shared by the benchmarks."""
+"""What the benchmarks share: a cold-L2 CUDA-event timer, the measured copy bandwidth, provenance and saving."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,20 @@ from pathlib import Path
 
 import torch
 
-from holokv.provenance import provenance  # noqa: F401  one helper for the benchmarks and holokv eval
+from ..provenance import provenance  # noqa: F401  one record of what ran, for the benchmarks and holokv eval
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("bench/results")  # relative to the current directory, like holokv eval's --out
+
+
+def add_out(p, smoke: bool = False) -> None:
+    """The ``--out`` option every benchmark has."""
+    p.add_argument("--out", default=None, help=f"results folder (default {RESULTS}/ in the current directory"
+                                               + ("; --smoke: nothing saved unless given)" if smoke else ")"))
+
+
+def need_cuda(bench: str, hint: str = "") -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit(f"holokv bench {bench}: needs a CUDA GPU{hint}")
 
 
 class ColdL2Timer:
@@ -42,7 +53,7 @@ def copy_bandwidth(timer: ColdL2Timer, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (us * 1e-6)
 
 
-def save(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+def save(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name

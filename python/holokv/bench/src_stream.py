@@ -14,8 +14,8 @@ span per token (events around each step) and the entries each cache holds at the
 decode-only cache reads more entries, so the difference slightly understates the steps).
 A run under torch.cuda.set_sync_debug_mode("error") records whether any host sync happened.
 
-    python bench/src_stream.py                 # CUDA, writes bench/results/src_stream_bench.json
-    python bench/src_stream.py --smoke         # small shapes on the CPU, prints only
+    holokv bench stream                 # CUDA, writes bench/results/src_stream_bench.json
+    holokv bench stream --smoke         # small shapes on the CPU, prints only
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ import time
 
 import torch
 
-from common import provenance, save
 from holokv.caches.src import SRCLayer
 
+from .common import add_out, need_cuda, provenance, save
 
-def run(layer: SRCLayer, q, k, v, scale, cuda: bool) -> tuple[float, list[float]]:
+
+def decode(layer: SRCLayer, q, k, v, scale, cuda: bool) -> tuple[float, list[float]]:
     """Decode q/k/v [B, H, T, d] token by token; returns (µs per token, µs of each compression step)."""
     spans = []
     step = layer.step
@@ -63,8 +64,7 @@ def run(layer: SRCLayer, q, k, v, scale, cuda: bool) -> tuple[float, list[float]
     return 1e3 * start.elapsed_time(end) / n, [1e3 * s.elapsed_time(e) for s, e in spans]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, small shapes, nothing saved unless --out")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 8192; smoke 512)")
     ap.add_argument("--tokens", type=int, default=256, help="generated tokens")
@@ -74,11 +74,13 @@ def main():
     ap.add_argument("--ratio", type=float, default=4.0)
     ap.add_argument("--every", default="16", help="comma-separated M values")
     ap.add_argument("--reps", type=int, default=5, help="timed runs of each configuration (smoke 1)")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results; smoke: not saved)")
-    args = ap.parse_args()
+    add_out(ap, smoke=True)
+
+
+def run(args) -> int:
     cuda = not args.smoke
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU (or --smoke for a CPU run)")
+    if cuda:
+        need_cuda("stream", " (--smoke runs on the CPU)")
     dev = torch.device("cuda" if cuda else "cpu")
     n, n_new = args.prompt or (512 if args.smoke else 8192), args.tokens
     reps = 1 if args.smoke else args.reps
@@ -94,18 +96,18 @@ def main():
         layer.update(k[:, :, :n], v[:, :, :n])
         layer.attend(q[:, :, :n], None, scale)  # prefill: exact attention, then the one-shot compaction
         new = [x[:, :, n:] for x in (q, k, v)]
-        run(copy.deepcopy(layer), *new, scale, cuda)  # warm-up (allocator, cuSOLVER handles)
+        decode(copy.deepcopy(layer), *new, scale, cuda)  # warm-up (allocator, cuSOLVER handles)
         times, last = [], None
         for _ in range(reps):
             last = copy.deepcopy(layer)
-            us, spans = run(last, *new, scale, cuda)
+            us, spans = decode(last, *new, scale, cuda)
             times.append(us)
         last.late_check.flush()
         syncs = "not checked (CPU)"
         if cuda:
             torch.cuda.set_sync_debug_mode("error")
             try:
-                run(copy.deepcopy(layer), *new, scale, cuda=False)  # host timing only: events are no syncs anyway
+                decode(copy.deepcopy(layer), *new, scale, cuda=False)  # host timing only: events are no syncs anyway
                 syncs = "none"
             except RuntimeError as e:
                 syncs = f"synchronized: {e}"
@@ -113,8 +115,8 @@ def main():
                 torch.cuda.set_sync_debug_mode("default")
         row = {"every": every, "us_per_token": statistics.median(times), "us_per_token_runs": times,
                "steps": len(spans), "step_us_mean": statistics.mean(spans) if spans else 0.0,
-               "step_us_per_token": sum(spans) / n_new, "entries_after_prompt": layer.keys.shape[2],
-               "entries_end": last.keys.shape[2], "bins_summarized": (last.reviewed - last.kept) // last.bin_size,
+               "step_us_per_token": sum(spans) / n_new, "entries_after_prompt": layer.held_k.shape[2],
+               "entries_end": last.held_k.shape[2], "bins_summarized": (last.reviewed - last.kept) // last.bin_size,
                "reviewed": last.reviewed, "kept_exact": last.kept, "host_syncs": syncs}
         rows.append(row)
         base = rows[0]["us_per_token"]
@@ -135,7 +137,4 @@ def main():
                                f"median of {reps} runs, microseconds per generated token" if cuda else
                                "host wall clock, microseconds per generated token", "rows": rows}, args.out)
         print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

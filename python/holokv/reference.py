@@ -122,7 +122,8 @@ def holo_append_ref(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, ta
         row = lambda i: (start + i) % T  # noqa: E731
         for x, slots, tail in ((k, k_slots, k_tail), (v, v_slots, v_tail)):
             block = tail[b][:, [row(n_sinks + i) for i in range(close)]]  # [H, close, d]
-            slots[b, :, sl // kk: (sl + close) // kk] = superpose_ref(block[None].float(), phase.float())[0].to(
+            acc = torch.float64 if block.dtype == torch.float64 else torch.float32  # superpose accumulates so
+            slots[b, :, sl // kk: (sl + close) // kk] = superpose_ref(block[None].to(acc), phase.to(acc))[0].to(
                 slots.dtype)
             tail[b][:, [row(close + i) for i in range(n_sinks)]] = tail[b][:, [row(i) for i in range(n_sinks)]]
             tail[b, :, row(tl)] = x[b]

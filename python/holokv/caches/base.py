@@ -38,11 +38,13 @@ def left_aligned(pads: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, vis: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention weights [B, Hkv, G, q, n] in fp32 (GQA: G query heads per KV head); vis [B, Hkv, q, n]."""
+    """Softmax attention weights [B, Hkv, G, q, n] in fp32 (GQA: G query heads per KV head); vis [B, Hkv, q, n].
+    A query that sees nothing (a pad's) gets no weights rather than NaN."""
     B, Hq, m, d = q.shape
     Hkv = k.shape[1]
     s = torch.einsum("bhgmd,bhnd->bhgmn", q.reshape(B, Hkv, Hq // Hkv, m, d).float(), k.float()) * scale
-    return s.masked_fill(~vis.unsqueeze(2), float("-inf")).softmax(-1)
+    vis = vis.unsqueeze(2)
+    return s.masked_fill(~vis, float("-inf")).softmax(-1).masked_fill(~vis.any(-1, keepdim=True), 0.0)
 
 
 def exact_attention(q, k, v, mask, scale) -> torch.Tensor:

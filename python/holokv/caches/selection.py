@@ -51,7 +51,10 @@ class SelectionLayer(FullLayer):
         keep = [min(n - p, budget(n - p, self.ratio)) for p in self.pads]
         pos = torch.arange(n, device=k.device) - pads[:, None, None]  # [B, 1, n] index from the first real token
         s = self.prompt_scores(q, k, v, mask, scale, pos).masked_fill(pos < 0, -INF)
-        chosen = s.topk(max(keep), -1).indices
+        # the best first; ties (SnapKV's max-pooled votes, protected tokens) go to the earlier token, by its index
+        # from the first real one, so a padded sequence keeps what it keeps alone
+        order = pos.expand_as(s).argsort(dim=-1, stable=True)
+        chosen = order.gather(2, s.gather(2, order).argsort(dim=-1, descending=True, stable=True)[..., :max(keep)])
         lens = torch.tensor(keep, device=k.device)
         rank = torch.arange(max(keep), device=k.device)
         chosen = torch.where(rank < lens[:, None, None], chosen, n).sort(-1).values.clamp(max=n - 1)

@@ -150,6 +150,10 @@ class SRCLayer(FullLayer):
         return self.store.v[:, :, :self.width]
 
     @property
+    def held_bias(self) -> torch.Tensor | None:
+        return None if self.store.bias is None else self.store.bias[:, :, :self.width]
+
+    @property
     def lens(self) -> torch.Tensor:
         return self.store.lens
 
@@ -257,7 +261,7 @@ class SRCLayer(FullLayer):
         bias = self.store.bias
         kc, vc, bc, info = summarize_bins(
             self.method, pool_gqa(obs, H), self.held_k.float(), self.held_v.float(),
-            None if bias is None else bias[:, :, :width].float(), ctx, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
+            None if bias is None else self.held_bias.float(), ctx, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
             self.rank, self.ridge, scale)
         self.late_check(info)
         at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
@@ -272,7 +276,7 @@ class SRCLayer(FullLayer):
         H, width = self.held_k.shape[1], self.held_k.shape[2]
         G = self.queries.shape[1] // H
         keys = self.held_k.float()  # fp32 like the prefill's scores
-        bias = None if self.store.bias is None else self.store.bias[:, :, :width].float()
+        bias = None if self.store.bias is None else self.held_bias.float()
         obs = self.queries[:, :, -self.window:].float()
         mass = window_mass(obs, keys, scale, bias, self.visible(obs.shape[2], width, G))
         score = take(mass, (self.lens - tail)[:, None] + torch.arange(n_new, device=self.device))
@@ -310,7 +314,7 @@ class SRCLayer(FullLayer):
         keys, values, bias = (ragged(list(x)).to(k.dtype) for x in zip(*parts))
         lens = [p[0].shape[2] for p in parts]
         self.store.write(keys, values, torch.tensor(lens, device=self.device), bias)
-        self.width = max(lens)
+        self.width, self.q_written = max(lens), 0
         if self.every:
             self.r0 = min(tails)  # a count shared by the batch (see the class docstring)
             first = q[:, :, q.shape[2] - min(self.r0, self.kept_queries()):]

@@ -1,0 +1,102 @@
+"""The graphed decode loop (holokv.runtime) reads what transformers' generate reads through the same caches,
+keeps its buffers while decoding, and on CUDA runs whole steps from a CUDA graph with no host sync."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from holokv.caches import METHODS, make_cache, use_holokv_attention
+from holokv.runtime import Decoder, generate
+
+from conftest import needs_cuda
+
+# SRC with compression steps that fire within a few dozen tokens
+OPTIONS = {"src": dict(every=4, recent=8, window=4, decode_bin=16, rank=2), "holokv": dict(k=4)}
+
+
+def tiny(head_dim=32, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=2 * head_dim * 2, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         max_position_embeddings=1024, eos_token_id=None)
+    return use_holokv_attention(LlamaForCausalLM(config).eval().to(device, dtype))
+
+
+def prompt(device="cpu"):
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    return ids, mask
+
+
+def cache(method, model):
+    return make_cache(method, model.config, ratio=1 if method == "full" else 4, **OPTIONS.get(method, {}))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_transformers_generate(method):
+    model = tiny()
+    ids, mask = prompt()
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                              past_key_values=cache(method, model))
+    assert torch.equal(generate(model, cache(method, model), ids, mask, max_new_tokens=24, graph=False), want)
+
+
+def test_buffers_stay_put():
+    """Room for every planned token is reserved after the prefill: no store buffer moves while decoding."""
+    model = tiny()
+    ids, mask = prompt()
+    for method in METHODS:
+        c = cache(method, model)
+        dec = Decoder(model, c, graph=False)
+        logits = dec.prefill(ids, mask, max_new_tokens=40)
+        where = [(layer.store.k.data_ptr(), layer.store.k_slots.data_ptr()) for layer in c.layers]
+        for _ in range(40):
+            logits = dec.step(logits.argmax(-1))
+        assert where == [(layer.store.k.data_ptr(), layer.store.k_slots.data_ptr()) for layer in c.layers], method
+        with pytest.raises(RuntimeError, match="room"):
+            dec.step(logits.argmax(-1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_graph_matches_eager(method, dtype):
+    model = tiny(head_dim=64, device="cuda", dtype=dtype)
+    ids, mask = prompt("cuda")
+    eager = generate(model, cache(method, model), ids, mask, max_new_tokens=40, graph=False)
+    graphed = generate(model, cache(method, model), ids, mask, max_new_tokens=40, graph=True)
+    assert torch.equal(graphed, eager)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_decode_steps_never_sync(method):
+    """Every cache's decode step (eager, so each op is checked) runs under sync debug mode 'error'; SRC's
+    compression steps too."""
+    model = tiny(head_dim=64, device="cuda", dtype=torch.bfloat16)
+    ids, mask = prompt("cuda")
+    dec = Decoder(model, cache(method, model), graph=False)
+    logits = dec.prefill(ids, mask, max_new_tokens=20)
+    tokens = logits.argmax(-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            tokens = dec.step(tokens).argmax(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_cuda_replays_allocate_nothing():
+    model = tiny(head_dim=64, device="cuda", dtype=torch.bfloat16)
+    ids, mask = prompt("cuda")
+    dec = Decoder(model, cache("holokv", model), graph=True)
+    logits = dec.prefill(ids, mask, max_new_tokens=64)
+    for _ in range(4):
+        logits = dec.step(logits.argmax(-1))
+    before = torch.cuda.memory_allocated()
+    for _ in range(60):
+        logits = dec.step(logits.argmax(-1))
+    assert torch.cuda.memory_allocated() == before

@@ -70,7 +70,8 @@ void holo_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor
                                           tail_start, sinks, exact_share);
   if (ad.B == 0) return;
   c10::cuda::CUDAGuard guard(k.device());
-  const int threads = int(std::min<int64_t>(1024, (ad.H * ad.D + 31) / 32 * 32));
+  // a block per sequence, looping over its heads' elements: few enough threads for the kernel's registers
+  const int threads = int(std::min<int64_t>(256, (ad.H * ad.D + 31) / 32 * 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "holo_append_cuda", [&] {
     holo_append_kernel<scalar_t><<<unsigned(ad.B), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), phase.data_ptr(), dtype_code(phase),

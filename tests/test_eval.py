@@ -58,10 +58,11 @@ def test_run_eval_outputs_and_reproducible(tiny_model, tmp_path):
         assert run["bytes_per_token"] < full["bytes_per_token"]
         assert run["achieved_ratio"] > 0.7 * run["ratio"]
         assert {"ppl", "passkey", "cosine", "rel_l2"} <= set(run)
-    # one-shot SnapKV appends the decoded tokens exact; StreamingLLM evicts as it decodes
-    end = {(r["spec"], r["ratio"]): r["end_bytes_per_token"] for r in rest}
+    # one-shot SnapKV appends the decoded tokens exact; StreamingLLM evicts as it decodes (its bytes per token
+    # fall while its per-entry positions cost it a little more than SnapKV to begin with)
+    growth = {(r["spec"], r["ratio"]): r["end_bytes_per_token"] - r["bytes_per_token"] for r in rest}
     for ratio in (2, 4):
-        assert end["snapkv", ratio] > end["streaming", ratio]
+        assert growth["snapkv", ratio] > growth["streaming", ratio]
 
 
 def test_task_subset(tiny_model, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .caches.attention import CACHE_KWARG
 from .caches.base import CompressedCache
 
 
@@ -35,9 +36,9 @@ class Decoder:
         B, n = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids, attention_mask=attention_mask, position_ids=positions,
-                            past_key_values=self.cache, use_cache=True).logits[:, -1]
-        self.cache.reserve(max_new_tokens)
+        logits = self.model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{CACHE_KWARG: self.cache}).logits[:, -1]
+        self.cache.reserve(max_new_tokens, exact=True)
         self.cache.defer()
         self.steps_left = max_new_tokens
         dev = input_ids.device
@@ -50,8 +51,8 @@ class Decoder:
 
     def _forward(self) -> torch.Tensor:
         # No attention mask: each layer knows its sequences' lengths, and a single query sees everything held.
-        out = self.model(self.ids, position_ids=self.pos, cache_position=self.cache_position,
-                         past_key_values=self.cache, use_cache=True).logits[:, -1]
+        out = self.model(self.ids, position_ids=self.pos, cache_position=self.cache_position, use_cache=True,
+                         **{CACHE_KWARG: self.cache}).logits[:, -1]
         self.pos.add_(1)
         return out
 

@@ -17,6 +17,7 @@ from .attention import NAME as ATTN_IMPLEMENTATION, use_holokv_attention
 from .base import CompressedCache, FullLayer
 from .holo import HoloKVLayer
 from .model_check import check_model, head_dim
+from .options import validate
 from .selection import ExpectedAttentionLayer, H2OLayer, SnapKVLayer, StreamingLayer, TopKLayer
 from .src import SRCLayer
 from .superposed import HoloSpec, superposed_attention
@@ -41,8 +42,7 @@ def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> Compres
     ``method``, ``score``, ``rank``, ``ridge``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``,
     ``decode_bin``;
     positional-only ``method`` leaves that name to SRC's option)."""
-    if method not in LAYERS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    validate(method, ratio, options, config)  # before anything is built: each bad option named
     layout = check_model(config)
     text = config.get_text_config(decoder=True)
     if method == "holokv":

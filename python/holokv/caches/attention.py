@@ -9,14 +9,17 @@ read its own, compressed, storage.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 
-from transformers import AttentionInterface
+from transformers import AttentionInterface, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "holokv"
 _handoff = threading.local()
+# transformers 5.24 renamed forward/generate's ``past_key_values`` to ``cache`` (the old name warns).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def hand_over(layer, key) -> None:

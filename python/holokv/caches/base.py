@@ -129,9 +129,10 @@ class FullLayer(CacheLayerMixin):
         """Host bookkeeping after a decode step (and eager work that cannot be captured)."""
         self.seen += 1
 
-    def reserve(self, tokens: int) -> None:
-        """Room for ``tokens`` more decode steps, from host-known bounds (never asks the device)."""
-        self.store.reserve(self.bound(self.seen + tokens))
+    def reserve(self, tokens: int, exact: bool = False) -> None:
+        """Room for ``tokens`` more decode steps, from host-known bounds (never asks the device); ``exact``: no
+        more (the caller plans every step), else geometric growth (a step at a time)."""
+        self.store.reserve(self.bound(self.seen + tokens), exact=exact)
 
     def bound(self, seen: int) -> int:
         """The most entries a sequence holds once ``seen`` tokens were read (a host-side bound)."""
@@ -186,10 +187,11 @@ class CompressedCache(Cache):
         """Bytes held per (non-pad) token seen, summed over layers."""
         return self.nbytes() / self.layers[0].valid()
 
-    def reserve(self, tokens: int) -> None:
-        """Room for ``tokens`` more decode steps in every layer (then a captured step keeps its buffers)."""
+    def reserve(self, tokens: int, exact: bool = False) -> None:
+        """Room for ``tokens`` more decode steps in every layer (then a captured step keeps its buffers);
+        ``exact``: that much and no more."""
         for layer in self.layers:
-            layer.reserve(tokens)
+            layer.reserve(tokens, exact)
 
     def defer(self, on: bool = True) -> None:
         """Whether the caller (holokv.runtime) runs :meth:`after_token` itself, outside a captured step."""

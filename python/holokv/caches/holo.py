@@ -51,15 +51,18 @@ class HoloKVLayer(FullLayer):
         valid = self.n_valid
         sinks = valid.clamp(max=spec.sinks)
         closed = spec.closed(valid)  # [B] stream tokens superposed, a multiple of k
+        # the widths the buffers need, from the host's lengths: the ring holds what is not superposed
+        host = spec.closed(torch.tensor([n - p for p in self.pads]))
+        width, n_slots = int((n - torch.tensor(self.pads) - host).max()), int(host.max()) // kk
         j = torch.arange(n, device=k.device)
         seq = left_aligned(pads, n)  # each sequence's tokens first
-        stream = (seq.gather(1, (sinks[:, None] + j).clamp(max=n - 1)), j < closed[:, None])
-        ring = seq.gather(1, torch.where(j < sinks[:, None], j, j + closed[:, None]).clamp(max=n - 1))
-        slots = [torch.ops.holokv.superpose(take(x, stream[0]) * stream[1][:, None, :, None], self.store.phase)
-                 for x in (k, v)]
+        stream = seq.gather(1, (sinks[:, None] + j[: n_slots * kk]).clamp(max=n - 1))
+        inside = (j[: n_slots * kk] < closed[:, None])[:, None, :, None]
+        ring = seq.gather(1, torch.where(j < sinks[:, None], j, j + closed[:, None]).clamp(max=n - 1)[:, :width])
+        slots = [torch.ops.holokv.superpose(take(x, stream) * inside, self.store.phase) for x in (k, v)]
         self.store.write(take(k, ring), take(v, ring), valid - closed)
         self.store.write_slots(*slots, closed)
-        self.reserve(0)
+        self.reserve(0, exact=True)
 
     def decode(self, q, k, v, scale):
         self.n_valid.add_(1)
@@ -68,8 +71,8 @@ class HoloKVLayer(FullLayer):
                                      s.slot_lens, s.lens, s.start, self.spec.sinks, self.spec.exact_share)
         return s.decode(q, scale, self.spec.mode, self.spec.slot_gain)
 
-    def reserve(self, tokens: int) -> None:
+    def reserve(self, tokens: int, exact: bool = False) -> None:
         """The ring holds the sinks, the exact share and up to a slot more; the slots the rest."""
         most = self.bound(self.seen + tokens)
         spec = self.spec
-        self.store.reserve(spec.sinks + math.ceil(most * spec.exact_share) + spec.k + 1, -(-most // spec.k))
+        self.store.reserve(spec.sinks + math.ceil(most * spec.exact_share) + spec.k + 1, -(-most // spec.k), exact)

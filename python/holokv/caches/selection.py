@@ -98,8 +98,8 @@ class EvictingLayer(SelectionLayer):
     def bound(self, seen: int) -> int:
         return budget(seen - min(self.pads), self.ratio) + 1  # one over the budget until the read evicts it
 
-    def reserve(self, tokens: int) -> None:
-        super().reserve(tokens)
+    def reserve(self, tokens: int, exact: bool = False) -> None:
+        super().reserve(tokens, exact)
         for name in self.state:
             setattr(self, name, self.grow(getattr(self, name), self.store.capacity))
 

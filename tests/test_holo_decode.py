@@ -98,37 +98,51 @@ def test_opcheck(device):
             torch.library.opcheck(torch.ops.holokv.holo_decode.default, case.args() + (mode, 0.3, 2.0, bias))
 
 
+def _edit(**changes):
+    """A good case with some of its tensors changed."""
+    case = decode_case([8, 3], [2, 1], k=4, group=3)
+    for name, fn in changes.items():
+        setattr(case, name, fn(getattr(case, name)))
+    return case
+
+
 def _bad_inputs():
-    good = lambda: decode_case([8, 3], [2, 1], k=4, group=3)  # noqa: E731
-
-    def edit(**changes):
-        c = good()
-        for name, fn in changes.items():
-            setattr(c, name, fn(getattr(c, name)))
-        return c
-
+    """Rejected from the arguments' dtypes, devices, ranks and shapes: by the kernels and by the fake kernel."""
     return [
-        (edit(q=lambda t: t.int()), {}, "q must be a floating-point"),
-        (edit(q=lambda t: t[:, :5].contiguous()), {}, "not a multiple"),
-        (edit(q=lambda t: t[:, :, :63].contiguous()), {}, "even"),
-        (edit(q=lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)), {}, "q must be contiguous"),
-        (edit(k_slots=lambda t: t.double()), {}, "k_slots has dtype"),
-        (edit(v_tail=lambda t: t[:, :1].contiguous()), {}, "v_tail has 1 KV heads"),
-        (edit(v_slots=lambda t: t[..., :32].contiguous()), {}, "v_slots.size\\(3\\)"),
-        (edit(k_tail=lambda t: t[0]), {}, "k_tail must be"),
-        (edit(keys=lambda t: t[:3].contiguous()), {}, "power of two"),
-        (edit(slot_lens=lambda t: t.int()), {}, "slot_lens must be int64"),
-        (edit(tail_lens=lambda t: t[:1]), {}, "tail_lens must be \\[B\\]"),
-        (edit(slot_lens=lambda t: t + 100), {}, "slot_lens\\[0\\]"),
-        (edit(tail_lens=lambda t: t - 5), {}, "tail_lens\\[0\\]"),
-        (good(), {"mode": "both"}, "mode must be"),
+        (_edit(q=lambda t: t.int()), {}, "q must be a floating-point"),
+        (_edit(q=lambda t: t[:, :5].contiguous()), {}, "not a multiple"),
+        (_edit(q=lambda t: t[:, :, :63].contiguous()), {}, "even"),
+        (_edit(q=lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)), {}, "q must be contiguous"),
+        (_edit(k_slots=lambda t: t.double()), {}, "k_slots has dtype"),
+        (_edit(v_tail=lambda t: t[:, :1].contiguous()), {}, "v_tail has 1 KV heads"),
+        (_edit(v_slots=lambda t: t[..., :32].contiguous()), {}, "v_slots.size\\(3\\)"),
+        (_edit(k_tail=lambda t: t[0]), {}, "k_tail must be"),
+        (_edit(keys=lambda t: t[:3].contiguous()), {}, "power of two"),
+        (_edit(slot_lens=lambda t: t.int()), {}, "slot_lens must be int64"),
+        (_edit(tail_lens=lambda t: t[:1]), {}, "tail_lens must be \\[B\\]"),
+        (_edit(), {"mode": "both"}, "mode must be"),
     ]
 
 
-@pytest.mark.parametrize("case, kw, match", _bad_inputs())
+def _bad_lengths():
+    """Lengths past the capacity: values, which only the kernels see."""
+    return [
+        (_edit(slot_lens=lambda t: t + 100), {}, "slot_lens\\[0\\]"),
+        (_edit(tail_lens=lambda t: t - 5), {}, "tail_lens\\[0\\]"),
+    ]
+
+
+@pytest.mark.parametrize("case, kw, match", _bad_inputs() + _bad_lengths())
 def test_bad_input(case, kw, match):
     with pytest.raises(RuntimeError, match=match):
         holokv.holo_decode(*case.args(), **kw)
+
+
+@pytest.mark.parametrize("case, kw, match", _bad_inputs())
+def test_fake_rejects_bad_input(case, kw, match):
+    """The fake kernel (meta tensors, FakeTensor, torch.compile) runs the kernels' argument checks."""
+    with pytest.raises(RuntimeError, match=match):
+        holokv.holo_decode(*[t.to("meta") for t in case.args()], **kw)
 
 
 # ---- CUDA against the fp64 reference, on the shape grid -------------------------------------------
@@ -185,7 +199,7 @@ def test_cuda_long_ragged(k, group, head_dim, lens):
 @needs_cuda
 def test_cuda_errors():
     case = decode_case([8, 3], [2, 1], k=4, device="cuda")
-    with pytest.raises(RuntimeError, match="keys is on"):
+    with pytest.raises(RuntimeError, match="phase is on"):
         holokv.holo_decode(*case.args()[:3], case.keys.cpu(), *case.args()[4:])
     with pytest.raises(RuntimeError, match="slot_lens is on"):
         holokv.holo_decode(*case.args()[:4], case.slot_lens.cpu(), *case.args()[5:])

@@ -100,7 +100,7 @@ def test_empty(device):
     assert x.shape == (2, 3, 0) and (info == 0).all()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=needs_cuda)])  # meta: the fakes
 def test_errors_name_the_argument(device):
     a = spd(2, 4).float().to(device)
     b = torch.randn(2, 4, 3, device=device)

@@ -68,9 +68,10 @@ def test_opcheck(device):
     (lambda: (torch.randn(1, 2, 4, 64), torch.ones(3, 64)), "power of two"),
     (lambda: (torch.randn(1, 2, 4, 64), holokv.phase_keys(4, 128)), "head_dim"),
 ])
-def test_bad_input(make, match):
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: the fake kernel runs the same checks
+def test_bad_input(make, match, device):
     with pytest.raises(RuntimeError, match=match):
-        holokv.superpose(*make())
+        holokv.superpose(*[t.to(device) for t in make()])
 
 
 @needs_cuda
@@ -90,5 +91,5 @@ def test_cuda_matches_reference(shape, k, dtype):
 
 @needs_cuda
 def test_cuda_device_mismatch():
-    with pytest.raises(RuntimeError, match="keys is on"):
+    with pytest.raises(RuntimeError, match="phase is on"):
         holokv.superpose(torch.randn(1, 1, 4, 64, device="cuda"), holokv.phase_keys(4, 64))

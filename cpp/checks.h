@@ -180,6 +180,11 @@ inline void check_batched_eigh(const at::Tensor& a) {
   TORCH_CHECK(a.size(1) == a.size(2), "a must be [batch, n, n] (square), got ", a.sizes());
 }
 
+// [batch] bool: the triangle the eigensolvers read (the upper one) holds a NaN or an inf. A solver may
+// return NaN with success or fail to converge on such input, so the kernels solve zeros there instead
+// and report it (info = -1), without a host sync.
+inline at::Tensor nonfinite_upper(const at::Tensor& a) { return at::isfinite(a.triu()).logical_not().flatten(1).any(1); }
+
 inline void check_batched_cholesky_solve(const at::Tensor& a, const at::Tensor& b) {
   check_batched_eigh(a);
   check_fp32_batch(b, "b", "[batch, n, k]");

@@ -14,11 +14,13 @@ namespace holokv {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_eigh_cpu(const at::Tensor& a) {
   check_batched_eigh(a);
   const int64_t batch = a.size(0), n = a.size(1);
+  const at::Tensor nonfinite = nonfinite_upper(a);
+  const at::Tensor input = a.masked_fill(nonfinite.view({-1, 1, 1}), 0);
   at::Tensor w = at::empty({batch, n}, a.options());
   at::Tensor v = at::empty_like(a).mT();  // eigenvectors in columns, column-major like cuSOLVER's
   at::Tensor info = at::zeros({batch}, a.options().dtype(at::kInt));
   auto solve = [&](int64_t lo, int64_t hi) {
-    auto [wi, vi] = at::linalg_eigh(a.slice(0, lo, hi), "U");
+    auto [wi, vi] = at::linalg_eigh(input.slice(0, lo, hi), "U");
     w.slice(0, lo, hi).copy_(wi);
     v.slice(0, lo, hi).copy_(vi);
   };
@@ -36,6 +38,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_eigh_cpu(const at::Tensor
       }
     }
   }
+  info.masked_fill_(nonfinite, -1);
+  w.masked_fill_(nonfinite.view({-1, 1}), NAN);
+  v.masked_fill_(nonfinite.view({-1, 1, 1}), NAN);
   return {w, v, info};
 }
 

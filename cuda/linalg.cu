@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -80,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_eigh_cuda(const at::Tenso
   const int64_t batch = a.size(0), n = a.size(1);
   // cuSOLVER overwrites the matrix with its eigenvectors in (column-major) columns, i.e. in
   // our rows: v is the transposed view, column-major like torch.linalg.eigh's.
-  at::Tensor vecs = a.clone();
+  const at::Tensor nonfinite = nonfinite_upper(a);
+  at::Tensor vecs = a.masked_fill(nonfinite.view({-1, 1, 1}), 0);
   at::Tensor w = at::empty({batch, n}, a.options());
   at::Tensor info = at::zeros({batch}, a.options().dtype(at::kInt));
   if (batch == 0 || n == 0) return {w, vecs.mT(), info};
@@ -126,6 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_eigh_cuda(const at::Tenso
                                                    host_work.data(), bytes.second, I + lo, count));
     });
   }
+  info.masked_fill_(nonfinite, -1);
+  w.masked_fill_(nonfinite.view({-1, 1}), NAN);
+  vecs.masked_fill_(nonfinite.view({-1, 1, 1}), NAN);
   return {w, vecs.mT(), info};
 }
 

@@ -87,8 +87,26 @@ def test_eigh_failure_is_reported_not_raised():
     a = spd(3, 6).float()
     a[1, 0, 2] = float("nan")
     w, v, info = holokv.batched_eigh(a)
-    assert info.tolist() == [0, 1, 0]
+    assert info.tolist() == [0, -1, 0]
     assert torch.isfinite(w[0]).all() and torch.isfinite(w[2]).all() and w[1].isnan().all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("n", [3, 40])  # CUDA: the Jacobi solver (n <= 32) and syevBatched
+def test_eigh_reports_nonfinite_input(device, n):
+    """A NaN or an inf in the read (upper) triangle gives info -1 and NaN results; the others are solved."""
+    a = spd(5, n).float()
+    a[1, 1, 1] = float("inf")
+    a[2, 0, n - 1] = float("-inf")
+    a[3, 2, 2] = float("nan")
+    a[4, n - 1, 0] = float("nan")  # the lower triangle is not read
+    w, v, info = holokv.batched_eigh(a.to(device))
+    assert info.tolist() == [0, -1, -1, -1, 0]
+    bad = torch.tensor([False, True, True, True, False], device=device)
+    assert w[bad].isnan().all() and v[bad].isnan().all()
+    assert torch.isfinite(w[~bad]).all() and torch.isfinite(v[~bad]).all()
+    w_ref = torch.linalg.eigh(spd(5, n)[[0, 4]])[0]
+    assert rel(w[~bad], w_ref) < 1e-4
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])

@@ -121,10 +121,11 @@ def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     a ``[batch, n, n]`` float32, contiguous; only its upper triangle (``a[:, i, j]``,
     i <= j) is read. Returns w ``[batch, n]`` ascending, v ``[batch, n, n]`` with the
     eigenvectors in columns (``a = v diag(w) vᵀ``, column-major strides like
-    ``torch.linalg.eigh``) and info ``[batch]`` int32, 0 = ok. info[i] != 0: the solver
-    did not converge on a[i] (in practice: non-finite entries), and w[i], v[i] are
-    unspecified (NaN on CPU). Failures are reported, never raised: check info off the
-    hot path. Rank-deficient input is fine (zero eigenvalues, finite orthonormal v).
+    ``torch.linalg.eigh``) and info ``[batch]`` int32, 0 = ok. info[i] = -1: the upper
+    triangle of a[i] holds a NaN or an inf, and w[i], v[i] are NaN (on both devices,
+    without a host sync); info[i] > 0: the solver did not converge on a[i], and w[i],
+    v[i] are unspecified (NaN on CPU). Failures are reported, never raised: check info
+    off the hot path. Rank-deficient input is fine (zero eigenvalues, finite orthonormal v).
 
     CUDA: cuSOLVER's batched Jacobi solver (syevjBatched) for n <= 32, which it is
     limited to, and the batched 64-bit syevBatched above (one call per chunk of the

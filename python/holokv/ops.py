@@ -87,6 +87,9 @@ def holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens
     lengths is never read. ``phase`` must be finite (a ±1 table from :func:`phase_keys`).
     Lengths outside the tensors' capacity raise on CPU; on CUDA (where checking
     them would need a host sync) that sequence's output is NaN.
+
+    Not differentiable: with grad mode on, an input that requires grad raises (the
+    differentiable twin is :func:`holokv.reference.holo_decode_ref`).
     """
     return ops.holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode, scale,
                            slot_gain, tail_bias, tail_start)
@@ -109,7 +112,8 @@ def holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_l
 
     Capacity: on CPU a sequence that needs more slots or tail rows than the tensors hold raises;
     on CUDA (where checking would sync) it is left unchanged with ``tail_lens = T + 1``, and
-    :func:`holo_decode` then gives NaN for it.
+    :func:`holo_decode` then gives NaN for it. Not differentiable: with grad mode on, an input
+    that requires grad raises.
     """
     ops.holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
                     exact_share)

@@ -1,0 +1,81 @@
+"""Cache options are validated by make_cache before any model runs: each bad value raises a ValueError whose
+message starts with the option's name (no arithmetic errors, no failure at generate, no silent default)."""
+import pytest
+from transformers import LlamaConfig
+
+from holokv.caches import LAYERS, make_cache
+from holokv.caches.options import OPTIONS
+
+NAN, INF = float("nan"), float("inf")
+CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+# one accepted value of every option, away from its default
+VALID = {
+    "full": {},
+    "holokv": dict(k=8, sinks=0, mode="full", prefill="superposed", slot_gain=2.0),
+    "streaming": dict(sinks=0),
+    "topk": {},
+    "h2o": dict(recent=1),
+    "snapkv": dict(window=1, kernel=1),
+    "expected": dict(sinks=0, future=1, epsilon=0.5),
+    "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
+                decode_bin=None, every=None, lam=-1.0),
+}
+COMPRESSED = [m for m in LAYERS if m != "full"]
+
+BAD = [  # (method, ratio, options, the option named)
+    *[(m, r, {}, "ratio") for m in ("holokv", "src") for r in (0, -2, NAN, INF)],
+    *[(m, NAN, {}, "ratio") for m in ("streaming", "topk", "h2o", "snapkv", "expected")],
+    ("topk", True, {}, "ratio"),
+    ("snapkv", "4", {}, "ratio"),
+    ("full", 2, {}, "ratio"),
+    ("holokv", 8, dict(k=4), "ratio"),
+    ("holokv", 17, {}, "ratio"),
+    ("holokv", 2, dict(k=0), "k"),
+    ("holokv", 2, dict(k=3), "k"),
+    ("holokv", 2, dict(k=4.0), "k"),
+    ("holokv", 2, dict(k=32), "k"),
+    ("holokv", 2, dict(sinks=-1), "sinks"),
+    ("holokv", 2, dict(sinks=1.5), "sinks"),
+    ("holokv", 2, dict(mode="sideways"), "mode"),
+    ("holokv", 2, dict(prefill="lazy"), "prefill"),
+    *[("holokv", 2, dict(slot_gain=g), "slot_gain") for g in (NAN, INF, 0.0, -1.0, True)],
+    ("streaming", 2, dict(sinks=-5), "sinks"),
+    *[("h2o", 2, dict(recent=r), "recent") for r in (2.0, -0.1, NAN)],
+    ("snapkv", 2, dict(window=0), "window"),
+    ("snapkv", 2, dict(kernel=0), "kernel"),
+    ("snapkv", 2, dict(kernel=4), "kernel"),
+    ("expected", 2, dict(sinks=-1), "sinks"),
+    ("expected", 2, dict(future=0), "future"),
+    *[("expected", 2, dict(epsilon=e), "epsilon") for e in (-1.0, INF)],
+    ("src", 2, dict(method="evict"), "method"),
+    ("src", 2, dict(score="h2o"), "score"),
+    ("src", 2, dict(rank=0), "rank"),
+    *[("src", 2, dict(ridge=r), "ridge") for r in (-1.0, NAN)],
+    ("src", 2, dict(window=0), "window"),
+    ("src", 2, dict(recent=0), "recent"),
+    ("src", 2, dict(sinks=-1), "sinks"),
+    ("src", 2, dict(bin_size=0), "bin_size"),
+    ("src", 2, dict(decode_bin=1.5), "decode_bin"),
+    ("src", 2, dict(every=0), "every"),
+    ("src", 2, dict(lam=NAN), "lam"),
+]
+
+
+@pytest.mark.parametrize("method, ratio, options, name", BAD, ids=lambda x: repr(x) if not isinstance(x, str) else x)
+def test_bad_value_names_the_option(method, ratio, options, name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        make_cache(method, CONFIG, ratio=ratio, **options)
+
+
+@pytest.mark.parametrize("method", COMPRESSED)
+def test_unknown_option_lists_the_known_ones(method):
+    known = ", ".join(OPTIONS[method]) or "none"
+    with pytest.raises(ValueError, match=rf"{method} has no option colour; its options are {known}$"):
+        make_cache(method, CONFIG, ratio=2, colour=1)
+
+
+def test_every_option_is_one_the_layers_take():
+    assert set(OPTIONS) == set(LAYERS) and all(set(VALID[m]) == set(OPTIONS[m]) for m in LAYERS)
+    for method, options in VALID.items():
+        make_cache(method, CONFIG, ratio=1 if method == "full" else 2, **options)

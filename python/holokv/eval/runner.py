@@ -62,12 +62,15 @@ def grid(cfg: EvalConfig, model_config) -> list[dict]:
     options or ratios fail before any weights load."""
     runs = [dict(method="full", spec="full", ratio=1.0, options={})]
     for spec in cfg.methods:
-        name, options = parse_method(spec)
-        if name == "full":
-            continue
-        for ratio in cfg.ratios:
-            make_cache(name, model_config, ratio=ratio, **options)
-            runs.append(dict(method=name, spec=spec, ratio=ratio, options=options))
+        try:
+            name, options = parse_method(spec)
+            if name == "full":
+                continue
+            for ratio in cfg.ratios:
+                make_cache(name, model_config, ratio=ratio, **options)
+                runs.append(dict(method=name, spec=spec, ratio=ratio, options=options))
+        except ValueError as e:
+            raise ValueError(f"method {spec!r}: {e}") from e
     return runs
 
 

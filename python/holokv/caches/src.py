@@ -19,8 +19,8 @@ import math
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..src import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score, split, window_mass
-from ..src.attention import logits
+from ..src import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score, split
+from ..src.attention import attend_chunked, logits
 from ..src.compact import entry_elems, fit
 from ..src.summarize import summarize_bins
 from ..src.selection import entropy
@@ -259,10 +259,9 @@ class SRCLayer(FullLayer):
         ctx = self.visible(obs.shape[2], width, obs.shape[1] // H) & ((j < 0) | (j >= n_cent))
         bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.decode_bin, d) for b in binned]
         bias = self.store.bias
-        kc, vc, bc, info = summarize_bins(
-            self.method, pool_gqa(obs, H), self.held_k.float(), self.held_v.float(),
-            None if bias is None else self.held_bias.float(), ctx, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
-            self.rank, self.ridge, scale)
+        kc, vc, bc, info = summarize_bins(  # the context in the cache's dtype: only the bins are fp32
+            self.method, pool_gqa(obs, H), self.held_k, self.held_v, self.held_bias, ctx, *bins,
+            bins[0].new_zeros(bins[0].shape[:-1]), self.rank, self.ridge, scale)
         self.late_check(info)
         at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
         self.store.k.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.store.k.dtype))
@@ -272,16 +271,21 @@ class SRCLayer(FullLayer):
 
     def review_scores(self, tail: int, n_new: int, scale) -> torch.Tensor:
         """[B, Hkv, n_new] scores of the tail's first n_new tokens, as at prefill: the attention mass the
-        last ``window`` queries give them over the whole cache, less λ·(their own row's entropy) for "seed"."""
+        last ``window`` queries give them over the whole cache, less λ·(their own row's entropy) for "seed".
+        The cache is read in its own dtype, a chunk at a time: only the reviewed tokens' weights are formed."""
         H, width = self.held_k.shape[1], self.held_k.shape[2]
         G = self.queries.shape[1] // H
-        keys = self.held_k.float()  # fp32 like the prefill's scores
-        bias = None if self.store.bias is None else self.held_bias.float()
-        obs = self.queries[:, :, -self.window:].float()
-        mass = window_mass(obs, keys, scale, bias, self.visible(obs.shape[2], width, G))
-        score = take(mass, (self.lens - tail)[:, None] + torch.arange(n_new, device=self.device))
+        obs = pool_gqa(self.queries[:, :, -self.window:].float(), H)
+        vis = self.visible(obs.shape[2] // G, width, G)
+        _, lse = attend_chunked(obs, self.held_k, bias=self.held_bias, mask=vis, scale=scale)
+        cols = (self.lens - tail)[:, None] + torch.arange(n_new, device=self.device)  # [B, n_new]
+        bias = None if self.store.bias is None else take(self.held_bias, cols).float()
+        part = logits(obs, take(self.held_k, cols).float(), bias, take(vis.transpose(-1, -2), cols).transpose(-1, -2),
+                      scale)
+        score = (part - lse.unsqueeze(-1)).exp().sum(-2) * (H / self.queries.shape[1])  # window_mass's scale
         if self.score == "mass":
             return score
+        keys, bias = self.held_k.float(), None if self.store.bias is None else self.held_bias.float()
         rows = pool_gqa(self.queries[:, :, :n_new].float(), H)  # the tail's own queries (all kept for "seed")
         p = torch.softmax(logits(rows, keys, bias, self.visible(tail, width, G, n_new), scale), -1)
         return seed_score(score, entropy(p).view(*score.shape[:2], G, n_new).mean(2), self.lam)

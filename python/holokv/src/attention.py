@@ -50,3 +50,33 @@ def attend(q, k, v, bias=None, mask=None, scale=None):
     probs = torch.softmax(logits(q, k, bias, mask, scale), -1)
     return probs @ v, probs
 
+
+
+def attend_chunked(q, k, v=None, bias=None, mask=None, scale=None, chunk: int = 4096):
+    """Softmax attention of rows q [..., m, d] (fp32 or fp64: the working precision) over a long k, v [..., n, d]
+    of any float dtype, converted to q's dtype ``chunk`` entries at a time (so nothing the size of the cache is
+    ever made in fp32): the online softmax of flash attention. bias [..., n], mask [..., m, n] as in
+    :func:`logits`.
+    Returns (out [..., m, d] or None without v, lse [..., m]); a row that sees nothing gets out 0, lse -inf.
+    """
+    n = k.shape[-2]
+    run_max = run_sum = out = None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        part = logits(q, k[..., s:e, :].to(q.dtype), None if bias is None else bias[..., s:e].to(q.dtype),
+                      None if mask is None else mask[..., s:e], scale)
+        new_max = part.amax(-1) if run_max is None else torch.maximum(run_max, part.amax(-1))
+        base = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))  # all hidden so far: 0
+        p = (part - base.unsqueeze(-1)).exp()
+        if run_max is None:
+            run_sum, out = p.sum(-1), None if v is None else p @ v[..., s:e, :].to(q.dtype)
+        else:
+            alpha = (run_max - base).exp()
+            run_sum = run_sum * alpha + p.sum(-1)
+            if v is not None:
+                out = out * alpha.unsqueeze(-1) + p @ v[..., s:e, :].to(q.dtype)
+        run_max = base
+    lse = run_max + run_sum.log()  # -inf where nothing was seen
+    if out is not None:
+        out = out / run_sum.clamp_min(torch.finfo(out.dtype).tiny).unsqueeze(-1)
+    return out, lse

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .attention import attend, logits
+from .attention import attend, attend_chunked, logits
 from .linalg import ridge_solve, top_subspace, truncated_svd
 
 
@@ -91,24 +91,27 @@ def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b
     q5 = q_ref.unsqueeze(2)  # [B, H, 1, m, d]
     l_bin = logits(q5, k_bins, b_bins, scale=scale)  # [B, H, nb, m, n]
     l_c = logits(q5, kc, bc, scale=scale)  # [B, H, nb, m, n_c]
-    l_ctx = logits(q_ref, k_ctx, b_ctx, ctx_mask, scale)  # [B, H, m, Nk]
+    # the kept context enters only through its attention output and log-partition (chunked: it may be the
+    # whole cache, in the cache's dtype)
+    o_ctx, lse_ctx = attend_chunked(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, scale)  # [B, H, m, d], [B, H, m]
     lse_bin, lse_c = l_bin.logsumexp(-1), l_c.logsumexp(-1)  # [B, H, nb, m]
-    lse_all = torch.cat([l_ctx.logsumexp(-1).unsqueeze(2), lse_bin], 2).logsumexp(2)  # [B, H, m]
+    lse_all = torch.cat([lse_ctx.unsqueeze(2), lse_bin], 2).logsumexp(2)  # [B, H, m]
     rho = (lse_bin - lse_all.unsqueeze(2)).exp()
     shift = (rho * (lse_bin - lse_c)).sum(-1) / rho.sum(-1).clamp_min(torch.finfo(rho.dtype).tiny)
     bc = bc + shift.unsqueeze(-1)
-    l_c = l_c + shift[..., None, None]
+    l_c = (l_c + shift[..., None, None]).transpose(2, 3).flatten(3)  # [B, H, m, nb·n_c]
 
     # The exact target O is assembled from its parts, each bin's local output weighted by its share ρ,
     # rather than as one softmax over [kept ∪ all bins] (an [m, Nk + nb·n] matrix and a long GEMM).
     o_bin = torch.softmax(l_bin, -1) @ v_bins  # [B, H, nb, m, d]
-    a = torch.softmax(torch.cat([l_ctx, l_c.transpose(2, 3).flatten(3)], -1), -1)  # [B, H, m, Nk + nb·n_c]
-    a_ctx, a_c = a[..., :k_ctx.shape[2]], a[..., k_ctx.shape[2]:]
+    lse_a = torch.cat([lse_ctx.unsqueeze(-1), l_c], -1).logsumexp(-1)  # softmax over [kept ∪ centroids]
+    a_c = (l_c - lse_a.unsqueeze(-1)).exp()
     o_share = rho.unsqueeze(-1) * o_bin  # each bin's part of the exact output
     v0 = o_share.sum(-2) / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(rho.dtype).tiny)
     v0 = v0.unsqueeze(3).expand(B, H, nb, n_c, d).flatten(2, 3)
-    # residual O − A_kept V_kept − A_c V_0, with the kept entries' two weights differenced before one GEMM
-    resid = ((l_ctx - lse_all.unsqueeze(-1)).exp() - a_ctx) @ v_ctx + o_share.sum(2) - a_c @ v0
+    # residual O − A_kept V_kept − A_c V_0; the kept entries' two weights differ by a factor per row
+    kept_gap = (lse_ctx - lse_all).exp() - (lse_ctx - lse_a).exp()
+    resid = kept_gap.unsqueeze(-1) * o_ctx + o_share.sum(2) - a_c @ v0
     delta, info = ridge_solve(a_c, resid, ridge)
     return kc.flatten(2, 3), v0 + delta, bc.flatten(2, 3), info
 

@@ -23,9 +23,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from holokv.eval.data import corpus
 from holokv.eval.model import DEFAULT_MODEL, load_model
 from holokv.provenance import provenance
-from holokv.src import SRCStream, attend, causal_stats, compact, pool_gqa
-from holokv.src.compact import entry_elems
-from holokv.src.linalg import check_info
+from holokv.compaction import attend, causal_stats, compact, pool_gqa
+from holokv.compaction.compact import entry_elems
+from holokv.compaction.linalg import check_info
 
 
 def capture(device, n_tokens, layers):
@@ -110,26 +110,7 @@ def main():
                              bytes_per_token=cache.k.shape[2] * entry_elems(kw["method"], d) * kc.element_size() / C,
                              seconds=secs, bin_size=bin_size if kw["method"] != "evict" else None,
                              **dict(zip(("cosine", "rel_l2"), errors(out, exact)))))
-        streams = {
-            "seed (as published, streamed per token)": dict(method="seed", score="seed", n_sink=0, n_recent=0,
-                                                            n_ref=w, every=1),
-            "softmax_ls (streamed, every 16)": dict(method="softmax_ls", score="seed", n_sink=args.n_sink,
-                                                    n_recent=w, n_ref=w, every=16),
-        }
-        for name, kw in streams.items():
-            s = SRCStream(budget=budget * 2 * d // entry_elems(kw["method"], d), bin_size=bin_size, rank=args.rank,
-                          ridge=args.ridge, **kw)
-            t0 = time.perf_counter()
-            s.update(qc, kc, vc)
-            s.check()
-            secs = time.perf_counter() - t0
-            cache = s.cache()
-            out, _ = attend(q_fut, cache.k, cache.v, cache.bias)
-            rows.append(dict(budget=budget, method=name, mode="stream", entries=cache.k.shape[2],
-                             bytes_per_token=cache.k.shape[2] * s.entry_elems(d) * kc.element_size() / C, seconds=secs,
-                             us_per_token=1e6 * secs / C, bin_size=bin_size,
-                             **dict(zip(("cosine", "rel_l2"), errors(out, exact)))))
-        for r in rows[-len(one_shot) - len(streams):]:
+        for r in rows[-len(one_shot):]:
             print(f"{budget:5d} {r['method']:42s} entries {r['entries']:4d} cos {r['cosine']:.4f} "
                   f"relL2 {r['rel_l2']:.4f} {r['seconds']:.2f}s")
 
@@ -137,7 +118,7 @@ def main():
                 layers=layers, ctx=C, future=F, window=w, rank=args.rank, ridge=args.ridge, centroid_frac=args.centroid_frac,
                 n_sink=args.n_sink, q_shape=list(q.shape), kv_shape=list(k.shape), head_dim=d,
                 bytes_note="fp32 storage; 2·d elements per K/V entry, "
-                "+1 for the log-mass of softmax_ls entries; bins awaiting summary in streams not counted")
+                "+1 for the log-mass of softmax_ls entries")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -9,10 +9,10 @@ from transformers import DynamicCache, GPT2Config, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from holokv.caches import METHODS, make_cache, superposed_attention, use_holokv_attention
-from holokv.caches.selection import ExpectedAttentionLayer
+from holokv.caches.expected import ExpectedAttentionLayer
 from holokv.caches.src import COMPACT, SRCLayer
 from holokv.caches.superposed import HoloSpec
-from holokv.src.graph import GRAPHLESS
+from holokv.compaction.graph import GRAPHLESS
 from conftest import needs_cuda
 
 COMPRESSED = [m for m in METHODS if m != "full"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import holokv
-from holokv.src import linalg
+from holokv.compaction import linalg
 
 from conftest import needs_cuda
 

@@ -1,8 +1,8 @@
-"""holokv.src.linalg against float64 torch.linalg, and on degenerate inputs."""
+"""holokv.compaction.linalg against float64 torch.linalg, and on degenerate inputs."""
 import pytest
 import torch
 
-from holokv.src.linalg import check_info, ridge_solve, top_subspace, truncated_svd
+from holokv.compaction.linalg import check_info, ridge_solve, top_subspace, truncated_svd
 
 
 def well_conditioned(*batch, m=48, n=16, lo=1.0, hi=10.0, seed=0):

@@ -147,7 +147,7 @@ def batched_cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tens
     info ``[batch]`` int32: 0 = ok, j > 0 = the leading minor of order j of a[i] is not
     positive definite (a singular a, e.g. zero or with duplicate rows, usually lands
     here), and then x[i] = 0. A nearly singular a that still factors gives a finite but
-    large x: regularize (see :func:`holokv.src.linalg.ridge_solve`).
+    large x: regularize (see :func:`holokv.compaction.linalg.ridge_solve`).
 
     CUDA: cuSOLVER's batched Cholesky (potrfBatched), then two cuBLAS batched
     triangular solves over all k columns (potrsBatched takes one right-hand side).

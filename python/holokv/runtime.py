@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .caches.attention import CACHE_KWARG
+from .caches.hf_attention import CACHE_KWARG
 from .caches.base import CompressedCache
 
 

@@ -1,11 +1,11 @@
 """SRC compression's batched linear algebra on CUDA for one layer, float32: 8 KV heads x
 4096 binned tokens (bins of 64) x d = 128, rank 16.
 
-The whole compression of that layer ("layer": holokv.src.compact, softmax_ls: window-mass
+The whole compression of that layer ("layer": holokv.compaction.compact, softmax_ls: window-mass
 selection, sigma-point keys, log-mass fit, joint ridge value solve) with 1024 kept tokens,
 32 query heads observed over a 32-token window, 64 bins of 64 tokens -> 16 centroids each:
   holokv           compact() called eagerly (its default sigma-point PCA, subspace="iter")
-  holokv_graph     the same replayed from a CUDA graph (holokv.src.Graphed)
+  holokv_graph     the same replayed from a CUDA graph (holokv.compaction.Graphed)
   eigh_graph       the same with the exact PCA (subspace="eigh"), graphed
 rel_err compares attention outputs for random probes against the same compact() in
 float64 on the CPU (numerical accuracy); attn_err compares them against attention over
@@ -40,7 +40,7 @@ import argparse
 import torch
 
 import holokv
-from holokv.src import Graphed, attend, compact, linalg, plan
+from holokv.compaction import Graphed, attend, compact, linalg, plan
 
 from .common import ColdL2Timer, add_out, need_cuda, provenance, save
 

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .attention import NAME as ATTN_IMPLEMENTATION, use_holokv_attention
 from .base import CompressedCache, FullLayer
+from .expected import ExpectedAttentionLayer
+from .h2o import H2OLayer
+from .hf_attention import NAME as ATTN_IMPLEMENTATION, use_holokv_attention
 from .holo import HoloKVLayer
 from .model_check import check_model, head_dim
 from .options import validate
-from .selection import ExpectedAttentionLayer, H2OLayer, SnapKVLayer, StreamingLayer, TopKLayer
+from .snapkv import SnapKVLayer
 from .src import SRCLayer
+from .streaming import StreamingLayer
 from .superposed import HoloSpec, superposed_attention
+from .topk import TopKLayer
 
 LAYERS = {
     "full": FullLayer,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import hand_over
+from .hf_attention import hand_over
 from .store import Store
 
 NOT_READ = ("{} was not read by its attention: the model must use attn_implementation='holokv' "
@@ -35,16 +35,6 @@ def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def left_aligned(pads: torch.Tensor, n: int) -> torch.Tensor:
     """[B, n] index that moves each sequence's tokens (after its ``pads``) to the front; filler repeats the last."""
     return (pads[:, None] + torch.arange(n, device=pads.device)).clamp(max=n - 1)
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor, vis: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention weights [B, Hkv, G, q, n] in fp32 (GQA: G query heads per KV head); vis [B, Hkv, q, n].
-    A query that sees nothing (a pad's) gets no weights rather than NaN."""
-    B, Hq, m, d = q.shape
-    Hkv = k.shape[1]
-    s = torch.einsum("bhgmd,bhnd->bhgmn", q.reshape(B, Hkv, Hq // Hkv, m, d).float(), k.float()) * scale
-    vis = vis.unsqueeze(2)
-    return s.masked_fill(~vis, float("-inf")).softmax(-1).masked_fill(~vis.any(-1, keepdim=True), 0.0)
 
 
 def exact_attention(q, k, v, mask, scale) -> torch.Tensor:

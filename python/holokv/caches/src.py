@@ -1,4 +1,4 @@
-"""SRC cache layer: the prompt compacted once with :func:`holokv.src.compact`, then compressed while decoding.
+"""SRC cache layer: the prompt compacted once with :func:`holokv.compaction.compact`, then compressed while decoding.
 
 After the (exact) prefill each sequence's prompt becomes kept tokens plus centroid
 entries with a log-mass bias, sized to ``ceil(tokens / ratio)`` token-equivalents
@@ -9,7 +9,7 @@ are appended exact (bias 0); every ``every`` of them a compression step
 Decode reads the entries with ``torch.ops.holokv.holo_decode`` and no superposed
 slots: softmax(scale·q·kᵀ + bias)·v. Entries are unordered, positions live in the
 (RoPE'd) keys. On CUDA the prompt compaction is replayed from a CUDA graph
-(:class:`holokv.src.Graphed`) shared by all layers: their prompts have the same shapes,
+(:class:`holokv.compaction.Graphed`) shared by all layers: their prompts have the same shapes,
 so one capture per prompt length serves the whole model.
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ import math
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..src import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score, split
-from ..src.attention import attend_chunked, logits
-from ..src.compact import entry_elems, fit
-from ..src.summarize import summarize_bins
-from ..src.selection import entropy
+from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score, split
+from ..compaction.softmax import attend_chunked, logits
+from ..compaction.compact import entry_elems, fit
+from ..compaction.summarize import summarize_bins
+from ..compaction.scores import entropy
 from .base import FullLayer, take
 
 SCORES = ("mass", "seed")
@@ -89,7 +89,7 @@ class SRCLayer(FullLayer):
     its tokens add to the budget, r0 + ⌊t / ratio⌋ token-equivalents (the prefill paid for the r0); the
     compacted prompt keeps its ceil(prompt / ratio), so together they stay within ceil(seen / ratio). Of the
     stream's entries, the tail comes first; the reviewed tokens get the rest under the prefill's rule
-    (:func:`holokv.src.compact.fit`): the most kept exact such that kept + ⌈binned / decode_bin⌉·rank fits.
+    (:func:`holokv.compaction.compact.fit`): the most kept exact such that kept + ⌈binned / decode_bin⌉·rank fits.
     k is that count minus the tokens kept before (never negative: kept tokens stay). Like the prefill's
     plan, this counts the filling bin as the ``rank`` centroids it will become, so the cache holds up to
     decode_bin − rank − 1 entries more while a bin fills, and up to every − 1 tokens more between steps;

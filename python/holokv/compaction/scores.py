@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import logits, pool_gqa
+from .softmax import logits, pool_gqa
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -16,45 +16,47 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
 
 
+def attention_mass(q, k, scale=None, mask=None, chunk: int = 256):
+    """The attention queries pay each entry: SnapKV's window mass, H2O's accumulated mass, Top-K's score.
+
+    q [B, Hq, m, d]: the queries of the last m positions of k's sequence, k [B, Hkv, N, d] -> [B, Hkv, N],
+    summed over the queries and averaged over the G query heads of each KV head. ``mask`` [..., m, N]
+    (True = visible; e.g. transformers' [B, 1, m, N]) defaults to causal; a query that sees nothing adds
+    nothing. Computed in at least fp32, queries in chunks so memory is O(chunk·N).
+    """
+    B, Hq, m, d = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    if mask is None:
+        pos = torch.arange(N, device=k.device)
+        mask = pos <= pos[N - m:, None]
+    k, mass = k.to(dt), 0
+    for s in range(0, m, chunk):
+        vis = torch.cat([mask[..., s: s + chunk, :]] * (Hq // Hkv), -2)  # pooled rows: group after group
+        p = torch.softmax(logits(pool_gqa(q[:, :, s: s + chunk].to(dt), Hkv), k, mask=vis, scale=scale), -1)
+        mass = mass + p.masked_fill(~vis.any(-1, keepdim=True), 0.0).sum(-2)
+    return mass * (Hkv / Hq)
+
+
 def causal_stats(q, k, scale=None, chunk: int = 256):
     """Statistics of full causal self-attention over a prompt.
 
     q [B, Hq, N, d], k [B, Hkv, N, d] -> (mass [B, Hkv, N], row_entropy [B, Hkv, N]):
-    ``mass[j]`` is the attention all queries give token j (the H2O accumulated
-    score), ``row_entropy[i]`` the entropy of token i's own attention row (the
-    seed's entropy term), both averaged over the G query heads of the group.
-    Queries go in chunks so memory is O(chunk·N).
+    ``mass[j]`` is the attention all queries give token j (:func:`attention_mass`, H2O's accumulated
+    score), ``row_entropy[i]`` the entropy of token i's own attention row (the seed's entropy term),
+    averaged over the G query heads of the group. Queries go in chunks so memory is O(chunk·N).
     """
     B, Hq, N, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    mass = q.new_zeros(B, Hkv, N)
     ent = []
     pos = torch.arange(N, device=q.device)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         p = torch.softmax(logits(q[:, :, s:e].reshape(B, Hkv, G * (e - s), d), k,
                                  mask=(pos <= pos[s:e, None]).repeat(G, 1), scale=scale), -1)
-        p = p.view(B, Hkv, G, e - s, N)
-        mass += p.sum((2, 3)) / G
-        ent.append(entropy(p).mean(2))
-    return mass, torch.cat(ent, -1)
-
-
-def window_mass(q_obs, k, scale=None, bias=None, mask=None):
-    """SnapKV score: attention the last w tokens give each entry.
-
-    q_obs [B, Hq, w, d], k [B, Hkv, N, d] -> [B, Hkv, N], summed over the window, averaged over the group.
-    By default k is a prompt in order and q_obs its last w queries (positions N-w .. N-1); a compacted
-    cache passes its log-mass ``bias`` [B, Hkv, N] and the visibility ``mask`` [.., G·w, N] of the pooled rows.
-    """
-    B, Hq, w, _ = q_obs.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    if mask is None:
-        pos = torch.arange(N, device=k.device)
-        mask = (pos <= pos[N - w:, None]).repeat(Hq // Hkv, 1)
-    p = torch.softmax(logits(pool_gqa(q_obs, Hkv), k, bias, mask, scale), -1)
-    return p.sum(-2) * (Hkv / Hq)
+        ent.append(entropy(p.view(B, Hkv, G, e - s, N)).mean(2))
+    return attention_mass(q, k, scale, chunk=chunk), torch.cat(ent, -1)
 
 
 def seed_score(mass, row_entropy, lam: float = 0.5):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import CompactKV, pool_gqa
-from .selection import protect_mask, seed_score, split, window_mass
+from .softmax import CompactKV, pool_gqa
+from .scores import attention_mass, protect_mask, seed_score, split
 from .summarize import summarize_bins
 
 METHODS = ("evict", "seed", "softmax_ls")
@@ -54,12 +54,12 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     q_obs [B, Hq, w, d]: queries of the last w prompt tokens (observation window,
     w <= n_recent); k, v [B, Hkv, N, d] post-RoPE. ``score``: "seed"
     (window mass − λ·row_entropy, needs row_entropy [B, Hkv, N] from
-    :func:`~holokv.src.selection.causal_stats`), "mass" (SnapKV window mass) or a
+    :func:`~holokv.compaction.selection.causal_stats`), "mass" (SnapKV window mass) or a
     precomputed [B, Hkv, N] tensor (e.g. H2O accumulated mass). Sinks and the
     recent window are always kept. ``method``: "evict" drops the rest, "seed" and
     "softmax_ls" summarize the evicted tokens, in position order, into bins of
     ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
-    see :func:`~holokv.src.summarize.sigma_point_keys`).
+    see :func:`~holokv.compaction.summarize.sigma_point_keys`).
 
     Returns (CompactKV with entries [kept in position order, centroids], info [B, Hkv]
     of the batched solves, 0 = ok; check it with linalg.check_info off the hot path).
@@ -70,7 +70,7 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     w = q_obs.shape[2]
     n_keep, n_bins = plan(N, budget, method=method, head_dim=d, bin_size=bin_size, rank=rank)
     if isinstance(score, str):
-        mass = window_mass(q_obs, k, scale)
+        mass = attention_mass(q_obs, k, scale)
         score = seed_score(mass, row_entropy, lam) if score == "seed" else mass
     pos = torch.arange(N, device=k.device)
     keep, evict = split(score, n_keep, protect_mask(pos, n_sink, N - n_recent))

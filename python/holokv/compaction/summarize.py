@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .attention import attend, attend_chunked, logits
+from .softmax import attend, attend_chunked, logits
 from .linalg import ridge_solve, top_subspace, truncated_svd
 
 
@@ -43,7 +43,7 @@ def sigma_point_keys(k_bin, b_bin, n_c: int, subspace: str = "iter"):
     and covariance. Because log E_w[exp(s q·k)] = s q·μ + s²/2 qᵀCq + O(s³), the
     points reproduce the bin's log-partition function for every query to second
     order, not just for the reference queries. ``subspace`` is the
-    :func:`~holokv.src.linalg.top_subspace` method of the PCA: "iter" (block subspace
+    :func:`~holokv.compaction.linalg.top_subspace` method of the PCA: "iter" (block subspace
     iteration, the default: several times faster on the GPU) or "eigh" (exact).
     Returns (k_c [..., n_c, d], log-mass prior [..., n_c] = logsumexp(b_bin) − log n_c).
     """

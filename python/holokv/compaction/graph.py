@@ -22,7 +22,7 @@ class Graphed:
     stream (warm-up: library handles and workspaces), captures it, and replays; later
     calls copy their tensors into the graph's input buffers and replay. ``fn`` must
     have shapes that depend only on that signature and must never synchronize with the
-    host: :func:`~holokv.src.compact` qualifies, as its sizes are Python ints and
+    host: :func:`~holokv.compaction.compact` qualifies, as its sizes are Python ints and
     solver failures come back as ``info`` tensors. Results are cloned out of the
     graph's memory. At most ``max_graphs`` graphs are kept (least recently used go),
     as each holds its own memory pool. Calls with any tensor not on CUDA run ``fn`` directly, and so

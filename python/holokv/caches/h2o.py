@@ -1,0 +1,41 @@
+"""H2O's cache: heavy hitters and a recent window."""
+from __future__ import annotations
+
+import torch
+
+from ..compaction.scores import attention_mass
+from ..compaction.softmax import logits, pool_gqa
+from .select import INF, EvictingLayer
+
+
+class H2OLayer(EvictingLayer):
+    """H2O (Zhang et al. 2023): heavy hitters by accumulated attention plus the recent half of the budget;
+    evicts after every read, accumulating the weights each new query gives."""
+
+    state = ("rel", "acc")
+
+    def __init__(self, ratio: float = 1.0, recent: float = 0.5):
+        super().__init__(ratio)
+        self.recent = recent  # share of the budget reserved for the most recent tokens
+
+    def protect_recent(self, acc, rel, valid) -> torch.Tensor:
+        n_recent = ((valid.double() / self.ratio).ceil().clamp(min=1) * self.recent).long()
+        return acc.masked_fill(rel >= (valid - n_recent).view(-1, 1, 1), INF)
+
+    def prompt_scores(self, q, k, v, mask, scale, pos):
+        self.mass = attention_mass(q, k, scale, mask)
+        return self.protect_recent(self.mass, pos, self.n_valid)
+
+    def prompt_mass(self, chosen):
+        """The accumulated mass (without the recent window's protection) the kept prompt tokens start with."""
+        mass, self.mass = self.mass, None
+        return mass.gather(2, chosen)
+
+    def decode_scores(self, q, scale, held):
+        s = self.store
+        rows = pool_gqa(q.unsqueeze(2).float(), s.k.shape[1])  # [B, Hkv, G, d]
+        # the new query's weights over every entry held (the cache converted to fp32 a chunk at a time)
+        part = torch.cat([logits(rows, s.k[:, :, i: i + 4096].float(), scale=scale) for i in range(0, s.capacity, 4096)],
+                         -1).masked_fill(~held.unsqueeze(2), -INF)
+        self.acc.add_(part.softmax(-1).mean(-2))  # averaged over the group, as the prompt's mass
+        return self.protect_recent(self.acc, self.rel, self.n_valid)

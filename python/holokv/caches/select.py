@@ -1,0 +1,119 @@
+"""Token selection, shared by the eviction baselines (one module each: streaming, topk, h2o, snapkv, expected):
+each keeps, per KV head, the ``ceil(valid / ratio)`` highest-scoring tokens of each sequence and drops the rest.
+One-shot methods compress once, after the prompt (later tokens are appended exact, as in their papers); the
+others evict after every read, one entry a step, in place (the last entry moves into the evicted one's row).
+
+The prompt is attended exactly (SDPA); scores that need attention weights compute them from the prompt's
+queries (:func:`holokv.compaction.scores.attention_mass`). Budgets are per sequence, from its own length, so a
+left-padded sequence is compressed as it would be alone. Decoding reads the kept entries through ``holo_decode``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import FullLayer, take
+
+INF = float("inf")
+
+
+def budget(valid: int, ratio: float) -> int:
+    """Entries a sequence of ``valid`` tokens may keep per head at compression ``ratio``."""
+    return max(1, math.ceil(valid / ratio))
+
+
+class SelectionLayer(FullLayer):
+    """Keeps the top-scoring entries per KV head; subclasses define the scores."""
+
+    one_shot = True
+
+    def __init__(self, ratio: float = 1.0):
+        FullLayer.__init__(self)
+        if ratio < 1:
+            raise ValueError(f"ratio must be >= 1, got {ratio}")
+        self.ratio = ratio
+
+    def compress_prompt(self, q, k, v, mask, scale, pads):
+        """Per sequence its own budget of the highest prompt scores (pads never win), in position order."""
+        n = k.shape[2]
+        keep = [min(n - p, budget(n - p, self.ratio)) for p in self.pads]
+        pos = torch.arange(n, device=k.device) - pads[:, None, None]  # [B, 1, n] index from the first real token
+        s = self.prompt_scores(q, k, v, mask, scale, pos).masked_fill(pos < 0, -INF)
+        # the best first; ties (SnapKV's max-pooled votes, protected tokens) go to the earlier token, by its index
+        # from the first real one, so a padded sequence keeps what it keeps alone
+        order = pos.expand_as(s).argsort(dim=-1, stable=True)
+        chosen = order.gather(2, s.gather(2, order).argsort(dim=-1, descending=True, stable=True)[..., :max(keep)])
+        lens = torch.tensor(keep, device=k.device)
+        rank = torch.arange(max(keep), device=k.device)
+        chosen = torch.where(rank < lens[:, None, None], chosen, n).sort(-1).values.clamp(max=n - 1)
+        self.store.write(take(k, chosen), take(v, chosen), lens)
+        self.prompt = n, max(keep)
+        self.kept_prompt(chosen, pos)
+
+    def kept_prompt(self, chosen: torch.Tensor, pos: torch.Tensor) -> None:
+        """Per-entry state of the kept prompt tokens ``chosen`` [B, Hkv, m] (``pos``: index from the first real
+        token of every prompt token)."""
+
+    def bound(self, seen: int) -> int:
+        n, kept = self.prompt  # one-shot: the kept prompt, then every decoded token
+        return kept + seen - n
+
+    def prompt_scores(self, q, k, v, mask, scale, pos) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EvictingLayer(SelectionLayer):
+    """Evicts after every read. Per-entry state (``state``: ``rel``, the index from the first real token, and
+    for H2O ``acc``, the accumulated score) is kept beside the store's entries, moved with them and counted
+    in the bytes held."""
+
+    one_shot = False
+    state = ("rel",)
+
+    def kept_prompt(self, chosen, pos):
+        self.rel = self.grow(pos.expand(*chosen.shape[:2], -1).gather(2, chosen), self.store.capacity)
+        if "acc" in self.state:
+            self.acc = self.grow(self.prompt_mass(chosen), self.store.capacity)
+
+    def nbytes(self) -> int:
+        per_entry = sum(getattr(self, name).element_size() for name in self.state)
+        return self.store.nbytes() + int(self.store.lens.sum()) * self.store.k.shape[1] * per_entry
+
+    @staticmethod
+    def grow(x: torch.Tensor, cap: int) -> torch.Tensor:
+        return x if x.shape[2] >= cap else torch.cat([x, x.new_zeros(*x.shape[:2], cap - x.shape[2])], 2)
+
+    def bound(self, seen: int) -> int:
+        return budget(seen - min(self.pads), self.ratio) + 1  # one over the budget until the read evicts it
+
+    def reserve(self, tokens: int, exact: bool = False) -> None:
+        super().reserve(tokens, exact)
+        for name in self.state:
+            setattr(self, name, self.grow(getattr(self, name), self.store.capacity))
+
+    def decode(self, q, k, v, scale):
+        s = self.store
+        self.n_valid.add_(1)
+        at = s.lens.view(-1, 1, 1).expand(-1, k.shape[1], 1)  # the row the new token goes to
+        self.rel.scatter_(2, at, (self.n_valid - 1).view(-1, 1, 1).expand_as(at))
+        if "acc" in self.state:
+            self.acc.scatter_(2, at, 0.0)
+        s.append(k, v)
+        out = s.decode(q, scale)
+        held = torch.arange(s.capacity, device=q.device) < s.lens.view(-1, 1, 1)
+        scores = self.decode_scores(q, scale, held).masked_fill(~held, INF)
+        # over budget (by one at most): the lowest-scoring entry goes, the last entry takes its row
+        over = s.lens > (self.n_valid.double() / self.ratio).ceil().long().clamp(min=1)
+        last = (s.lens - 1).view(-1, 1, 1).expand(-1, k.shape[1], 1)
+        row = torch.where(over.view(-1, 1, 1), scores.argmin(-1, keepdim=True), last)
+        for x in (s.k, s.v, *(getattr(self, name) for name in self.state)):
+            index = row.view(*row.shape, *[1] * (x.dim() - 3)).expand(*row.shape, *x.shape[3:])
+            x.scatter_(2, index, x.gather(2, last.view(*last.shape, *[1] * (x.dim() - 3)).expand_as(index)))
+        s.lens.sub_(over.long())
+        return out
+
+    def decode_scores(self, q, scale, held) -> torch.Tensor:
+        raise NotImplementedError
+
+

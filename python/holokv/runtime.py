@@ -38,6 +38,7 @@ class Decoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{CACHE_KWARG: self.cache}).logits[:, -1]
+        self.cache.end_prefill()
         self.cache.reserve(max_new_tokens, exact=True)
         self.cache.defer()
         self.steps_left = max_new_tokens

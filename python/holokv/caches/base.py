@@ -119,6 +119,9 @@ class FullLayer(CacheLayerMixin):
         """Host bookkeeping after a decode step (and eager work that cannot be captured)."""
         self.seen += 1
 
+    def end_prefill(self) -> None:
+        """The prompt is in: memory kept only to compress prompts faster may go."""
+
     def reserve(self, tokens: int, exact: bool = False) -> None:
         """Room for ``tokens`` more decode steps, from host-known bounds (never asks the device); ``exact``: no
         more (the caller plans every step), else geometric growth (a step at a time)."""
@@ -182,6 +185,11 @@ class CompressedCache(Cache):
         ``exact``: that much and no more."""
         for layer in self.layers:
             layer.reserve(tokens, exact)
+
+    def end_prefill(self) -> None:
+        """Release what only the prefill needed (called by holokv.runtime before decoding)."""
+        for layer in self.layers:
+            layer.end_prefill()
 
     def defer(self, on: bool = True) -> None:
         """Whether the caller (holokv.runtime) runs :meth:`after_token` itself, outside a captured step."""

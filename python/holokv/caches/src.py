@@ -174,6 +174,9 @@ class SRCLayer(FullLayer):
         if self.every and self.generated % self.every == 0:
             self.step(self.scale)
 
+    def end_prefill(self) -> None:
+        COMPACT.clear()  # the captured compactions hold their own memory pools
+
     def bound(self, seen: int) -> int:
         return self.width + seen - self.seen  # every decode step adds one entry, a compression step removes
 

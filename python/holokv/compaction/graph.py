@@ -51,6 +51,10 @@ class Graphed:
         graph.replay()
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)
 
+    def clear(self) -> None:
+        """Drop every graph and the memory pool it holds (the next call captures again)."""
+        self.graphs.clear()
+
     def _capture(self, args, kwargs):
         static_args, static_kwargs = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x,
                                               (args, kwargs))

@@ -52,7 +52,7 @@ def attend(q, k, v, bias=None, mask=None, scale=None):
 
 
 
-def attend_chunked(q, k, v=None, bias=None, mask=None, scale=None, chunk: int = 4096):
+def attend_chunked(q, k, v=None, bias=None, mask=None, scale=None, chunk: int = 1024):
     """Softmax attention of rows q [..., m, d] (fp32 or fp64: the working precision) over a long k, v [..., n, d]
     of any float dtype, converted to q's dtype ``chunk`` entries at a time (so nothing the size of the cache is
     ever made in fp32): the online softmax of flash attention. bias [..., n], mask [..., m, n] as in

@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> batched_cholesky_solve_cuda(const at::Tensor&
   at::Tensor factor = a.clone();
   at::Tensor xbuf = b.mT().contiguous();
   at::Tensor info = at::zeros({batch}, a.options().dtype(at::kInt));
-  if (batch == 0 || n == 0 || k == 0) return {xbuf.mT(), info};
+  if (batch == 0 || n == 0) return {xbuf.mT(), info};  // with k == 0 the factorizations still report info
   at::Tensor a_ptrs = strided_pointers(factor.data_ptr<float>(), n * n, batch, a);
   at::Tensor x_ptrs = strided_pointers(xbuf.data_ptr<float>(), n * k, batch, a);
   const cusolverDnHandle_t solver = current_solver().dn;
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> batched_cholesky_solve_cuda(const at::Tensor&
     // (cusolverDnSpotrsBatched takes a single right-hand side: it would re-read each
     // factor k times, as k * batch matrix-vector solves.)
     for (const cublasOperation_t op : {CUBLAS_OP_N, CUBLAS_OP_T})
-      HOLOKV_CUBLAS_CHECK(cublasStrsmBatched(blas, CUBLAS_SIDE_LEFT, kUplo, op, CUBLAS_DIAG_NON_UNIT, ni, ki, &one,
+      if (k > 0) HOLOKV_CUBLAS_CHECK(cublasStrsmBatched(blas, CUBLAS_SIDE_LEFT, kUplo, op, CUBLAS_DIAG_NON_UNIT, ni, ki, &one,
                                              A, ni, X, ni, count));
   });
   at::Tensor x = xbuf.mT();

@@ -11,7 +11,8 @@ Room for every planned token is reserved after the prefill, so no buffer moves w
     for _ in range(64):
         logits = dec.step(logits.argmax(-1))             # one replay (the first step runs eagerly, then captures)
 
-:func:`generate` wraps that in a greedy loop. With ``graph=False`` (or on CPU) the same steps run eagerly.
+:func:`generate` wraps that in a greedy loop. With ``graph=False``, on CPU, or while torch's caching allocator is
+off (a capture cannot allocate then: compute-sanitizer runs) the same steps run eagerly.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from .caches.hf_attention import CACHE_KWARG
 from .caches.base import CompressedCache
+from .compaction.graph import GRAPHLESS
 
 
 class Decoder:
@@ -46,7 +48,7 @@ class Decoder:
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.pos = positions[:, -1:] + 1  # each sequence's next position
         self.cache_position = torch.full((1,), n, dtype=torch.long, device=dev)
-        self.use_graph = self.graph_wanted and dev.type == "cuda"
+        self.use_graph = self.graph_wanted and dev.type == "cuda" and not GRAPHLESS
         self.graph, self.warmed = None, False
         return logits
 

@@ -53,10 +53,10 @@ def run(args) -> int:
         with sdpa_kernel(SDPA_BACKENDS):
             t_sdpa = timer(lambda: F.scaled_dot_product_attention(q[:, :, None], kf, vf, enable_gqa=True))
         full_bytes = 2 * B * hkv * N * d * esize
-        keys = holokv.phase_keys(k, d, device="cuda", dtype=dtype)
+        phase = holokv.phase_keys(k, d, device="cuda", dtype=dtype)
         n_sup = N - T
-        ks = holokv.superpose(kf[:, :, :n_sup].contiguous(), keys)
-        vs = holokv.superpose(vf[:, :, :n_sup].contiguous(), keys)
+        ks = holokv.superpose(kf[:, :, :n_sup].contiguous(), phase)
+        vs = holokv.superpose(vf[:, :, :n_sup].contiguous(), phase)
         kt, vt = kf[:, :, n_sup:].contiguous(), vf[:, :, n_sup:].contiguous()
         del kf, vf
         sl = torch.full((B,), n_sup, dtype=torch.int64, device="cuda")
@@ -68,7 +68,7 @@ def run(args) -> int:
                "sdpa_full_us": t_sdpa, "sdpa_full_bytes": full_bytes,
                "sdpa_full_GBps": full_bytes / t_sdpa / 1e3, "holo_bytes": holo_bytes}
         for mode in ("full", "aligned"):
-            t = timer(lambda: holokv.holo_decode(q, ks, vs, keys, sl, kt, vt, tl, mode))
+            t = timer(lambda: holokv.holo_decode(q, ks, vs, phase, sl, kt, vt, tl, mode))
             row[f"holo_{mode}_us"] = t
             row[f"holo_{mode}_GBps"] = holo_bytes / t / 1e3
             row[f"holo_{mode}_pct_copy_bw"] = 100 * holo_bytes / (t * 1e-6) / peak

@@ -5,7 +5,7 @@ import torch
 
 from ..compaction.scores import attention_mass
 from ..compaction.softmax import logits, pool_gqa
-from .select import INF, EvictingLayer
+from .select import INF, EvictingLayer, budget
 
 
 class H2OLayer(EvictingLayer):
@@ -19,7 +19,7 @@ class H2OLayer(EvictingLayer):
         self.recent = recent  # share of the budget reserved for the most recent tokens
 
     def protect_recent(self, acc, rel, valid) -> torch.Tensor:
-        n_recent = ((valid.double() / self.ratio).ceil().clamp(min=1) * self.recent).long()
+        n_recent = (budget(valid, self.ratio).double() * self.recent).long()
         return acc.masked_fill(rel >= (valid - n_recent).view(-1, 1, 1), INF)
 
     def prompt_scores(self, q, k, v, mask, scale, pos):

@@ -18,15 +18,16 @@ from .base import FullLayer, take
 INF = float("inf")
 
 
-def budget(valid: int, ratio: float) -> int:
-    """Entries a sequence of ``valid`` tokens may keep per head at compression ``ratio``."""
+def budget(valid, ratio: float):
+    """Entries a sequence of ``valid`` tokens may keep per head at compression ``ratio``: an int for an int,
+    per sequence on the device for a tensor (the same float64 arithmetic)."""
+    if isinstance(valid, torch.Tensor):
+        return (valid.double() / ratio).ceil().long().clamp(min=1)
     return max(1, math.ceil(valid / ratio))
 
 
 class SelectionLayer(FullLayer):
     """Keeps the top-scoring entries per KV head; subclasses define the scores."""
-
-    one_shot = True
 
     def __init__(self, ratio: float = 1.0):
         FullLayer.__init__(self)
@@ -68,7 +69,6 @@ class EvictingLayer(SelectionLayer):
     for H2O ``acc``, the accumulated score) is kept beside the store's entries, moved with them and counted
     in the bytes held."""
 
-    one_shot = False
     state = ("rel",)
 
     def kept_prompt(self, chosen, pos):
@@ -104,7 +104,7 @@ class EvictingLayer(SelectionLayer):
         held = torch.arange(s.capacity, device=q.device) < s.lens.view(-1, 1, 1)
         scores = self.decode_scores(q, scale, held).masked_fill(~held, INF)
         # over budget (by one at most): the lowest-scoring entry goes, the last entry takes its row
-        over = s.lens > (self.n_valid.double() / self.ratio).ceil().long().clamp(min=1)
+        over = s.lens > budget(self.n_valid, self.ratio)
         last = (s.lens - 1).view(-1, 1, 1).expand(-1, k.shape[1], 1)
         row = torch.where(over.view(-1, 1, 1), scores.argmin(-1, keepdim=True), last)
         for x in (s.k, s.v, *(getattr(self, name) for name in self.state)):

@@ -196,10 +196,6 @@ class SRCLayer(FullLayer):
         held = 0 if not self.every else min(self.q_written, self.kept_queries()) * self.q_ring[:, :, 0].nbytes
         return self.store.nbytes() + held
 
-    def kept_queries(self) -> int:
-        """Queries the steps need: the observation window, or for score="seed" the whole tail's."""
-        return self.window if self.score == "mass" else self.r0 + self.generated - self.reviewed
-
     def n_exact(self, n_new: int, head_dim: int) -> int:
         """How many of the ``n_new`` tokens a step reviews stay exact (the rule of the class docstring)."""
         t, tail = self.generated, self.r0 + self.generated - self.reviewed - n_new

@@ -24,12 +24,13 @@ from .compaction.graph import GRAPHLESS
 
 
 class Decoder:
-    """Prefill, then decode steps of ``model`` over ``cache`` (a :func:`holokv.caches.make_cache` cache)."""
+    """Prefill, then decode steps of ``model`` over ``cache`` (a :func:`holokv.caches.make_cache` cache). After
+    the prefill the cache belongs to the decoder: it runs the layers' host bookkeeping itself."""
 
     def __init__(self, model, cache: CompressedCache, graph: bool = True):
         self.model, self.cache = model, cache
         self.graph_wanted = graph
-        self.graph = None
+        self.steps_left = 0  # set by prefill()
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -89,9 +90,9 @@ def generate(model, cache: CompressedCache, input_ids: torch.Tensor, attention_m
     dec = Decoder(model, cache, graph)
     logits = dec.prefill(input_ids, attention_mask, max_new_tokens)
     out = [input_ids]
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = logits.argmax(-1)
         out.append(token[:, None])
-        if len(out) <= max_new_tokens:
+        if i + 1 < max_new_tokens:  # the last token is not fed back
             logits = dec.step(token)
     return torch.cat(out, 1)

@@ -465,3 +465,45 @@ def test_batch_invariance(model, batch, method):
     for row in (0, 1):
         for s, s0 in zip(runs[0].scores, runs[1 + row].scores):
             torch.testing.assert_close(s[row: row + 1], s0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["topk", "snapkv", "expected"])
+def test_head_adaptive_budgets(model, batch, method):
+    """adaptive=1 is the uniform budget; a smaller share moves entries between the heads of a layer (AdaKV):
+    each layer still holds Hkv·budget entries per sequence, each head at least its share, and a padded sequence
+    keeps and reads what it does alone."""
+    ids, mask = batch
+    outs = {}
+    for adaptive in (None, 1.0, 0.2):
+        cache = make_cache(method, model.config, ratio=4, adaptive=adaptive)
+        with torch.no_grad():
+            outs[adaptive] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                            past_key_values=cache, output_scores=True, return_dict_in_generate=True)
+        for layer in cache.layers:
+            lens = layer.store.lens  # after the prompt and 5 decoded tokens
+            budget = torch.tensor([math.ceil(41 / 4), math.ceil(48 / 4)]) + 5
+            if adaptive is None:
+                assert torch.equal(lens, budget)
+            else:
+                assert torch.equal(lens.sum(-1), 2 * budget)
+                assert (lens >= ((budget - 5) * adaptive).floor()[:, None] + 5).all()
+    for s, s1 in zip(outs[None].scores, outs[1.0].scores):
+        torch.testing.assert_close(s, s1, rtol=0, atol=0)
+    alone = make_cache(method, model.config, ratio=4, adaptive=0.2)
+    with torch.no_grad():
+        single = model.generate(ids[:1, 7:], attention_mask=mask[:1, 7:], max_new_tokens=6, do_sample=False,
+                                past_key_values=alone, output_scores=True, return_dict_in_generate=True)
+    for s, s0 in zip(outs[0.2].scores, single.scores):
+        torch.testing.assert_close(s[:1], s0, atol=1e-5, rtol=1e-5)
+
+
+def test_head_adaptive_shares_follow_the_scores():
+    """A head whose attention is spread out gets the entries a concentrated head does not need, down to the
+    concentrated head's floor."""
+    from holokv.caches.snapkv import SnapKVLayer
+    ranked = torch.tensor([[[0.9, 0.05, 0.02, 0.01, 0.0, 0.0], [0.2, 0.2, 0.2, 0.15, 0.15, 0.1]]])
+    keep = torch.tensor([3])
+    assert SnapKVLayer(ratio=2, adaptive=0.0).head_lens(ranked, keep).tolist() == [[1, 5]]
+    assert SnapKVLayer(ratio=2, adaptive=0.5).head_lens(ranked, keep).tolist() == [[1, 5]]
+    assert SnapKVLayer(ratio=2, adaptive=0.7).head_lens(ranked, keep).tolist() == [[2, 4]]
+    assert SnapKVLayer(ratio=2, adaptive=1.0).head_lens(ranked, keep).tolist() == [[3, 3]]

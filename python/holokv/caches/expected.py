@@ -22,8 +22,9 @@ class ExpectedAttentionLayer(SelectionLayer):
     like SnapKV. ``rotary``: the model's rotary embedding (transformers' module; make_cache builds it), whose
     (cos, sin) must carry no attention scaling for the de-rotation to be exact."""
 
-    def __init__(self, ratio: float = 1.0, rotary=None, sinks: int = 4, future: int = 512, epsilon: float = 0.0):
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 1.0, rotary=None, sinks: int = 4, future: int = 512, epsilon: float = 0.0,
+                 adaptive: float | None = None):
+        super().__init__(ratio, adaptive)
         if rotary is None:
             raise ValueError("expected attention needs the model's rotary embedding (make_cache passes it)")
         self.rotary, self.sinks, self.future, self.epsilon = rotary, sinks, future, epsilon

@@ -34,9 +34,12 @@ def integer(lo: int, none_ok: bool = False, odd: bool = False, doc: str = ""):
     return check
 
 
-def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-    """A finite real number (not a bool) in [lo, hi], or (lo, ...) where lo_open; None: unbounded."""
+def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False, none_ok: bool = False):
+    """A finite real number (not a bool) in [lo, hi], or (lo, ...) where lo_open (bounds of None: unbounded), or
+    None where none_ok."""
     def check(name, value):
+        if none_ok and value is None:
+            return
         ok = _is_real(value)
         if ok and lo is not None:
             ok = value > lo if lo_open else value >= lo
@@ -45,7 +48,7 @@ def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False
         if not ok:
             bounds = (f" in [{lo}, {hi}]" if hi is not None else f" {'>' if lo_open else '>='} {lo}"
                       if lo is not None else "")
-            raise ValueError(f"{name} must be a finite number{bounds}, got {value!r}")
+            raise ValueError(f"{name} must be a finite number{bounds}{' or None' if none_ok else ''}, got {value!r}")
     return check
 
 
@@ -68,10 +71,10 @@ OPTIONS = {
     "holokv": {"k": phase_count, "sinks": integer(0), "mode": choice(*MODES),
                "prefill": choice(*PREFILLS), "slot_gain": real(0, lo_open=True)},
     "streaming": {"sinks": integer(0)},
-    "topk": {},
+    "topk": {"adaptive": real(0, 1, none_ok=True)},
     "h2o": {"recent": real(0, 1)},
-    "snapkv": {"window": integer(1), "kernel": integer(1, odd=True)},
-    "expected": {"sinks": integer(0), "future": integer(1), "epsilon": real(0)},
+    "snapkv": {"window": integer(1), "kernel": integer(1, odd=True), "adaptive": real(0, 1, none_ok=True)},
+    "expected": {"sinks": integer(0), "future": integer(1), "epsilon": real(0), "adaptive": real(0, 1, none_ok=True)},
     "src": {"method": choice("softmax_ls", "seed"), "score": choice(*SCORES), "rank": integer(1),
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
             "bin_size": integer(1, none_ok=True), "decode_bin": integer(1, none_ok=True),

@@ -14,6 +14,7 @@ import math
 import torch
 
 from .base import FullLayer, take
+from .store import Store
 
 INF = float("inf")
 
@@ -27,13 +28,19 @@ def budget(valid, ratio: float):
 
 
 class SelectionLayer(FullLayer):
-    """Keeps the top-scoring entries per KV head; subclasses define the scores."""
+    """Keeps the top-scoring entries per KV head; subclasses define the scores. ``adaptive`` (one-shot methods):
+    None gives every KV head the sequence's budget; a share α in [0, 1] makes the budgets head-adaptive (AdaKV,
+    Feng et al. 2024): the layer's Hkv·budget entries go to the best scores of all its heads together, each head
+    keeping at least α of its budget, so heads whose attention is spread out get more entries."""
 
-    def __init__(self, ratio: float = 1.0):
+    def __init__(self, ratio: float = 1.0, adaptive: float | None = None):
         FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
-        self.ratio = ratio
+        self.ratio, self.adaptive = ratio, adaptive
+
+    def new_store(self, like):
+        return Store(like, per_head=self.adaptive is not None)
 
     def compress_prompt(self, q, k, v, mask, scale, pads):
         """Per sequence its own budget of the highest prompt scores (pads never win), in position order."""
@@ -44,13 +51,29 @@ class SelectionLayer(FullLayer):
         # the best first; ties (SnapKV's max-pooled votes, protected tokens) go to the earlier token, by its index
         # from the first real one, so a padded sequence keeps what it keeps alone
         order = pos.expand_as(s).argsort(dim=-1, stable=True)
-        chosen = order.gather(2, s.gather(2, order).argsort(dim=-1, descending=True, stable=True)[..., :max(keep)])
-        lens = torch.tensor(keep, device=k.device)
-        rank = torch.arange(max(keep), device=k.device)
-        chosen = torch.where(rank < lens[:, None, None], chosen, n).sort(-1).values.clamp(max=n - 1)
+        ranked = order.gather(2, s.gather(2, order).argsort(dim=-1, descending=True, stable=True))
+        lens = self.head_lens(s.gather(2, ranked), torch.tensor(keep, device=k.device))  # [B] or [B, Hkv]
+        most = int(lens.max())  # once per prompt: the prefill may sync
+        held = torch.arange(most, device=k.device) < lens.view(*lens.shape, *[1] * (3 - lens.dim()))
+        chosen = torch.where(held, ranked[..., :most], n).sort(-1).values.clamp(max=n - 1)
         self.store.write(take(k, chosen), take(v, chosen), lens)
-        self.prompt = n, max(keep)
+        self.prompt = n, most
         self.kept_prompt(chosen, pos)
+
+    def head_lens(self, ranked: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Entries each head keeps, from its scores ranked best first [B, Hkv, n] and each sequence's budget
+        ``keep`` [B]: ``keep`` for every head, or (``adaptive``) each head's share of the Hkv·keep best scores
+        of the layer, its first α·keep counted in whatever they score (ties: head order, then rank)."""
+        if self.adaptive is None:
+            return keep
+        B, H, n = ranked.shape
+        floor = (keep.double() * self.adaptive).floor().long()
+        sure = (torch.arange(n, device=ranked.device) < floor.view(B, 1, 1)).expand(B, H, n).reshape(B, H * n)
+        # every head's floor first, then the best scores (protected ones are +inf too), each in a stable order
+        best = ranked.reshape(B, H * n).argsort(dim=-1, descending=True, stable=True)
+        best = best.gather(1, sure.gather(1, best).to(torch.int8).argsort(dim=-1, descending=True, stable=True))
+        picked = torch.arange(H * n, device=ranked.device) < (H * keep).view(B, 1)
+        return torch.zeros_like(picked).scatter_(1, best, picked).view(B, H, n).sum(-1)
 
     def kept_prompt(self, chosen: torch.Tensor, pos: torch.Tensor) -> None:
         """Per-entry state of the kept prompt tokens ``chosen`` [B, Hkv, m] (``pos``: index from the first real

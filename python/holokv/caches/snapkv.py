@@ -12,8 +12,8 @@ class SnapKVLayer(SelectionLayer):
     """SnapKV (Li et al. 2024): the last ``window`` prompt queries vote (attention summed over them and the
     GQA group, max-pooled over neighbouring tokens so clusters survive); the window itself is always kept."""
 
-    def __init__(self, ratio: float = 1.0, window: int = 32, kernel: int = 7):
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 1.0, window: int = 32, kernel: int = 7, adaptive: float | None = None):
+        super().__init__(ratio, adaptive)
         self.window, self.kernel = window, kernel
 
     def prompt_scores(self, q, k, v, mask, scale, pos):

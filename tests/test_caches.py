@@ -507,3 +507,23 @@ def test_head_adaptive_shares_follow_the_scores():
     assert SnapKVLayer(ratio=2, adaptive=0.5).head_lens(ranked, keep).tolist() == [[1, 5]]
     assert SnapKVLayer(ratio=2, adaptive=0.7).head_lens(ranked, keep).tolist() == [[2, 4]]
     assert SnapKVLayer(ratio=2, adaptive=1.0).head_lens(ranked, keep).tolist() == [[3, 3]]
+
+
+@pytest.mark.parametrize("method", COMPRESSED)
+def test_reordered_batch_decodes_as_reordered(model, batch, method):
+    """batch_select_indices (beam search's reorder) moves every per-sequence tensor: after swapping the two
+    sequences, the next steps give the swapped logits."""
+    ids, mask = batch
+    options = dict(every=2, recent=8, window=4, decode_bin=16, rank=2) if method == "src" else {}
+    caches = [make_cache(method, model.config, ratio=2, **options) for _ in range(2)]
+    steps = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(9))
+    outs = []
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, attention_mask=mask, past_key_values=cache)
+        caches[1].reorder_cache(torch.tensor([1, 0]))
+        for cache, order in zip(caches, ([0, 1], [1, 0])):
+            outs.append(torch.stack([model(steps[order, t: t + 1], past_key_values=cache,
+                                           position_ids=torch.tensor([[41 + t], [48 + t]])[order]).logits[:, -1]
+                                     for t in range(6)]))
+    torch.testing.assert_close(outs[1], outs[0][:, [1, 0]], atol=1e-5, rtol=1e-5)

@@ -50,6 +50,7 @@ class FullLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
     log_mass = False  # whether entries carry a log-mass
+    batch_state = ("n_valid",)  # per-sequence tensors beside the store (batch first)
 
     def __init__(self, ratio: float = 1.0):
         super().__init__()
@@ -154,8 +155,11 @@ class FullLayer(CacheLayerMixin):
         self.is_initialized = False  # the next update re-creates the store
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the sequences ``indices`` (beam search reorders, batch repeats): the store and every per-sequence
+        tensor of ``batch_state``."""
         self.store.select(indices)
-        self.n_valid = self.n_valid[indices]
+        for name in self.batch_state:
+            setattr(self, name, getattr(self, name)[indices])
         self.pads = [self.pads[i] for i in indices.tolist()]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -13,6 +13,7 @@ class H2OLayer(EvictingLayer):
     evicts after every read, accumulating the weights each new query gives."""
 
     state = ("rel", "acc")
+    batch_state = EvictingLayer.batch_state + ("acc",)
 
     def __init__(self, ratio: float = 1.0, recent: float = 0.5):
         super().__init__(ratio)

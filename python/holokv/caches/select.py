@@ -93,6 +93,7 @@ class EvictingLayer(SelectionLayer):
     in the bytes held."""
 
     state = ("rel",)
+    batch_state = FullLayer.batch_state + state
 
     def kept_prompt(self, chosen, pos):
         self.rel = self.grow(pos.expand(*chosen.shape[:2], -1).gather(2, chosen), self.store.capacity)

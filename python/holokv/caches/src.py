@@ -134,6 +134,8 @@ class SRCLayer(FullLayer):
         # tail's last queries, written in place by each decode step
         self.q_cap = window if score == "mass" else recent + (every or 1)
 
+    batch_state = FullLayer.batch_state + ("q_ring",)
+
     def prefill(self, q, k, v, mask, scale, pads):
         # stream counts (see the class docstring): recent window taken over from the prompt, generated,
         # reviewed and of those kept exact

@@ -8,8 +8,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (the test extra; scripts/setup.sh installs it)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import holokv
 from holokv.reference import closed_tokens_ref, holo_append_ref, holo_decode_ref, superpose_ref

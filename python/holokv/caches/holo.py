@@ -50,10 +50,10 @@ class HoloKVLayer(FullLayer):
         n, kk, spec = k.shape[2], self.spec.k, self.spec
         valid = self.n_valid
         sinks = valid.clamp(max=spec.sinks)
-        closed = spec.closed(valid)  # [B] stream tokens superposed, a multiple of k
-        # the widths the buffers need, from the host's lengths: the ring holds what is not superposed
-        host = spec.closed(torch.tensor([n - p for p in self.pads]))
-        width, n_slots = int((n - torch.tensor(self.pads) - host).max()), int(host.max()) // kk
+        # [B] stream tokens superposed (a multiple of k), from the host's lengths: they size the buffers too
+        closed = spec.closed(torch.tensor([n - p for p in self.pads]))
+        width, n_slots = int((n - torch.tensor(self.pads) - closed).max()), int(closed.max()) // kk
+        closed = closed.to(k.device)
         j = torch.arange(n, device=k.device)
         seq = left_aligned(pads, n)  # each sequence's tokens first
         stream = seq.gather(1, (sinks[:, None] + j[: n_slots * kk]).clamp(max=n - 1))

@@ -34,10 +34,9 @@ class Store:
         self.lens = torch.zeros((B, H) if per_head else (B,), dtype=torch.long, device=like.device)
         # HoloKV: slots, superposed tokens per sequence, and the entries as a ring from `start`
         self.phase = like.new_ones(1, d) if phase is None else phase.to(like.device, like.dtype)
-        self.superposed = phase is not None
         self.k_slots, self.v_slots = empty.clone(), empty.clone()
         self.slot_lens = torch.zeros(B, dtype=torch.long, device=like.device)
-        self.start = self.slot_lens.clone() if self.superposed else None
+        self.start = self.slot_lens.clone() if phase is not None else None
 
     @property
     def capacity(self) -> int:
@@ -105,11 +104,8 @@ class Store:
         H, d, size = self.k.shape[1], self.k.shape[3], self.k.element_size()
         per_entry = (2 * d + (self.bias is not None)) * size
         entries = int(self.lens.sum()) * (1 if self.lens.dim() == 2 else H)
-        slots = int((-(-self.slot_lens // self.phase.shape[0])).sum()) * H if self.superposed else 0
+        slots = int((-(-self.slot_lens // self.phase.shape[0])).sum()) * H  # 0 without superposition
         return entries * per_entry + slots * 2 * d * size
-
-    def allocated_bytes(self) -> int:
-        return sum(x.nbytes for x in (self.k, self.v, self.bias, self.k_slots, self.v_slots) if x is not None)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the sequences ``index`` (beam search reorders, batch repeats)."""

@@ -93,3 +93,11 @@ def test_derive_floor_and_speedup():
     assert rows[0]["speedup_vs_fastest_full"] == pytest.approx(6 / 9)
     assert "speedup_vs_fastest_full" not in rows[3]  # no full-cache run at B=1
     assert "floor_ms" not in rows[4]
+
+
+def test_profile_busy_time_is_the_union_of_kernel_intervals():
+    from holokv.bench.e2e_profile import busy_us
+
+    assert busy_us([]) == 0
+    assert busy_us([(5, 6), (0, 2), (1, 3)]) == 4  # overlap counted once, unsorted input
+    assert busy_us([(0, 10), (2, 3)]) == 10  # nested

@@ -49,6 +49,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ratio", type=float, default=4.0, help="compression ratio of the compressed caches")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="weights and cache (default bfloat16, smoke float32)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the timed steps, profile STEPS more (CUDA): kernel time, GPU busy time and the top "
+                         "kernels per step go into each row's 'profile'")
     ap.add_argument("--name", default="e2e_bench.json", help="results file in --out")
     ap.add_argument("--plot", default=None, help="plot file (default: --name with .png, in --out)")
     ap.add_argument("--smoke", action="store_true", help="tiny Llama on the CPU, eager decode steps")
@@ -67,7 +70,8 @@ def jobs(args, config) -> list[dict]:
     """One spec per (point, baseline or method); every cache is built once on the config so that bad names or
     options fail before any process starts."""
     base = dict(model=args.model, layers=config.num_hidden_layers, smoke=args.smoke, dtype=args.dtype,
-                device="cpu" if args.smoke else "cuda", steps=args.steps, warmup=args.warmup)
+                device="cpu" if args.smoke else "cuda", steps=args.steps, warmup=args.warmup,
+                profile=args.profile)
     runs = []
     for name in filter(None, args.baselines.split(",")):
         if name not in BASELINES:

@@ -74,7 +74,7 @@ def measure(spec: dict) -> dict:
     weights, weights_read = weight_bytes(model)
     mem_weights = torch.cuda.memory_allocated() if cuda else None
     ids = torch.randint(config.vocab_size, (B, N), generator=torch.Generator().manual_seed(1)).to(spec["device"])
-    capacity = warmup + steps + SYNC_STEPS
+    capacity = warmup + steps + SYNC_STEPS + spec.get("profile", 0)
     if spec["kind"] == "baseline":
         from .e2e_baselines import static_decoder
 
@@ -107,12 +107,17 @@ def measure(spec: dict) -> dict:
                        peak_above_weights_bytes=peak - mem_weights, step_transient_bytes=peak - mem_before)
         cache_bytes = nbytes()
         syncs = host_syncs(step, tokens) if cuda else "not checked (CPU)"
+        prof = {}
+        if cuda and spec.get("profile"):
+            from .e2e_profile import profile_steps
+
+            prof = dict(profile=profile_steps(step, tokens, spec["profile"]))
     median = statistics.median(step_ms)
     # the mean carries what the median leaves out: work every few steps (SRC's compression), amortized
     return dict(prefill_ms=prefill_ms, step_ms=median, step_ms_mean=statistics.mean(step_ms), step_ms_all=step_ms,
                 tokens_per_s=B / (median * 1e-3),
                 cache_bytes=cache_bytes, host_syncs=syncs, weights_bytes=weights, weights_read_bytes=weights_read,
-                **mem)
+                **mem, **prof)
 
 
 def bandwidth() -> dict:

@@ -9,6 +9,17 @@ from holokv.caches.options import OPTIONS
 NAN, INF = float("nan"), float("inf")
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+
+class Words:
+    """The least a tokenizer needs for KVzip's request: encode (one id per character)."""
+
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 128 for c in text]
+
+
 # one accepted value of every option, away from its default
 VALID = {
     "full": {},
@@ -18,6 +29,8 @@ VALID = {
     "h2o": dict(recent=1),
     "snapkv": dict(window=1, kernel=1, adaptive=None),
     "expected": dict(sinks=0, future=1, epsilon=0.5, adaptive=1.0),
+    "tova": {},
+    "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words()),
     "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
                 decode_bin=None, every=None, lam=-1.0),
 }
@@ -25,7 +38,7 @@ COMPRESSED = [m for m in LAYERS if m != "full"]
 
 BAD = [  # (method, ratio, options, the option named)
     *[(m, r, {}, "ratio") for m in ("holokv", "src") for r in (0, -2, NAN, INF)],
-    *[(m, NAN, {}, "ratio") for m in ("streaming", "topk", "h2o", "snapkv", "expected")],
+    *[(m, NAN, {}, "ratio") for m in ("streaming", "topk", "h2o", "snapkv", "expected", "tova", "kvzip")],
     ("topk", True, {}, "ratio"),
     ("snapkv", "4", {}, "ratio"),
     ("full", 2, {}, "ratio"),
@@ -48,7 +61,11 @@ BAD = [  # (method, ratio, options, the option named)
     ("expected", 2, dict(sinks=-1), "sinks"),
     ("expected", 2, dict(future=0), "future"),
     *[("expected", 2, dict(epsilon=e), "epsilon") for e in (-1.0, INF)],
-    *[(m, 2, dict(adaptive=a), "adaptive") for m in ("topk", "snapkv", "expected") for a in (1.5, -0.1, NAN, True)],
+    *[(m, 2, dict(adaptive=a), "adaptive") for m in ("topk", "snapkv", "expected", "kvzip")
+      for a in (1.5, -0.1, NAN, True)],
+    ("kvzip", 2, dict(sinks=-1), "sinks"),
+    *[("kvzip", 2, dict(chunk=c), "chunk") for c in (0, 2.0)],
+    ("kvzip", 2, dict(tokenizer="gpt2"), "tokenizer"),
     ("src", 2, dict(method="evict"), "method"),
     ("src", 2, dict(score="h2o"), "score"),
     ("src", 2, dict(rank=0), "rank"),

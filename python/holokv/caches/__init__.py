@@ -18,6 +18,7 @@ from .expected import ExpectedAttentionLayer
 from .h2o import H2OLayer
 from .hf_attention import NAME as ATTN_IMPLEMENTATION, use_holokv_attention
 from .holo import HoloKVLayer
+from .kvzip import KVzipCache, KVzipLayer
 from .model_check import check_model, head_dim
 from .options import validate
 from .snapkv import SnapKVLayer
@@ -25,6 +26,7 @@ from .src import SRCLayer
 from .streaming import StreamingLayer
 from .superposed import HoloSpec, superposed_attention
 from .topk import TopKLayer
+from .tova import TOVALayer
 
 LAYERS = {
     "full": FullLayer,
@@ -34,18 +36,23 @@ LAYERS = {
     "h2o": H2OLayer,
     "snapkv": SnapKVLayer,
     "expected": ExpectedAttentionLayer,
+    "tova": TOVALayer,
+    "kvzip": KVzipLayer,
     "src": SRCLayer,
 }
+CACHES = {"kvzip": KVzipCache}  # methods whose cache does more than hold its layers
 METHODS = tuple(LAYERS)
 
 
 def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> CompressedCache:
     """A cache for a model with ``config``. ``options`` go to the layer class (e.g. HoloKV's ``k``,
     ``sinks``, ``mode``, ``prefill``, ``slot_gain``; StreamingLLM's ``sinks``; SnapKV's ``window``; Expected
-    Attention's ``sinks``, ``future``, ``epsilon`` (its ``rotary`` comes from the config); SRC's
-    ``method``, ``score``, ``rank``, ``ridge``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``,
-    ``decode_bin``;
-    positional-only ``method`` leaves that name to SRC's option)."""
+    Attention's ``sinks``, ``future``, ``epsilon`` (its ``rotary`` comes from the config); KVzip's ``sinks``;
+    ``adaptive`` for Top-K, SnapKV, Expected Attention and KVzip; SRC's ``method``, ``score``, ``rank``,
+    ``ridge``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``, ``decode_bin``; TOVA has none), or to
+    the cache where it takes them itself (KVzip's ``chunk`` and ``tokenizer``, which words its request to repeat
+    the context: its reconstruction pass runs after the prompt's forward, through the hook that
+    :func:`use_holokv_attention` installs). Positional-only ``method`` leaves that name to SRC's option."""
     validate(method, ratio, options, config)  # before anything is built: each bad option named
     layout = check_model(config)
     text = config.get_text_config(decoder=True)
@@ -56,8 +63,10 @@ def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> Compres
             raise ValueError("expected attention de-rotates queries with rotate-half RoPE; this model's is "
                              f"{layout}")
         options = dict(rotary=LlamaRotaryEmbedding(text), **options)  # the Llama family's RoPE, from config
+    cache = CACHES.get(method, CompressedCache)
+    own = {name: options.pop(name) for name in cache.cache_options if name in options}
     layers = [LAYERS[method](ratio=ratio, **options) for _ in range(text.num_hidden_layers)]
-    return CompressedCache(layers, method, ratio)
+    return cache(layers, method, ratio, **own)
 
 
 __all__ = ["ATTN_IMPLEMENTATION", "CompressedCache", "HoloSpec", "METHODS", "check_model", "make_cache",

@@ -172,6 +172,8 @@ class FullLayer(CacheLayerMixin):
 class CompressedCache(Cache):
     """A transformers ``Cache`` whose layers are holokv layers; see :func:`holokv.caches.make_cache`."""
 
+    cache_options = ()  # make_cache options a subclass takes itself; the others go to its layers
+
     def __init__(self, layers: list[FullLayer], method: str, ratio: float):
         super().__init__(layers=layers)
         self.method, self.ratio = method, ratio

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from ..compaction.scores import attention_mass
-from ..compaction.softmax import logits, pool_gqa
 from .select import INF, EvictingLayer, budget
 
 
@@ -33,10 +32,5 @@ class H2OLayer(EvictingLayer):
         return mass.gather(2, chosen)
 
     def decode_scores(self, q, scale, held):
-        s = self.store
-        rows = pool_gqa(q.unsqueeze(2).float(), s.k.shape[1])  # [B, Hkv, G, d]
-        # the new query's weights over every entry held (the cache converted to fp32 a chunk at a time)
-        part = torch.cat([logits(rows, s.k[:, :, i: i + 4096].float(), scale=scale) for i in range(0, s.capacity, 4096)],
-                         -1).masked_fill(~held.unsqueeze(2), -INF)
-        self.acc.add_(part.softmax(-1).mean(-2))  # averaged over the group, as the prompt's mass
+        self.acc.add_(self.read_weights(q, scale, held).mean(-2))  # averaged over the group, as the prompt's mass
         return self.protect_recent(self.acc, self.rel, self.n_valid)

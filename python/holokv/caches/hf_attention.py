@@ -43,7 +43,18 @@ AttentionInterface.register(NAME, holokv_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def after_forward(model, args, kwargs, output) -> None:
+    """Forward hook: a cache that needs the whole model once its prompt is in (KVzip's reconstruction pass) gets
+    it, with the input ids, after each forward; the others have no ``after_forward``."""
+    step = getattr(kwargs.get(CACHE_KWARG, kwargs.get("past_key_values")), "after_forward", None)
+    if step is not None:
+        step(model, kwargs.get("input_ids", args[0] if args else None))
+
+
 def use_holokv_attention(model):
-    """Switch ``model`` to the ``"holokv"`` attention implementation (required by every cache here)."""
+    """Switch ``model`` to the ``"holokv"`` attention implementation (required by every cache here) and hook its
+    forward for caches that need the whole model (:func:`after_forward`)."""
     model.set_attn_implementation(NAME)
+    if after_forward not in model._forward_hooks.values():
+        model.register_forward_hook(after_forward, with_kwargs=True)
     return model

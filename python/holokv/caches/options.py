@@ -59,6 +59,11 @@ def choice(*values):
     return check
 
 
+def encoder(name, value):
+    if value is not None and (isinstance(value, str) or not callable(getattr(value, "encode", None))):
+        raise ValueError(f"{name} must be a tokenizer (with an encode method) or None, got {type(value).__name__}")
+
+
 def phase_count(name, value):
     if value is not None and not (_is_int(value) and value in PHASE_COUNTS):
         raise ValueError(f"{name} (tokens per slot) must be one of {', '.join(map(str, PHASE_COUNTS))} or None "
@@ -75,6 +80,9 @@ OPTIONS = {
     "h2o": {"recent": real(0, 1)},
     "snapkv": {"window": integer(1), "kernel": integer(1, odd=True), "adaptive": real(0, 1, none_ok=True)},
     "expected": {"sinks": integer(0), "future": integer(1), "epsilon": real(0), "adaptive": real(0, 1, none_ok=True)},
+    "tova": {},
+    "kvzip": {"sinks": integer(0), "adaptive": real(0, 1, none_ok=True),
+              "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder},
     "src": {"method": choice("softmax_ls", "seed"), "score": choice(*SCORES), "rank": integer(1),
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
             "bin_size": integer(1, none_ok=True), "decode_bin": integer(1, none_ok=True),

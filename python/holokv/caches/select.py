@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..compaction.softmax import logits, pool_gqa
 from .base import FullLayer, take
 from .store import Store
 
@@ -88,15 +89,16 @@ class SelectionLayer(FullLayer):
 
 
 class EvictingLayer(SelectionLayer):
-    """Evicts after every read. Per-entry state (``state``: ``rel``, the index from the first real token, and
-    for H2O ``acc``, the accumulated score) is kept beside the store's entries, moved with them and counted
-    in the bytes held."""
+    """Evicts after every read. Per-entry state (``state``: ``rel``, the index from the first real token, for
+    scores that read positions, and for H2O ``acc``, the accumulated score) is kept beside the store's entries,
+    moved with them and counted in the bytes held."""
 
     state = ("rel",)
     batch_state = FullLayer.batch_state + state
 
     def kept_prompt(self, chosen, pos):
-        self.rel = self.grow(pos.expand(*chosen.shape[:2], -1).gather(2, chosen), self.store.capacity)
+        if "rel" in self.state:
+            self.rel = self.grow(pos.expand(*chosen.shape[:2], -1).gather(2, chosen), self.store.capacity)
         if "acc" in self.state:
             self.acc = self.grow(self.prompt_mass(chosen), self.store.capacity)
 
@@ -120,7 +122,8 @@ class EvictingLayer(SelectionLayer):
         s = self.store
         self.n_valid.add_(1)
         at = s.lens.view(-1, 1, 1).expand(-1, k.shape[1], 1)  # the row the new token goes to
-        self.rel.scatter_(2, at, (self.n_valid - 1).view(-1, 1, 1).expand_as(at))
+        if "rel" in self.state:
+            self.rel.scatter_(2, at, (self.n_valid - 1).view(-1, 1, 1).expand_as(at))
         if "acc" in self.state:
             self.acc.scatter_(2, at, 0.0)
         s.append(k, v)
@@ -139,5 +142,14 @@ class EvictingLayer(SelectionLayer):
 
     def decode_scores(self, q, scale, held) -> torch.Tensor:
         raise NotImplementedError
+
+    def read_weights(self, q, scale, held) -> torch.Tensor:
+        """The weights [B, Hkv, G, capacity] the new query q [B, Hq, d] pays every entry ``held`` (0 elsewhere), in
+        fp32, the cache converted a chunk at a time."""
+        s = self.store
+        rows = pool_gqa(q.unsqueeze(2).float(), s.k.shape[1])  # [B, Hkv, G, d]
+        part = torch.cat([logits(rows, s.k[:, :, i: i + 4096].float(), scale=scale)
+                          for i in range(0, s.capacity, 4096)], -1)
+        return part.masked_fill(~held.unsqueeze(2), -INF).softmax(-1)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 COLUMNS = [("method", "spec", "{}"), ("ratio", "ratio", "{:g}"), ("bytes/tok", "bytes_per_token", "{:.0f}"),
            ("achieved", "achieved_ratio", "{:.2f}x"), ("end bytes/tok", "end_bytes_per_token", "{:.0f}"),
            ("ppl", "ppl", "{:.3f}"), ("passkey", "passkey", "{:.2f}"),
-           ("attn cos", "cosine", "{:.4f}"), ("attn relL2", "rel_l2", "{:.4f}")]
+           ("attn cos", "cosine", "{:.4f}"), ("attn relL2", "rel_l2", "{:.4f}"), ("prefill s", "prefill_s", "{:.3f}")]
 
 
 def table(runs: list[dict]) -> str:

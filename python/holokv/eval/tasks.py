@@ -4,6 +4,7 @@ is prefilled; everything after it reads the compressed cache at true positions."
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +17,10 @@ def _positions(start: int, n: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def continuation_nll(model, new_cache, window: torch.Tensor, context: int) -> tuple[float, float, float]:
+def continuation_nll(model, new_cache, window: torch.Tensor, context: int) -> tuple[float, float, float, float]:
     """(mean NLL of the tokens after ``context`` in ``window``, bytes per token held after the prefill,
-    bytes per token held after the continuation).
+    bytes per token held after the continuation, seconds the prefill took with its compression: KVzip's
+    includes its reconstruction pass).
 
     The context is prefilled (and compressed); the continuation is then decoded one token at a
     time, teacher-forced, as in generation. The two byte counts differ for the one-shot methods
@@ -27,14 +29,18 @@ def continuation_nll(model, new_cache, window: torch.Tensor, context: int) -> tu
     """
     cache = new_cache()
     ids = window[None].to(model.device)
+    start = time.perf_counter()
     logits = model(ids[:, :context], position_ids=_positions(0, context, ids.device), **{CACHE_KWARG: cache}).logits
+    if ids.is_cuda:
+        torch.cuda.synchronize(ids.device)
+    prefill_s = time.perf_counter() - start
     held = cache.bytes_per_token()
     preds = [logits[:, -1]]
     for t in range(context, ids.shape[1] - 1):
         preds.append(model(ids[:, t: t + 1], position_ids=_positions(t, 1, ids.device),
                            **{CACHE_KWARG: cache}).logits[:, -1])
     nll = F.cross_entropy(torch.cat(preds).float(), ids[0, context:])
-    return nll.item(), held, cache.bytes_per_token()
+    return nll.item(), held, cache.bytes_per_token(), prefill_s
 
 
 @torch.no_grad()

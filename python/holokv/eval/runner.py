@@ -15,7 +15,7 @@ from ..caches import make_cache
 from ..caches.model_check import head_dim
 from ..provenance import provenance
 from . import data, tasks
-from .model import DEFAULT_MODEL, load_config, load_model
+from .model import ADAPTER_INFO, DEFAULT_MODEL, load_config, load_model
 from .report import plot, table
 
 TASKS = ("ppl", "passkey", "fidelity")
@@ -36,6 +36,7 @@ class EvalConfig:
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     text: str | None = None  # text file for perplexity/fidelity; default: Python's pydoc topics
+    adapter: str | None = None  # peft adapter folder merged into the model for every run, the full cache's too
     seed: int = 0
     out: str = "holokv-eval"
 
@@ -89,7 +90,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     runs = grid(cfg, load_config(cfg.model))
     started = time.time()
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
+    model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype, cfg.adapter)
     ids = tokenizer(data.corpus(cfg.text), return_tensors="pt", add_special_tokens=False).input_ids[0]
     ppl_windows = data.windows(ids, cfg.context + cfg.continuation, cfg.windows)
     fid_window = data.windows(ids, cfg.context + 1, 1)[0]
@@ -133,8 +134,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     if "bytes_per_token" in runs[0]:
         for run in runs:
             run["achieved_ratio"] = runs[0]["bytes_per_token"] / run["bytes_per_token"]
+    trained = Path(cfg.adapter or "", ADAPTER_INFO)
     result = dict(config=asdict(cfg), provenance=dict(**provenance(cfg.device), dtype=cfg.dtype,
-                                                      model=model_shape(model.config), corpus_tokens=ids.numel()),
+                                                      model=model_shape(model.config), corpus_tokens=ids.numel(),
+                                                      adapter=json.loads(trained.read_text())
+                                                      if cfg.adapter and trained.is_file() else None),
                   runtime_s=time.time() - started, runs=runs)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

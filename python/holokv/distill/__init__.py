@@ -1,0 +1,5 @@
+"""Distillation of LoRA adapters that let a model read a compressed (HoloKV) cache (``holokv distill``)."""
+from .config import DistillConfig
+from .train import distill
+
+__all__ = ["DistillConfig", "distill"]

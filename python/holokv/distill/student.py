@@ -1,0 +1,74 @@
+"""Student and teacher from one copy of the weights.
+
+The model runs the ``"holokv_distill"`` attention implementation, which reads whatever :func:`attending`
+set for the current forward: a :class:`SuperposedReader` (the student: every prompt position attends to
+what a HoloKV cache would serve it at decode) or nothing (exact SDPA: the teacher, with the LoRA adapters
+disabled, and the full-cache control's student). Training sequences are never padded, but a padding mask
+is honoured as the caches' prefill honours it.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..caches import HoloSpec, check_model, superposed_attention
+from ..caches.model_check import head_dim
+
+NAME = "holokv_distill"
+_state = threading.local()
+
+
+class SuperposedReader:
+    """Causal attention of a whole sequence through a HoloKV cache of ``spec`` (differentiable)."""
+
+    def __init__(self, spec: HoloSpec, config):
+        self.spec = spec
+        self.phase = torch.ops.holokv.phase_keys(spec.k, head_dim(config), check_model(config))
+
+    def __call__(self, q, k, v, pads, scale):
+        return superposed_attention(self.spec, self.phase.to(k.device, k.dtype), q, k, v, pads, scale)
+
+
+def distill_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    read, outputs = getattr(_state, "read", None), getattr(_state, "outputs", None)
+    if read is None:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
+    else:
+        n = query.shape[2]
+        pads = (torch.zeros(query.shape[0], dtype=torch.long, device=query.device) if attention_mask is None
+                else (~attention_mask[:, 0, -1, :n]).sum(-1))
+        out = read(query, key, value, pads, module.head_dim ** -0.5 if scaling is None else scaling)
+    if outputs is not None:
+        outputs.append(out)
+    return out, None
+
+
+AttentionInterface.register(NAME, distill_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean masks, None when plainly causal (as for "holokv")
+
+
+@contextmanager
+def attending(read=None, record: bool = False):
+    """Forwards inside read attention through ``read`` (None: exact). ``record``: the context value is a list
+    that receives each layer's attention output [B, N, Hq, d] (the input of o_proj), in layer order."""
+    _state.read, _state.outputs = read, ([] if record else None)
+    try:
+        yield _state.outputs
+    finally:
+        _state.read = _state.outputs = None
+
+
+def with_lora(model, rank: int, alpha: float, dropout: float, targets: list[str]):
+    """``model`` switched to the distillation attention, with fresh LoRA adapters on ``targets`` (a PeftModel;
+    ``disable_adapter()`` gives the teacher)."""
+    model.set_attn_implementation(NAME)
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

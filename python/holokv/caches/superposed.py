@@ -1,14 +1,17 @@
 """What a HoloKV cache holds at every step, and attention over a whole prompt as if
-each query had read that cache (the ``superposed`` prefill).
+each query had read that cache (the ``superposed`` prefill, and the training attention).
 
 Per sequence, counting from its first non-pad token: the first ``sinks`` tokens stay
 exact; the stream after them is cut into slots of k tokens; a slot is superposed
 once all its tokens are older than the exact recent share of the sequence, so the
 open (still-filling) slot and the recent tokens stay exact. ``closed(v)`` is the
-number of stream tokens superposed once v tokens have been read; both the cache
-and the simulator use it, so the simulator's output for query i equals a decode
-step of the cache after tokens 0..i-1 (``holo_decode`` semantics, see
-:func:`holokv.reference.holo_decode_ref`).
+number of stream tokens superposed once v tokens have been read. The cache's prompt
+compression, ``holo_append`` (the same rule in C++) and the prompt attention's mask
+(:func:`prefill_mask`) follow it, so prompt query i reads what a decode step of the
+cache reads after tokens 0..i-1 (``holo_decode`` semantics, see
+:func:`holokv.reference.holo_decode_ref`). The mask and the entries (:func:`virtual_kv`)
+serve both the dense reference here and the FlexAttention path
+(:mod:`holokv.distill.prefill_attention`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reference import MODES, demodulate_ref
+from .base import left_aligned, take
 
 
 @dataclass(frozen=True)
@@ -56,44 +60,59 @@ class HoloSpec:
         return torch.minimum(full_slots, (valid - exact + self.k - 1) // self.k * self.k)
 
 
-def superposed_attention(spec: HoloSpec, phase: torch.Tensor, q, k, v, pads: torch.Tensor, scale: float):
-    """Causal attention of a prompt through a HoloKV cache; plain PyTorch, differentiable.
+def virtual_kv(spec: HoloSpec, phase: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pads: torch.Tensor):
+    """The prompt's exact keys (values) then one virtual entry per stream token: [B, Hkv, 2N, d] each.
 
-    q [B, Hq, N, d], k/v [B, Hkv, N, d] (RoPE applied), pads [B] left pads, phase [k, d] phase keys.
-    Returns [B, N, Hq, d]. Superposed reads are the demodulated slot entries, one per superposed token:
-    "full" mode sees them all, "aligned" only the phase of the query's own position mod k.
+    Virtual entry m is stream token m of its sequence (left pads and sinks skipped) as a closed slot serves
+    it: slot m // k demodulated under phase m % k, keys times slot_gain, values times sqrt(k) (holo_decode's
+    superposed reads). Slots past the stream's end hold filler, but they never close, so it is never read.
     """
-    B, Hq, N, d = q.shape
-    Hkv, kk, dev = k.shape[1], phase.shape[0], q.device
-    pos = torch.arange(N, device=dev)
-    rel = pos - pads[:, None]  # [B, N] index from the first non-pad token (< 0: pad)
-    u = rel - spec.sinks  # stream index
-    closed = spec.closed(rel.clamp(min=0))  # superposed stream tokens when query i reads (i tokens before it)
-
-    # Demodulated entry of every stream token, built from slots of the stream alone (pads, sinks and
-    # filler past the end are left out), then mapped back to sequence order.
-    src = pos + pads[:, None] + spec.sinks
-    in_stream = (src < N)[:, None, :, None]
-    src = src.clamp(max=N - 1)
+    n = k.shape[2]
+    stream = left_aligned(pads + spec.sinks, n)
 
     def demod(x):
-        slots = torch.ops.holokv.superpose(torch.gather(x, 2, src[:, None, :, None].expand_as(x)) * in_stream,
-                                           phase)
-        return torch.gather(demodulate_ref(slots, phase, N), 2, u.clamp(0, N - 1)[:, None, :, None].expand_as(x))
+        return demodulate_ref(torch.ops.holokv.superpose(take(x, stream), phase), phase, n)
 
-    causal = (rel[:, None, :] <= rel[:, :, None]) & (rel[:, None, :] >= 0)  # [B, query, key]
-    sup = causal & (u[:, None, :] >= 0) & (u[:, None, :] < closed[:, :, None])
-    if spec.mode == "aligned":
-        sup_read = sup & (u[:, None, :] % kk == rel[:, :, None] % kk)
-    else:
-        sup_read = sup
-    exact = (causal & ~sup) | torch.eye(N, dtype=torch.bool, device=dev)  # pad queries see themselves: no NaN
+    return torch.cat([k, spec.slot_gain * demod(k)], 2), torch.cat([v, math.sqrt(spec.k) * demod(v)], 2)
 
-    qg = q.reshape(B, Hkv, Hq // Hkv, N, d).float()
-    s_exact = torch.einsum("bhgqd,bhnd->bhgqn", qg, k.float()) * scale
-    s_sup = torch.einsum("bhgqd,bhnd->bhgqn", qg, demod(k).float()) * (scale * spec.slot_gain)
-    s = torch.cat([s_exact.masked_fill(~exact[:, None, None], -math.inf),
-                   s_sup.masked_fill(~sup_read[:, None, None], -math.inf)], -1)
-    vals = torch.cat([v.float(), math.sqrt(kk) * demod(v).float()], 2)
-    out = torch.einsum("bhgqn,bhnd->bqhgd", s.softmax(-1), vals)
-    return out.reshape(B, N, Hq, d).to(q.dtype)
+
+def prefill_mask(spec: HoloSpec, pads: torch.Tensor, n: int):
+    """What each query of an n-token prompt reads among :func:`virtual_kv`'s 2n entries.
+
+    A FlexAttention ``mask_mod(b, h, q, kv)`` (h unused) that also evaluates on broadcast index tensors.
+    Query q reads the exact tokens of its sequence up to itself that are not superposed when it reads
+    (after q tokens: ``closed``), the virtual entries of the closed stream tokens ("aligned": only those
+    of phase q mod k, counted from the first non-pad token), and itself (a pad query reads only itself).
+    """
+    rel = torch.arange(n, device=pads.device) - pads[:, None]  # [B, n] index from the first non-pad token
+    closed = spec.closed(rel.clamp(min=0))
+
+    def mask_mod(b, h, q, kv):
+        c, first = closed[b, q], pads[b]
+        u = kv - first - spec.sinks  # stream index of exact token kv (< 0: a sink)
+        exact = (kv <= q) & (kv >= first) & ((u < 0) | (u >= c))
+        m = kv - n  # stream index of virtual entry kv
+        virtual = (m >= 0) & (m < c)
+        if spec.mode == "aligned":
+            virtual = virtual & ((m - (q - first)) % spec.k == 0)
+        return exact | virtual | (kv == q)
+
+    return mask_mod
+
+
+def superposed_attention(spec: HoloSpec, phase: torch.Tensor, q, k, v, pads: torch.Tensor, scale: float):
+    """Causal attention of a prompt through a HoloKV cache: the dense plain-PyTorch reference, differentiable.
+
+    q [B, Hq, N, d], k/v [B, Hkv, N, d] (RoPE applied), pads [B] left pads, phase [k, d] phase keys.
+    Returns [B, N, Hq, d]. Softmax over :func:`virtual_kv` under :func:`prefill_mask`, in fp32 (fp64 for
+    fp64 input); :func:`holokv.distill.prefill_attention.holo_prefill_attention` is its fast twin.
+    """
+    B, Hq, n, d = q.shape
+    Hkv, dev = k.shape[1], q.device
+    dt = torch.promote_types(q.dtype, torch.float32)
+    keys, values = virtual_kv(spec, phase.to(dev, dt), k.to(dt), v.to(dt), pads)
+    b, i, j = (torch.arange(x, device=dev) for x in (B, n, 2 * n))
+    read = prefill_mask(spec, pads, n)(b[:, None, None], None, i[None, :, None], j[None, None, :])  # [B, q, kv]
+    s = torch.einsum("bhgqd,bhnd->bhgqn", q.to(dt).reshape(B, Hkv, Hq // Hkv, n, d), keys) * scale
+    p = s.masked_fill(~read[:, None, None], -math.inf).softmax(-1)
+    return torch.einsum("bhgqn,bhnd->bqhgd", p, values).reshape(B, n, Hq, d).to(q.dtype)

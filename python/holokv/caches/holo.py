@@ -14,7 +14,7 @@ import torch
 
 from .base import FullLayer, exact_attention, left_aligned, take
 from .store import Store
-from .superposed import HoloSpec, superposed_attention
+from .superposed import HoloSpec
 
 PREFILLS = ("exact", "superposed")
 
@@ -41,7 +41,8 @@ class HoloKVLayer(FullLayer):
         if self.prefill_mode == "exact":
             out = exact_attention(q, k, v, mask, scale)
         else:
-            out = superposed_attention(self.spec, self.store.phase, q, k, v, pads, scale)
+            from ..distill.prefill_attention import holo_prefill_attention  # on use: holokv.distill imports caches
+            out = holo_prefill_attention(q, k, v, self.store.phase, self.spec, pads, scale)
         self.compress_prompt(q, k, v, mask, scale, pads)
         return out
 

@@ -8,7 +8,7 @@
 namespace holokv {
 namespace {
 
-constexpr int MAX_WARPS = 4;
+constexpr int MAX_WARPS = 8;
 constexpr float NEG_INF = -INFINITY;
 
 // Small side inputs (phase keys, log-mass bias) come in any float dtype and are

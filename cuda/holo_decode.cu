@@ -1,7 +1,7 @@
 // CUDA implementation of holokv::holo_decode (split-KV "flash decoding").
 //
-// Grid (splits / warps, Hkv, B), up to 4 warps a block (fewer where shared
-// memory runs out: fp32, many phases and heads). Each warp owns a split of one
+// Grid (splits / warps, Hkv, B), as many warps a block as keep the most warps
+// resident (see block_shape). Each warp owns a split of one
 // (sequence, KV head)'s entries and serves all G query heads of that KV head, so
 // every K/V byte is read from HBM once. The split count fills the GPU's resident
 // warps once (no partial last wave). Two split kernels:
@@ -12,6 +12,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "checks.h"
@@ -32,7 +35,7 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32)
   __shared__ float wmax[MERGE_WARPS];
   __shared__ int wbad[MERGE_WARPS];
   const int64_t row = blockIdx.x;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const float* ml = part_ml + row * splits * 2;
   // A NaN or +inf logit leaves its split a NaN sum (its weight is exp(inf - inf) or exp(NaN)), lengths past
   // the capacity a NaN max: the row is NaN. fmaxf skips NaNs, so they are looked for apart.
@@ -44,10 +47,10 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32)
   bad = __any_sync(0xffffffffu, bad);
   if (lane == 0) wmax[warp] = mx, wbad[warp] = bad;
   __syncthreads();
-  for (int w = 0; w < MERGE_WARPS; ++w) mx = fmaxf(mx, wmax[w]), bad |= wbad[w];
+  for (int w = 0; w < warps; ++w) mx = fmaxf(mx, wmax[w]), bad |= wbad[w];
   float num[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;  // D <= 128: at most 4 dims per lane
 #pragma unroll 4
-  for (int c = warp; c < splits; c += MERGE_WARPS) {  // splits with nothing unmasked weigh 0
+  for (int c = warp; c < splits; c += warps) {  // splits with nothing unmasked weigh 0
     const float w = __expf(ml[2 * c] - mx);
     den += ml[2 * c + 1] * w;
     const float* po = part_o + (row * splits + c) * D;
@@ -62,29 +65,47 @@ __global__ void __launch_bounds__(MERGE_WARPS * 32)
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float n = 0.f, dsum = 0.f;
-    for (int w = 0; w < MERGE_WARPS; ++w) n += red[w][d], dsum += red[w][128];
+    for (int w = 0; w < warps; ++w) n += red[w][d], dsum += red[w][128];
     out[row * D + d] = T(bad ? NAN : mx == NEG_INF ? 0.f : n / dsum);  // every logit -inf, or none: zeros
   }
 }
 
-// Split-KV launch of `kernel` with `warp_bytes(warps)` of shared memory per block:
-// as many warps a block as fit, splits sized to fill the GPU's resident blocks once,
-// each warp streaming a chunk of whole 32-entry tiles; then the merge.
+// Warps per block of `kernel` (shared memory `warp_bytes(warps)` a block) and its resident blocks per SM: the
+// count that keeps the most warps resident on an SM, ties to the smaller block. Each warp streams a split of its
+// own, so resident warps are the tiles in flight that hide HBM latency (with 32 KB a warp, 4-warp blocks leave
+// room for one block, 7 warps fill an SM). Found once per kernel, shared-memory size and device.
+template <typename Kernel, typename SmemBytes>
+std::pair<int, int> block_shape(Kernel kernel, SmemBytes smem_bytes, int G) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, size_t, int>, std::pair<int, int>> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem_bytes(1), int(at::cuda::current_device()));
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  TORCH_CHECK(smem_bytes(1) <= prop->sharedMemPerBlockOptin, "holo_decode: ", G, " query heads per KV head need ",
+              smem_bytes(1), " bytes of shared memory; this GPU offers ", prop->sharedMemPerBlockOptin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(prop->sharedMemPerBlockOptin)));
+  std::pair<int, int> best{1, 1};
+  for (int warps = 1, most = 0; warps <= MAX_WARPS && smem_bytes(warps) <= prop->sharedMemPerBlockOptin; ++warps) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem_bytes(warps)));
+    if (per_sm * warps > most) most = per_sm * warps, best = {warps, per_sm};
+  }
+  return known[key] = best;
+}
+
+// Split-KV launch of `kernel` with `warp_bytes(warps)` of shared memory per block (block_shape's warps), splits
+// sized to fill the GPU's resident blocks once, each warp streaming a chunk of whole 32-entry tiles; then the
+// merge.
 template <typename T, typename Kernel, typename SmemBytes>
 void launch_split(Kernel kernel, SmemBytes smem_bytes, DecodeParams p, const DecodeDims& dd, at::Tensor& out,
                   cudaStream_t stream) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  int warps = MAX_WARPS;
-  while (warps > 1 && smem_bytes(warps) > prop->sharedMemPerBlockOptin) warps /= 2;
+  const auto [warps, per_sm] = block_shape(kernel, smem_bytes, int(dd.G));
   const size_t smem = smem_bytes(warps);
-  TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, "holo_decode: ", p.G, " query heads per KV head need ", smem,
-              " bytes of shared memory; this GPU offers ", prop->sharedMemPerBlockOptin);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem));
   const int64_t rows = dd.B * dd.Hkv, capacity = dd.S + dd.T;
-  const int64_t blocks_per_row = std::max<int64_t>(1, int64_t(prop->multiProcessorCount) * std::max(per_sm, 1) / rows);
+  const int64_t blocks_per_row = std::max<int64_t>(1, int64_t(prop->multiProcessorCount) * per_sm / rows);
   const int64_t chunk = 32 * ceil_div(ceil_div(capacity, blocks_per_row * warps), 32);
   p.splits = int(ceil_div(capacity, chunk));
   p.chunk = int(chunk);
@@ -95,7 +116,9 @@ void launch_split(Kernel kernel, SmemBytes smem_bytes, DecodeParams p, const Dec
   dim3 grid(unsigned(ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
   kernel<<<grid, warps * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  holo_decode_merge_kernel<T><<<unsigned(dd.B * dd.Hq), MERGE_WARPS * 32, 0, stream>>>(
+  // a warp a split, up to MERGE_WARPS: few splits (large batches) need no 1024-thread blocks
+  const int merge_warps = int(std::min<int64_t>(MERGE_WARPS, p.splits));
+  holo_decode_merge_kernel<T><<<unsigned(dd.B * dd.Hq), merge_warps * 32, 0, stream>>>(
       p.part_o, p.part_ml, out.data_ptr<T>(), p.splits, int(dd.D));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -153,3 +153,36 @@ def test_cuda_graphed_keys_on_argument_names():
     assert f(x, a=2.0, b=3.0).tolist() == [7.0] * 3
     assert f(x, b=2.0, a=3.0).tolist() == [8.0] * 3
     assert len(f.graphs) == (0 if GRAPHLESS else 2)
+
+
+def window_reference(q, k, v, bias, lens, m, hidden, scale):
+    """Dense fp64 attention with the mask attend_window describes."""
+    B, H, rows, d = q.shape
+    j = torch.arange(k.shape[2])
+    at = (lens - m).view(B, 1, 1) + (torch.arange(rows) % m).view(1, -1, 1)  # each row's own entry
+    see = ((j <= at) & ~hidden[:, None, :])[:, None]
+    s = (q.double() @ k.double().mT) * scale + bias.double()[:, :, None]
+    s = s.masked_fill(~see, -math.inf)
+    return torch.softmax(s, -1) @ v.double(), s.logsumexp(-1)
+
+
+@pytest.mark.parametrize("device, dtype, tol", [("cpu", torch.float32, 1e-5), pytest.param(
+    "cuda", torch.bfloat16, 3e-2, marks=needs_cuda), pytest.param("cuda", torch.float16, 5e-3, marks=needs_cuda)])
+def test_attend_window_matches_dense_attention(device, dtype, tol):
+    """The observation window's causal attention over a ragged cache (a placeholder run hidden): the part before
+    the window fused (CUDA, 16-bit) or chunked, the window's own entries apart, merged by log-partitions."""
+    from holokv.compaction.softmax import attend_window
+
+    g = torch.Generator().manual_seed(3)
+    B, H, G, m, W, d = 3, 2, 4, 6, 1100, 64  # W past one chunk and not a multiple of 16
+    q = torch.randn(B, H, G * m, d, generator=g)
+    k, v = (torch.randn(B, H, W, d, generator=g).to(dtype) for _ in range(2))
+    bias = (torch.rand(B, H, W, generator=g) * 2).to(dtype)
+    lens = torch.tensor([W, 700, m])  # the last sequence has nothing before its window
+    hidden = torch.zeros(B, W, dtype=torch.bool)
+    hidden[0, 100:120] = True
+    ref_out, ref_lse = window_reference(q, k, v, bias, lens, m, hidden, 0.125)
+    out, lse = attend_window(*(x.to(device) for x in (q, k, v, bias, lens)), m, hidden.to(device), 0.125)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)

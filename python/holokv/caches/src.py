@@ -20,7 +20,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score, split
-from ..compaction.softmax import attend_chunked, logits
+from ..compaction.softmax import attend_window, logits
 from ..compaction.compact import entry_elems, fit
 from ..compaction.summarize import summarize_bins
 from ..compaction.scores import entropy
@@ -255,14 +255,16 @@ class SRCLayer(FullLayer):
 
         # the centroids are fitted with every other entry as context, placeholders hidden
         first = start + n_keep  # [B]: placeholders at entries first .. first + n_cent - 1
-        j = torch.arange(width, device=self.device) - first.view(-1, 1, 1, 1)
-        obs = self.queries[:, :, -self.window:].float()
-        ctx = self.visible(obs.shape[2], width, obs.shape[1] // H) & ((j < 0) | (j >= n_cent))
+        obs = self.observation()
+        context = None
+        if self.method == "softmax_ls":  # the context read in the cache's dtype: only the bins are fp32
+            j = torch.arange(width, device=self.device) - first.view(-1, 1)
+            context = attend_window(obs, self.held_k, self.held_v, self.held_bias, self.lens, self.window_rows(),
+                                    (j >= 0) & (j < n_cent), scale)
         bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.decode_bin, d) for b in binned]
         bias = self.store.bias
-        kc, vc, bc, info = summarize_bins(  # the context in the cache's dtype: only the bins are fp32
-            self.method, pool_gqa(obs, H), self.held_k, self.held_v, self.held_bias, ctx, *bins,
-            bins[0].new_zeros(bins[0].shape[:-1]), self.rank, self.ridge, scale)
+        kc, vc, bc, info = summarize_bins(self.method, obs, context, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
+                                          self.rank, self.ridge, scale)
         self.late_check(info)
         at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
         self.store.k.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.store.k.dtype))
@@ -270,19 +272,27 @@ class SRCLayer(FullLayer):
         if bias is not None:
             bias.scatter_(2, at, bc.to(bias.dtype))
 
+    def window_rows(self) -> int:
+        """m: the observation queries (the tail's last m tokens'), each a row per query head of its group."""
+        return min(self.q_written, self.kept_queries(), self.window)
+
+    def observation(self) -> torch.Tensor:
+        """[B, Hkv, G·m, d] fp32: the last m queries, pooled per KV head (:func:`pool_gqa`)."""
+        return pool_gqa(self.queries[:, :, -self.window:].float(), self.held_k.shape[1])
+
     def review_scores(self, tail: int, n_new: int, scale) -> torch.Tensor:
         """[B, Hkv, n_new] scores of the tail's first n_new tokens, as at prefill: the attention mass the
         last ``window`` queries give them over the whole cache, less λ·(their own row's entropy) for "seed".
         The cache is read in its own dtype, a chunk at a time: only the reviewed tokens' weights are formed."""
         H, width = self.held_k.shape[1], self.held_k.shape[2]
         G = self.queries.shape[1] // H
-        obs = pool_gqa(self.queries[:, :, -self.window:].float(), H)
-        vis = self.visible(obs.shape[2] // G, width, G)
-        _, lse = attend_chunked(obs, self.held_k, bias=self.held_bias, mask=vis, scale=scale)
+        obs = self.observation()
+        _, lse = attend_window(obs, self.held_k, self.held_v, self.held_bias, self.lens, self.window_rows(),
+                               scale=scale)
+        # the reviewed tokens precede the recent window, so every observation query sees them
         cols = (self.lens - tail)[:, None] + torch.arange(n_new, device=self.device)  # [B, n_new]
         bias = None if self.store.bias is None else take(self.held_bias, cols).float()
-        part = logits(obs, take(self.held_k, cols).float(), bias, take(vis.transpose(-1, -2), cols).transpose(-1, -2),
-                      scale)
+        part = logits(obs, take(self.held_k, cols).float(), bias, scale=scale)
         score = (part - lse.unsqueeze(-1)).exp().sum(-2) * (H / self.queries.shape[1])  # window_mass's scale
         if self.score == "mass":
             return score

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .softmax import CompactKV, pool_gqa
+from .softmax import CompactKV, attend_chunked, pool_gqa
 from .scores import attention_mass, protect_mask, seed_score, split
 from .summarize import summarize_bins
 
@@ -90,7 +90,7 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     q_ref = pool_gqa(q_obs, Hkv)
     q_pos = (N - w + torch.arange(w, device=k.device)).repeat(q_ref.shape[2] // w)
     mask = keep.unsqueeze(-2) <= q_pos[:, None]  # kept tokens may follow some window queries
-    kc, vc, bc, info = summarize_bins(method, q_ref, k_keep, v_keep, k.new_zeros(B, Hkv, n_keep), mask, k_bins,
-                                      v_bins, b_bins, rank, ridge, scale, subspace)
+    context = attend_chunked(q_ref, k_keep, v_keep, None, mask, scale) if method == "softmax_ls" else None
+    kc, vc, bc, info = summarize_bins(method, q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace)
     return CompactKV(torch.cat([k_keep, kc], 2), torch.cat([v_keep, vc], 2),
                      torch.cat([k.new_zeros(B, Hkv, n_keep), bc], 2), lens), info

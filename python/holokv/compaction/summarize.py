@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .softmax import attend, attend_chunked, logits
+from .softmax import attend, logits
 from .linalg import ridge_solve, top_subspace, truncated_svd
 
 
@@ -59,15 +59,16 @@ def sigma_point_keys(k_bin, b_bin, n_c: int, subspace: str = "iter"):
     return torch.cat(pts, -2), log_mass.expand(*b_bin.shape[:-1], n_c)
 
 
-def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins,
-                         n_c: int, ridge: float = 1.0, scale=None, subspace: str = "iter"):
+def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge: float = 1.0, scale=None,
+                         subspace: str = "iter"):
     """Summaries fitted to what softmax attention computes.
 
-    Shapes: q_ref [B, H, m, d]; kept context k_ctx, v_ctx [B, H, Nk, d], b_ctx
-    [B, H, Nk], ctx_mask [B|1, H|1, m, Nk] bool or None (causal visibility of
-    kept entries to the reference queries); bins k_bins, v_bins [B, H, nb, n, d],
-    b_bins [B, H, nb, n] (padding: bias = dtype min). Bins are older than every
-    reference query, so all of them are visible to all rows.
+    Shapes: q_ref [B, H, m, d]; the kept context (every entry the reference queries see besides the bins)
+    enters only through ``context`` = (o_ctx [B, H, m, d], lse_ctx [B, H, m]), the reference queries'
+    attention output over it and its log-partition, so the caller reads it however suits its size
+    (:func:`~holokv.compaction.softmax.attend_chunked`, :func:`~holokv.compaction.softmax.attend_window`);
+    bins k_bins, v_bins [B, H, nb, n, d], b_bins [B, H, nb, n] (padding: bias = dtype min). Bins are older
+    than every reference query, so all of them are visible to all rows.
 
     1. Keys: :func:`sigma_point_keys` per bin, n_c per bin (PCA by ``subspace``).
     2. Log-mass: prior logsumexp(b_bin) − log n_c, then one shift per bin,
@@ -91,9 +92,7 @@ def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b
     q5 = q_ref.unsqueeze(2)  # [B, H, 1, m, d]
     l_bin = logits(q5, k_bins, b_bins, scale=scale)  # [B, H, nb, m, n]
     l_c = logits(q5, kc, bc, scale=scale)  # [B, H, nb, m, n_c]
-    # the kept context enters only through its attention output and log-partition (chunked: it may be the
-    # whole cache, in the cache's dtype)
-    o_ctx, lse_ctx = attend_chunked(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, scale)  # [B, H, m, d], [B, H, m]
+    o_ctx, lse_ctx = context
     lse_bin, lse_c = l_bin.logsumexp(-1), l_c.logsumexp(-1)  # [B, H, nb, m]
     lse_all = torch.cat([lse_ctx.unsqueeze(2), lse_bin], 2).logsumexp(2)  # [B, H, m]
     rho = (lse_bin - lse_all.unsqueeze(2)).exp()
@@ -116,11 +115,11 @@ def softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b
     return kc.flatten(2, 3), v0 + delta, bc.flatten(2, 3), info
 
 
-def summarize_bins(method: str, q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank: int,
-                   ridge: float = 1.0, scale=None, subspace: str = "iter"):
-    """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, context unused) or
-    "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context k/v/b_ctx visible per ctx_mask,
-    sigma-point PCA by ``subspace``).
+def summarize_bins(method: str, q_ref, context, k_bins, v_bins, b_bins, rank: int, ridge: float = 1.0,
+                   scale=None, subspace: str = "iter"):
+    """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, ``context`` unused:
+    None will do) or "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context's
+    (o_ctx, lse_ctx) = ``context``, sigma-point PCA by ``subspace``).
 
     q_ref [B, H, m, d] pooled reference queries; bins k/v_bins [B, H, nb, n, d], b_bins [B, H, nb, n].
     Returns (k_c, v_c [B, H, nb·rank, d], bias_c [B, H, nb·rank], info [B, H] int32, 0 = ok).
@@ -129,5 +128,4 @@ def summarize_bins(method: str, q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_
         kc, vc, info = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
         return (kc.flatten(2, 3), vc.flatten(2, 3), kc.new_zeros(kc.shape[:2] + (kc.shape[2] * rank,)),
                 (info != 0).sum(-1, dtype=torch.int32))
-    return softmax_ls_centroids(q_ref, k_ctx, v_ctx, b_ctx, ctx_mask, k_bins, v_bins, b_bins, rank, ridge, scale,
-                                subspace)
+    return softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace)

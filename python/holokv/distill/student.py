@@ -17,22 +17,26 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..caches import HoloSpec, check_model, superposed_attention
+from ..caches import HoloSpec, check_model
 from ..caches.model_check import head_dim
+from .prefill_attention import holo_prefill_attention
 
 NAME = "holokv_distill"
 _state = threading.local()
 
 
 class SuperposedReader:
-    """Causal attention of a whole sequence through a HoloKV cache of ``spec`` (differentiable)."""
+    """Causal attention of a whole sequence through a HoloKV cache of ``spec`` (differentiable; FlexAttention
+    on CUDA)."""
 
     def __init__(self, spec: HoloSpec, config):
         self.spec = spec
         self.phase = torch.ops.holokv.phase_keys(spec.k, head_dim(config), check_model(config))
 
     def __call__(self, q, k, v, pads, scale):
-        return superposed_attention(self.spec, self.phase.to(k.device, k.dtype), q, k, v, pads, scale)
+        if self.phase.device != k.device or self.phase.dtype != k.dtype:  # once, not per layer and step
+            self.phase = self.phase.to(k)
+        return holo_prefill_attention(q, k, v, self.phase, self.spec, pads, scale)
 
 
 def distill_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

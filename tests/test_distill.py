@@ -14,6 +14,7 @@ from holokv.caches import HoloSpec, make_cache, use_holokv_attention
 from holokv.cli import main
 from holokv.distill import DistillConfig, distill, train
 from holokv.distill import data, objective
+from holokv.distill.report import summarize
 from holokv.distill.student import SuperposedReader, with_lora
 from holokv.eval import EvalConfig, run_eval
 
@@ -117,6 +118,15 @@ def test_adapter_loads_with_peft_and_decodes_through_holokv(tiny, whole, tmp_pat
     with_adapter, without = full_ppl(adapter), full_ppl(None)
     assert with_adapter["provenance"]["adapter"]["steps_done"] == 4 and without["provenance"]["adapter"] is None
     assert with_adapter["runs"][0]["ppl"] != without["runs"][0]["ppl"]  # merged into the full cache's run too
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "distill.json").write_text((whole[1] / "distill.json").read_text())
+    summarize(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["steps"] for r in summary["training"]] == [4]
+    assert [(r["adapter"], r["spec"]) for r in summary["evaluation"]] == [
+        ("none", "full"), (whole[1].name, "full"), ("none", "holokv:k=2:prefill=superposed"),
+        (whole[1].name, "holokv:k=2:prefill=superposed")]
 
 
 def test_default_text_split_is_disjoint_and_documented():

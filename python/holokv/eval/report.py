@@ -7,8 +7,9 @@ COLUMNS = [("method", "spec", "{}"), ("ratio", "ratio", "{:g}"), ("bytes/tok", "
            ("attn cos", "cosine", "{:.4f}"), ("attn relL2", "rel_l2", "{:.4f}"), ("prefill s", "prefill_s", "{:.3f}")]
 
 
-def table(runs: list[dict]) -> str:
-    cols = [(title, key, fmt) for title, key, fmt in COLUMNS if key in runs[0]]
+def table(runs: list[dict], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+    """``columns`` (title, key, format) that the first row has, one line per row."""
+    cols = [(title, key, fmt) for title, key, fmt in columns if key in runs[0]]
     rows = [[title for title, _, _ in cols]] + [[fmt.format(r[key]) for _, key, fmt in cols] for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]

@@ -82,13 +82,13 @@ def test_resume_continues_as_if_uninterrupted(tiny, whole, tmp_path, monkeypatch
     with pytest.raises(Killed):
         distill(config(tiny, tmp_path / "cut"), progress=False)
     monkeypatch.setattr(train, "_save", real_save)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt")["step"] == 2
     resumed = distill(config(tiny, tmp_path / "cut", resume=True), progress=False)
 
     assert resumed["losses"] == whole[0]["losses"] and resumed["held_out"] == whole[0]["held_out"]
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (whole[1], tmp_path / "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    states = [torch.load(run / "checkpoint.pt", weights_only=False) for run in (whole[1], tmp_path / "cut")]
+    states = [torch.load(run / "checkpoint.pt") for run in (whole[1], tmp_path / "cut")]
     for x, y in zip(*(s["optimizer"]["state"].values() for s in states)):
         assert torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
     assert states[0]["scheduler"] == states[1]["scheduler"]

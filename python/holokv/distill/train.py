@@ -30,7 +30,8 @@ from .student import SuperposedReader, with_lora
 
 def _restore_point(cfg: DistillConfig) -> dict:
     """The checkpoint to resume, checked against ``cfg`` (options outside RESUMABLE must match)."""
-    state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+    state["log"] = json.loads(state["log"])
     then, now = state["log"]["config"], asdict(cfg)
     changed = [f"{flag(k)} {then[k]!r} (now {now[k]!r})" for k in now if k not in RESUMABLE and then.get(k) != now[k]]
     if changed:
@@ -102,7 +103,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     def save():
         log["steps_done"] = step
         _save(cfg.checkpoint, dict(adapter=get_peft_model_state_dict(model), optimizer=opt.state_dict(),
-                                   scheduler=schedule.state_dict(), step=step, rng=_rng(), log=log))
+                                   scheduler=schedule.state_dict(), step=step, rng=_rng(), log=json.dumps(log)))
         (out / "distill.json").write_text(json.dumps(log, indent=1))
 
     session = dict(first_step=step, steps=0, train_s=0.0)

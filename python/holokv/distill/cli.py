@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     a("--device", default=d.device)
     a("--dtype", default=d.dtype)
     a("--seed", type=int, default=d.seed)
-    a("--out", default=d.out, help="output folder: adapter/, distill.json, checkpoint.pt, eval_text.txt")
+    a("--out", default=d.out, help="output folder: adapter/, distill.json, checkpoint.pt")
     p.set_defaults(run=run)
 
 

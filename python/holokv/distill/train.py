@@ -2,9 +2,9 @@
 measures and a checkpoint every ``save_every`` steps; the adapter saved in peft's format at the end.
 
 Writes to ``out``: ``adapter/`` (``PeftModel.from_pretrained(base, out/adapter)``), ``distill.json`` (config,
-provenance, data, per-step losses, held-out KL and perplexity from step 0 on, throughput), ``checkpoint.pt``
-(what ``resume`` restores: adapter, optimizer, scheduler, step, RNG; the data position is the step) and
-``eval_text.txt`` (the held-out text, for ``holokv eval --text``).
+provenance, data, per-step losses, held-out KL and perplexity from step 0 on, throughput) and ``checkpoint.pt``
+(what ``resume`` restores: adapter, optimizer, scheduler, step, RNG; the data position is the step). By default
+the held-out text is the evaluation side of the pydoc topics, which ``holokv eval`` scores.
 """
 from __future__ import annotations
 
@@ -83,7 +83,6 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_text.txt").write_text(eval_text, encoding="utf-8")
     if restored is None:
         step = 0
         log = dict(config=asdict(cfg), data=dict(**data_info, seq_len=cfg.seq_len, train_sequences=len(train),

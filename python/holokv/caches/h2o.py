@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..compaction.scores import attention_mass
-from .select import INF, EvictingLayer, budget
+from .select import INF, EvictingLayer
 
 
 class H2OLayer(EvictingLayer):
@@ -19,7 +19,7 @@ class H2OLayer(EvictingLayer):
         self.recent = recent  # share of the budget reserved for the most recent tokens
 
     def protect_recent(self, acc, rel, valid) -> torch.Tensor:
-        n_recent = (budget(valid, self.ratio).double() * self.recent).long()
+        n_recent = (self.budget(valid).double() * self.recent).long()
         return acc.masked_fill(rel >= (valid - n_recent).view(-1, 1, 1), INF)
 
     def prompt_scores(self, q, k, v, mask, scale, pos):
@@ -29,8 +29,10 @@ class H2OLayer(EvictingLayer):
     def prompt_mass(self, chosen):
         """The accumulated mass (without the recent window's protection) the kept prompt tokens start with."""
         mass, self.mass = self.mass, None
-        return mass.gather(2, chosen)
+        return mass.gather(2, chosen).masked_fill(~self.holds_state(self.n_valid).view(-1, 1, 1), 0.0)
 
     def decode_scores(self, q, scale, held):
-        self.acc.add_(self.read_weights(q, scale, held).mean(-2))  # averaged over the group, as the prompt's mass
+        # averaged over the group, as the prompt's mass; a sequence that does not evict yet holds none
+        self.acc.add_(self.read_weights(q, scale, held).mean(-2).masked_fill(
+            ~self.holds_state(self.n_valid).view(-1, 1, 1), 0.0))
         return self.protect_recent(self.acc, self.rel, self.n_valid)

@@ -46,7 +46,7 @@ class SelectionLayer(FullLayer):
     def compress_prompt(self, q, k, v, mask, scale, pads):
         """Per sequence its own budget of the highest prompt scores (pads never win), in position order."""
         n = k.shape[2]
-        keep = [min(n - p, budget(n - p, self.ratio)) for p in self.pads]
+        keep = [min(n - p, self.budget(n - p)) for p in self.pads]
         pos = torch.arange(n, device=k.device) - pads[:, None, None]  # [B, 1, n] index from the first real token
         s = self.prompt_scores(q, k, v, mask, scale, pos).masked_fill(pos < 0, -INF)
         # the best first; ties (SnapKV's max-pooled votes, protected tokens) go to the earlier token, by its index
@@ -76,6 +76,10 @@ class SelectionLayer(FullLayer):
         picked = torch.arange(H * n, device=ranked.device) < (H * keep).view(B, 1)
         return torch.zeros_like(picked).scatter_(1, best, picked).view(B, H, n).sum(-1)
 
+    def budget(self, valid):
+        """Entries a sequence of ``valid`` tokens keeps per head (see :func:`budget`)."""
+        return budget(valid, self.ratio)
+
     def kept_prompt(self, chosen: torch.Tensor, pos: torch.Tensor) -> None:
         """Per-entry state of the kept prompt tokens ``chosen`` [B, Hkv, m] (``pos``: index from the first real
         token of every prompt token)."""
@@ -91,10 +95,51 @@ class SelectionLayer(FullLayer):
 class EvictingLayer(SelectionLayer):
     """Evicts after every read. Per-entry state (``state``: ``rel``, the index from the first real token, for
     scores that read positions, and for H2O ``acc``, the accumulated score) is kept beside the store's entries,
-    moved with them and counted in the bytes held."""
+    moved with them and counted in the bytes held.
+
+    The state costs bytes the full cache does not hold, so a sequence holds it only once it evicts, from
+    ``evicts_from`` tokens on: before, it keeps its tokens in order with no state (its bytes are the full
+    cache's; ``rel`` is then each entry's row, derived, not held, and H2O's mass starts with the first query
+    that evicts). From then on its budget is the ratio's, capped so that entries and their state fit in the full
+    cache's bytes: entries·(T + S) <= valid·T, T an entry's K and V bytes, S its state's."""
 
     state = ("rel",)
     batch_state = FullLayer.batch_state + state
+
+    def new_store(self, like):
+        # the state, empty until the prompt is kept: its dtypes (acc: attention_mass's) give an entry's bytes
+        dtypes = {"rel": torch.long, "acc": torch.promote_types(like.dtype, torch.float32)}
+        for name in self.state:
+            setattr(self, name, like.new_zeros(*like.shape[:2], 0, dtype=dtypes[name]))
+        self.entry_bytes = 2 * like.shape[3] * like.element_size()
+        self.state_bytes = sum(getattr(self, name).element_size() for name in self.state)
+        self.evicts_from = self.first_eviction()
+        return super().new_store(like)
+
+    def first_eviction(self) -> float:
+        """The length from which a sequence evicts and holds its state: where the ratio's budget first drops
+        below its tokens, or earlier, at the longest length where a single eviction still frees the bytes of
+        the state of the rest (valid·S <= T + S): a decode step evicts one entry at most. Never at ratio 1."""
+        if self.ratio == 1:
+            return INF
+        if not self.state_bytes:
+            return 1
+        last, valid = 1 + self.entry_bytes // self.state_bytes, 1
+        while valid < last and budget(valid, self.ratio) >= valid:
+            valid += 1
+        return valid
+
+    def holds_state(self, valid):
+        """Whether a sequence of ``valid`` tokens (an int, or a tensor per sequence) holds its state."""
+        return valid >= self.evicts_from
+
+    def budget(self, valid):
+        """Every token until the sequence evicts; then the ratio's budget, at most what fits the full cache's
+        bytes with the state. Nondecreasing, by one a token at most: one eviction a step keeps to it."""
+        fits = valid * self.entry_bytes // (self.entry_bytes + self.state_bytes)
+        if isinstance(valid, torch.Tensor):
+            return torch.where(self.holds_state(valid), torch.minimum(budget(valid, self.ratio), fits), valid)
+        return min(budget(valid, self.ratio), fits) if self.holds_state(valid) else valid
 
     def kept_prompt(self, chosen, pos):
         if "rel" in self.state:
@@ -103,15 +148,16 @@ class EvictingLayer(SelectionLayer):
             self.acc = self.grow(self.prompt_mass(chosen), self.store.capacity)
 
     def nbytes(self) -> int:
-        per_entry = sum(getattr(self, name).element_size() for name in self.state)
-        return self.store.nbytes() + int(self.store.lens.sum()) * self.store.k.shape[1] * per_entry
+        """The entries, and the state of the sequences that evict."""
+        held = sum(n for n, p in zip(self.store.lens.tolist(), self.pads) if self.holds_state(self.seen - p))
+        return self.store.nbytes() + held * self.store.k.shape[1] * self.state_bytes
 
     @staticmethod
     def grow(x: torch.Tensor, cap: int) -> torch.Tensor:
         return x if x.shape[2] >= cap else torch.cat([x, x.new_zeros(*x.shape[:2], cap - x.shape[2])], 2)
 
     def bound(self, seen: int) -> int:
-        return budget(seen - min(self.pads), self.ratio) + 1  # one over the budget until the read evicts it
+        return self.budget(seen - min(self.pads)) + 1  # one over the budget until the read evicts it
 
     def reserve(self, tokens: int, exact: bool = False) -> None:
         super().reserve(tokens, exact)
@@ -131,7 +177,7 @@ class EvictingLayer(SelectionLayer):
         held = torch.arange(s.capacity, device=q.device) < s.lens.view(-1, 1, 1)
         scores = self.decode_scores(q, scale, held).masked_fill(~held, INF)
         # over budget (by one at most): the lowest-scoring entry goes, the last entry takes its row
-        over = s.lens > budget(self.n_valid, self.ratio)
+        over = s.lens > self.budget(self.n_valid)
         last = (s.lens - 1).view(-1, 1, 1).expand(-1, k.shape[1], 1)
         row = torch.where(over.view(-1, 1, 1), scores.argmin(-1, keepdim=True), last)
         for x in (s.k, s.v, *(getattr(self, name) for name in self.state)):

@@ -183,7 +183,8 @@ def test_superposed_prefill_equals_decode_steps(model, mode, sinks):
                                              ({}, 10)])  # 10 tokens at ratio 8: no room for centroids, evicts
 def test_src_variants_generate(model, batch, options, length):
     ids, mask = (x[:, -length:] for x in batch)
-    cache = make_cache("src", model.config, ratio=8, **options)
+    # no decode-time steps (none would fire in 3 tokens): these prompts are too short to pay for their queries
+    cache = make_cache("src", model.config, ratio=8, every=None, **options)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=cache,
                              output_scores=True, return_dict_in_generate=True)
@@ -193,6 +194,65 @@ def test_src_variants_generate(model, batch, options, length):
     per_entry = 2 * 32 + layer.log_mass
     assert ((layer.lens - 3) * per_entry <= (mask.sum(1) + 7) // 8 * 2 * 32).all()
     assert cache.get_seq_length() == length + 3
+
+
+# SRC with steps small enough to pay for themselves on short prompts
+SMALL_SRC = dict(window=4, recent=8, every=8, decode_bin=16, rank=2, sinks=2)
+
+
+@pytest.mark.parametrize("method, options", [(m, {}) for m in METHODS] + [("src", SMALL_SRC)])
+def test_never_more_than_full(model, method, options):
+    """After the prompt and after each of 3 decode steps, a cache holds at most the bytes the full cache holds for
+    the same tokens (per-entry state, log-masses and SRC's scoring queries counted), for prompts of 1..40 tokens
+    and every ratio."""
+    ids = torch.randint(0, 128, (1, 43), generator=torch.Generator().manual_seed(10))
+    full = make_cache("full", model.config)
+    with torch.no_grad():
+        model(ids[:, :1], past_key_values=full)
+    token = full.nbytes()  # the full cache's bytes per token
+    over = []
+    for ratio in [1] if method == "full" else [1, 1.5, 2, 4, 8]:
+        for n in range(1, 41):
+            cache = make_cache(method, model.config, ratio=ratio, **options)
+            with torch.no_grad():
+                model(ids[:, :n], past_key_values=cache)
+                held = [cache.nbytes()]
+                for t in range(n, n + 3):
+                    model(ids[:, t: t + 1], past_key_values=cache)
+                    held.append(cache.nbytes())
+            over += [(ratio, n, step, bytes_, (n + step) * token) for step, bytes_ in enumerate(held)
+                     if bytes_ > (n + step) * token]
+    assert not over, over[:5]  # (ratio, prompt tokens, decode step, bytes held, the full cache's)
+
+
+@pytest.mark.parametrize("ratio", [1.5, 2, 4, 8])
+def test_src_never_more_than_full_while_decoding(model, ratio):
+    """Through 96 decode steps: below the shortest prompt whose compaction pays for SRC's queries and log-masses the
+    layer is the full cache (same bytes, same logits: exact tokens, no state); from that prompt on it compresses,
+    never above the full cache's bytes (its steps fire and summarize bins), even where the prompt is compacted to
+    no entry at all (the new token is appended before it is read)."""
+    ids = torch.randint(0, 128, (1, 136), generator=torch.Generator().manual_seed(11))
+    shape = (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim)
+    rule = make_cache("src", model.config, ratio=ratio, **SMALL_SRC).layers[0]
+    first = next(n for n in range(1, 41) if rule.compacts(n, *shape))
+    for n in (first - 1, first, 40):
+        caches = [make_cache("full", model.config), make_cache("src", model.config, ratio=ratio, **SMALL_SRC)]
+        held, logits = [], []
+        with torch.no_grad():
+            for cache in caches:
+                model(ids[:, :n], past_key_values=cache)
+            for t in range(n, n + 96):
+                logits.append([model(ids[:, t: t + 1], past_key_values=c).logits for c in caches])
+                held.append([c.nbytes() for c in caches])
+        assert all(src <= full for full, src in held), (n, held)
+        assert all(torch.isfinite(src).all() for _, src in logits)
+        layer = caches[1].layers[0]
+        if n < first:
+            assert layer.store.bias is None and layer.every is None and held[-1][0] == held[-1][1]
+            for full, src in logits:
+                torch.testing.assert_close(src, full, atol=1e-5, rtol=1e-5)
+        else:
+            assert layer.reviewed - layer.kept >= layer.decode_bin and held[-1][1] < 0.8 * held[-1][0]
 
 
 def kv_bytes(cache) -> int:
@@ -338,7 +398,7 @@ def test_src_half_precision(model, batch):
     """The compaction's solves run in fp32; the cache stores and decodes in the model's dtype."""
     ids, mask = batch
     half = copy.deepcopy(model).to(torch.bfloat16)
-    cache = make_cache("src", half.config, ratio=4)
+    cache = make_cache("src", half.config, ratio=4, window=4)  # 41 tokens pay for 4 scoring queries, not 32
     with torch.no_grad():
         out = half.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=cache,
                             output_scores=True, return_dict_in_generate=True)

@@ -100,7 +100,9 @@ class SRCLayer(FullLayer):
 
     :meth:`nbytes` counts, besides the entries, the queries the steps score with (the last ``window``; for
     score="seed" the whole tail's, for the row entropies): memory the other caches do not need. The budget
-    rule above leaves them out, so SRC's bytes per token exceed 1/ratio by their share.
+    rule above leaves them out, so SRC's bytes per token exceed 1/ratio by their share; never the full cache's:
+    a batch with a prompt whose compaction does not pay for them and the decoded tokens' log-masses
+    (:meth:`compacts`; a count shared by the batch, like r0) holds the full cache for that generation.
     """
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
@@ -124,7 +126,8 @@ class SRCLayer(FullLayer):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every (generated tokens between compression steps) must be a positive int or "
                              f"None, got {every!r}")
-        self.ratio, self.method, self.score, self.lam, self.every = ratio, method, score, lam, every
+        self.ratio, self.method, self.score, self.lam, self.every_option = ratio, method, score, lam, every
+        self.every = every  # this generation's: None while the layer holds the full cache (compress_prompt)
         self.rank, self.ridge, self.window, self.bin_size, self.decode_bin, self.sinks, self.recent = (
             rank, ridge, window, bin_size, decode_bin, sinks, recent)
         # seed centroids carry no log-mass, so only softmax_ls stores (and pays for) a bias per entry
@@ -301,12 +304,34 @@ class SRCLayer(FullLayer):
         p = torch.softmax(logits(rows, keys, bias, self.visible(tail, width, G, n_new), scale), -1)
         return seed_score(score, entropy(p).view(*score.shape[:2], G, n_new).mean(2), self.lam)
 
+    def compacts(self, n: int, heads: int, kv_heads: int, head_dim: int) -> bool:
+        """Whether compacting an n-token prompt to ceil(n / ratio) token-equivalents saves the bytes the layer
+        then holds besides its tokens' K and V, so that it never holds more than the full cache would: the scoring
+        queries (up to ``q_cap``, heads·head_dim elements each, a token being kv_heads·2·head_dim) and the log-mass
+        (one element) of each decoded token it holds before its steps catch up. The steps hold at most their
+        budget plus C = recent + decode_bin + every entries (the tail, a filling bin, a step's tokens), so the
+        decoded tokens all stay only while t <= C·ratio / (ratio − 1). (With every=None every decoded token stays,
+        log-mass and all: the bound then holds for saved / kv_heads decoded tokens.) If it does not pay (ratio 1,
+        short prompts) the layer holds the full cache: exact tokens, no log-mass, no queries, no steps."""
+        saved = (n - max(1, math.ceil(n / self.ratio))) * kv_heads * 2 * head_dim
+        if saved <= 0 or not self.every_option:
+            return saved > 0
+        held = math.ceil((self.recent + self.decode_bin + self.every_option) * self.ratio / (self.ratio - 1))
+        return saved >= self.q_cap * heads * head_dim + self.log_mass * held * kv_heads
+
     def compress_prompt(self, q, k, v, mask, scale, pads) -> None:
         """Compact each sequence's prompt (pads cut off, so each gets its own budget) and store them ragged,
         centroids first: the kept tokens follow in order, so the recent window ends every sequence and
         starts the decode stream's tail when the prefill kept it whole."""
         self.late_check.flush()  # the previous generation's last step: the prefill syncs anyway
         self.scale = scale
+        valid = [k.shape[2] - pad for pad in self.pads]
+        if not all(self.compacts(n, q.shape[1], k.shape[1], k.shape[3]) for n in valid):  # shared by the batch
+            self.every, self.store.bias = None, None
+            FullLayer.compress_prompt(self, q, k, v, mask, scale, pads)
+            self.width, self.q_written = max(valid), 0
+            return
+        self.every = self.every_option
         parts, tails = [], []
         for b, pad in enumerate(self.pads):
             # fp32: the solves (eigh, Cholesky) have no half-precision kernels

@@ -127,7 +127,8 @@ struct AppendDims {
 inline AppendDims check_holo_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& phase,
                                     const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& k_tail,
                                     const at::Tensor& v_tail, const at::Tensor& slot_lens, const at::Tensor& tail_lens,
-                                    const at::Tensor& tail_start, int64_t sinks, double exact_share) {
+                                    const at::Tensor& tail_start, int64_t sinks, double exact_share,
+                                    int64_t window_slots, const std::optional<at::Tensor>& evicted) {
   check_float_tensor(k, "k");
   TORCH_CHECK(k.dim() == 3, "k must be [B, Hkv, head_dim] (one new token per sequence), got ", k.sizes());
   const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
@@ -154,12 +155,39 @@ inline AppendDims check_holo_append(const at::Tensor& k, const at::Tensor& v, co
   check_lens(tail_start, "tail_start", k, "k", B, H, false);
   TORCH_CHECK(sinks >= 0, "sinks must be >= 0, got ", sinks);
   TORCH_CHECK(exact_share >= 0 && exact_share <= 1, "exact_share must lie in [0, 1], got ", exact_share);
+  TORCH_CHECK(window_slots >= 0, "window_slots must be >= 0 (0: no window), got ", window_slots);
+  TORCH_CHECK(window_slots == 0 || evicted, "evicted must be given when window_slots > 0 (it places the slot ring)");
+  if (evicted) check_lens(*evicted, "evicted", k, "k", B, H, false);
   return {B, H, k_slots.size(2), k_tail.size(2), D, phase.size(0)};
 }
 
-// HoloKV's closing rule (python/holokv/caches/superposed.py, HoloSpec.closed): how many of a sequence's
-// tokens are superposed once `valid` were read. The first `sinks` stay exact, then slots close in whole
-// as soon as the exact tokens exceed the share, never before they are full.
+// holo_append's window (W = window_slots; 0: none, the slots only grow): a sequence holds at most W slots, a
+// ring where stream block g (counted from the first slot ever closed) lives in row g mod W, so a slot that
+// closes on a full ring replaces the oldest; `evicted` counts the tokens dropped. The row of the j-th slot
+// closing now, with `held` tokens in slots and `evicted` dropped before:
+inline C10_HOST_DEVICE int64_t slot_row(int64_t held, int64_t evicted, int64_t j, int64_t k, int64_t W) {
+  return W ? ((held + evicted) / k + j) % W : held / k + j;
+}
+
+// Tokens the slots hold once `superposed` were (the ones held plus those closing now).
+inline C10_HOST_DEVICE int64_t slots_held(int64_t superposed, int64_t k, int64_t W) {
+  return W && superposed > W * k ? W * k : superposed;
+}
+
+// The most slots a sequence may hold in k_slots' S rows.
+inline C10_HOST_DEVICE int64_t slot_room(int64_t S, int64_t W) { return W && W < S ? W : S; }
+
+// Whether a sequence's counters are a state holo_append can reach: slots whole and within the room, evicted
+// whole and nonzero only on a full ring (so every row slot_row gives lies within the room).
+inline C10_HOST_DEVICE bool slot_counters_ok(int64_t held, int64_t evicted, int64_t k, int64_t S, int64_t W) {
+  return held >= 0 && held % k == 0 && held <= slot_room(S, W) * k && evicted >= 0 && evicted % k == 0 &&
+         (evicted == 0 || held == W * k);
+}
+
+// HoloKV's closing rule (python/holokv/caches/superposed.py, HoloSpec.rule): how many of a sequence's
+// tokens are superposed once `valid` are held (all those read, unless a window dropped slots). The first
+// `sinks` stay exact, then slots close in whole as soon as the exact tokens exceed the share, never before
+// they are full.
 inline C10_HOST_DEVICE int64_t closed_tokens(int64_t valid, int64_t sinks, int64_t k, double exact_share) {
   const int64_t s = valid < sinks ? valid : sinks;
   int64_t exact = int64_t(floor(double(valid) * exact_share));

@@ -46,14 +46,16 @@ at::Tensor holo_decode_autograd(const at::Tensor& q, const at::Tensor& k_slots, 
 void holo_append_autograd(const at::Tensor& k, const at::Tensor& v, const at::Tensor& phase,
                           const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& k_tail,
                           const at::Tensor& v_tail, const at::Tensor& slot_lens, const at::Tensor& tail_lens,
-                          const at::Tensor& tail_start, int64_t sinks, double exact_share) {
+                          const at::Tensor& tail_start, int64_t sinks, double exact_share, int64_t window_slots,
+                          const std::optional<at::Tensor>& evicted) {
   check_no_grad("holo_append", {{&k, "k"}, {&v, "v"}, {&phase, "phase"}, {&k_slots, "k_slots"},
                                 {&v_slots, "v_slots"}, {&k_tail, "k_tail"}, {&v_tail, "v_tail"}});
   static const auto op = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("holokv::holo_append", "")
                               .typed<decltype(holo_append_autograd)>();
   at::AutoDispatchBelowADInplaceOrView below;
-  op.call(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks, exact_share);
+  op.call(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks, exact_share,
+          window_slots, evicted);
 }
 
 }  // namespace

@@ -22,7 +22,7 @@ TORCH_LIBRARY(holokv, m) {
   m.def(
       "holo_append(Tensor k, Tensor v, Tensor phase, Tensor(a!) k_slots, Tensor(b!) v_slots, Tensor(c!) k_tail, "
       "Tensor(d!) v_tail, Tensor(e!) slot_lens, Tensor(f!) tail_lens, Tensor(g!) tail_start, int sinks, "
-      "float exact_share) -> ()");
+      "float exact_share, int window_slots=0, Tensor(h!)? evicted=None) -> ()");
   m.def("batched_eigh(Tensor a) -> (Tensor w, Tensor v, Tensor info)");
   m.def("batched_cholesky_solve(Tensor a, Tensor b) -> (Tensor x, Tensor info)");
 }

@@ -2,9 +2,11 @@
 //
 // One block per sequence serves all its KV heads, K and V, so the sequence's counters are
 // read once and advanced by the block's last step without a race. A slot that closes is
-// summed in registers from the k exact rows of the tail ring and written once; slots are
-// never read back. Capacity cannot be checked on the host without a sync: a sequence that
-// would overflow is left unchanged with tail_lens = T + 1, which holo_decode turns into NaN.
+// summed in registers from the k exact rows of the tail ring and written once (in the row
+// slot_row gives: a window's ring overwrites its oldest); slots are never read back. Capacity
+// cannot be checked on the host without a sync: a sequence that would overflow (or whose
+// counters are not a reachable state) is left unchanged with tail_lens = T + 1, which
+// holo_decode turns into NaN.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,15 +20,16 @@ namespace {
 template <typename T>
 __global__ void holo_append_kernel(const T* __restrict__ k, const T* __restrict__ v, const void* phase,
                                    Dtype phase_dtype, T* k_slots, T* v_slots, T* k_tail, T* v_tail,
-                                   int64_t* slot_lens, int64_t* tail_lens, int64_t* tail_start, int H, int S,
-                                   int T_, int D, int kk, int64_t sinks, double exact_share) {
+                                   int64_t* slot_lens, int64_t* tail_lens, int64_t* tail_start, int64_t* evicted,
+                                   int H, int S, int T_, int D, int kk, int64_t sinks, double exact_share,
+                                   int64_t W) {
   using acc_t = at::opmath_type<T>;
   const int b = blockIdx.x;
-  const int64_t sl = slot_lens[b], tl = tail_lens[b], start = tail_start[b];
+  const int64_t sl = slot_lens[b], tl = tail_lens[b], start = tail_start[b], ev = evicted ? evicted[b] : 0;
   const int64_t valid = sl + tl;
-  const int64_t close = closed_tokens(valid, sinks, kk, exact_share) - sl;
-  const bool bad = sl < 0 || sl % kk || tl < 0 || tl > T_ || start < 0 || start >= T_ ||
-                   sl + close > int64_t(S) * kk || tl - close + 1 > T_;
+  const int64_t close = closed_tokens(valid, sinks, kk, exact_share) - sl, held = slots_held(sl + close, kk, W);
+  const bool bad = !slot_counters_ok(sl, ev, kk, S, W) || tl < 0 || tl > T_ || start < 0 || start >= T_ ||
+                   held > int64_t(S) * kk || tl - close + 1 > T_;
   __syncthreads();  // every thread has read the counters before thread 0 may change them
   if (bad) {
     if (threadIdx.x == 0) tail_lens[b] = T_ + 1;
@@ -46,7 +49,7 @@ __global__ void holo_append_kernel(const T* __restrict__ k, const T* __restrict_
         const T* th = tail + (base + h) * T_ * D + d;
         acc_t acc = 0;
         for (int t = 0; t < kk; ++t) acc += acc_t(th[row(n_sinks + j * kk + t) * D]) * acc_t(load_float(phase, t * D + d, phase_dtype));
-        slots[((base + h) * S + sl / kk + j) * D + d] = T(acc * norm);
+        slots[((base + h) * S + slot_row(sl, ev, j, kk, W)) * D + d] = T(acc * norm);
       }
     __syncthreads();  // the closed rows are read before the sinks overwrite them
     for (int i = threadIdx.x; close > 0 && i < HD; i += blockDim.x) {
@@ -57,7 +60,10 @@ __global__ void holo_append_kernel(const T* __restrict__ k, const T* __restrict_
     for (int i = threadIdx.x; i < HD; i += blockDim.x) tail[((base + i / D) * T_ + row(tl)) * D + i % D] = x[i];
   }
   __syncthreads();
-  if (threadIdx.x == 0) tail_start[b] = row(close), tail_lens[b] = tl + 1 - close, slot_lens[b] = sl + close;
+  if (threadIdx.x == 0) {
+    tail_start[b] = row(close), tail_lens[b] = tl + 1 - close, slot_lens[b] = held;
+    if (evicted) evicted[b] = ev + sl + close - held;
+  }
 }
 
 }  // namespace
@@ -65,9 +71,10 @@ __global__ void holo_append_kernel(const T* __restrict__ k, const T* __restrict_
 void holo_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& phase, const at::Tensor& k_slots,
                       const at::Tensor& v_slots, const at::Tensor& k_tail, const at::Tensor& v_tail,
                       const at::Tensor& slot_lens, const at::Tensor& tail_lens, const at::Tensor& tail_start,
-                      int64_t sinks, double exact_share) {
+                      int64_t sinks, double exact_share, int64_t window_slots,
+                      const std::optional<at::Tensor>& evicted) {
   const AppendDims ad = check_holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens,
-                                          tail_start, sinks, exact_share);
+                                          tail_start, sinks, exact_share, window_slots, evicted);
   if (ad.B == 0) return;
   c10::cuda::CUDAGuard guard(k.device());
   // a block per sequence, looping over its heads' elements: few enough threads for the kernel's registers
@@ -77,7 +84,8 @@ void holo_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor
         k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), phase.data_ptr(), dtype_code(phase),
         k_slots.data_ptr<scalar_t>(), v_slots.data_ptr<scalar_t>(), k_tail.data_ptr<scalar_t>(),
         v_tail.data_ptr<scalar_t>(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
-        tail_start.data_ptr<int64_t>(), int(ad.H), int(ad.S), int(ad.T), int(ad.D), int(ad.k), sinks, exact_share);
+        tail_start.data_ptr<int64_t>(), window_slots ? evicted->data_ptr<int64_t>() : nullptr, int(ad.H),
+        int(ad.S), int(ad.T), int(ad.D), int(ad.k), sinks, exact_share, window_slots);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

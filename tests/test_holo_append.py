@@ -1,33 +1,50 @@
 """holo_append (HoloKV's in-place append with the slot written once) against its reference, over many steps:
-ragged counters, rings that wrap, sinks longer than a slot, every k and both exact shares."""
+ragged counters, rings that wrap, sinks longer than a slot, every k and both exact shares; its window of slots
+(block-level eviction) against the reference and against slots built by hand from the tokens."""
 import pytest
 import torch
 
 import holokv
-from holokv.reference import holo_append_ref, holo_decode_ref
+from holokv.reference import holo_append_ref, holo_decode_ref, superpose_ref
 
+from cases import append_args
 from conftest import dtype_id, needs_cuda
 
 
-def state(B=3, H=2, d=16, S=12, T=11, dtype=torch.float64, device="cpu", seed=0, k=None):
-    """An empty cache whose unused capacity is NaN: nothing may read it."""
+def state(B=3, H=2, d=16, S=12, T=11, dtype=torch.float64, device="cpu", seed=0, k=None, window=0):
+    """An empty cache whose unused capacity is NaN: nothing may read it; with a window, an evicted counter last."""
     g = torch.Generator().manual_seed(seed)
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype, device=device)  # noqa: E731
-    counters = [torch.zeros(B, dtype=torch.long, device=device) for _ in range(3)]
+    counters = [torch.zeros(B, dtype=torch.long, device=device) for _ in range(4 if window else 3)]
     counters[2] += torch.randint(0, T, (B,), generator=g).to(device)  # rings start anywhere
     return [nan(B, H, S, d), nan(B, H, S, d), nan(B, H, T, d), nan(B, H, T, d), *counters]
 
 
-def run(steps, sinks, share, k, device="cpu", dtype=torch.float64, d=16, seed=0, check=None):
-    """``steps`` appends to a cache sized for them, by the op and by the reference; returns both states."""
-    size = dict(k=k, d=d, S=steps // k + 2, T=sinks + int(steps * share) + k + 2, seed=seed)
+def append(fn, x, phase, cache, sinks, share, window):
+    """fn (the op or its reference) with the window's arguments only where there is one (else the old call)."""
+    fn(*x, phase, *cache[:7], sinks, share, *((window, cache[7]) if window else ()))
+
+
+def run(steps, sinks, share, k, device="cpu", dtype=torch.float64, d=16, seed=0, check=None, window=0,
+        lead=(0, 0, 0), history=None):
+    """``steps`` appends to a cache sized for them, by the op and by the reference, after ``lead[b]`` appends
+    to sequence b alone (ragged lengths); returns both states. ``history`` (a list per sequence) collects the
+    tokens appended, as (k, v) of ``[H, d]``."""
+    n = steps + max(lead)
+    slots = window + 1 if window else n // k + 2  # a window never writes past its W rows: the last stays NaN
+    size = dict(k=k, d=d, S=slots, T=sinks + int(n * share) + k + 2, seed=seed, window=window)
     phase = holokv.phase_keys(k, d, dtype=dtype, device=device)
     ours, ref = state(dtype=dtype, device=device, **size), state(dtype=dtype, **size)
     g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        x = torch.randn(2, 3, 2, d, generator=g).to(dtype)
-        holokv.holo_append(*x.to(device), phase, *ours, sinks, share)
-        holo_append_ref(*x, phase.cpu(), *ref, sinks, share)
+    feeds = [(b, [b]) for b, m in enumerate(lead) for _ in range(m)] + [(None, list(range(len(lead))))] * steps
+    for b, seqs in feeds:
+        x = torch.randn(2, len(lead), 2, d, generator=g).to(dtype)
+        pick = slice(None) if b is None else slice(b, b + 1)  # a sequence alone: the op on views of its rows
+        x = x[:, pick]
+        append(holokv.holo_append, x.to(device), phase, [t[pick] for t in ours], sinks, share, window)
+        append(holo_append_ref, x, phase.cpu(), [t[pick] for t in ref], sinks, share, window)
+        for i, s in enumerate(seqs if history is not None else ()):
+            history[s].append((x[0, i], x[1, i]))
         if check:
             check(ours, ref, phase)
     return ours, ref
@@ -37,7 +54,7 @@ def assert_same(ours, ref, k):
     """Same counters, bit-equal ring entries in use, slots equal up to the rounding of the sum's last step
     (the rest is NaN in both)."""
     assert [t.cpu().tolist() for t in ours[4:]] == [t.tolist() for t in ref[4:]]
-    slot_lens, tail_lens, start = ref[4:]
+    slot_lens, tail_lens, start = ref[4:7]
     T = ref[2].shape[2]
     for b in range(slot_lens.shape[0]):
         rows = [(int(start[b]) + i) % T for i in range(int(tail_lens[b]))]
@@ -128,3 +145,137 @@ def test_cuda_overflow_marks_the_sequence():
     for _ in range(12):
         holokv.holo_append(*x, phase, *cache, 0, 0.0)
     assert (cache[5] == 6).all()  # T + 1: holo_decode gives NaN for these sequences
+
+
+# ---- the window of slots (block-level eviction) --------------------------------------------------------------
+def assert_window_by_hand(ref, history, phase, sinks, k, window):
+    """Each sequence holds its sinks, the last ``window`` slots superposed from its tokens (stream block g in
+    row g mod window) and the stream tokens after them, exact (the rest of the capacity is NaN)."""
+    slot_lens, tail_lens, start, evicted = ref[4:]
+    T = ref[2].shape[2]
+    for b, tokens in enumerate(history):
+        sl, ev = int(slot_lens[b]), int(evicted[b])
+        assert sl + ev + int(tail_lens[b]) == len(tokens) and sl <= window * k and ev % k == 0
+        for x, slots, tail in zip((0, 1), ref[0:2], ref[2:4]):
+            seq = torch.stack([t[x] for t in tokens], 1)  # [H, n, d]
+            stream = superpose_ref(seq[None, :, sinks: sinks + sl + ev], phase)[0]  # [H, blocks, d]
+            for g in range(ev // k, (sl + ev) // k):
+                torch.testing.assert_close(slots[b, :, g % window], stream[:, g], rtol=1e-12, atol=1e-12)
+            exact = [j for j in range(len(tokens)) if j < sinks or j >= sinks + sl + ev]
+            rows = [(int(start[b]) + j) % T for j in range(len(exact))]
+            assert torch.equal(tail[b][:, rows], seq[:, exact])
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("share", [0.0, 0.2])
+def test_window_cpu_matches_reference(window, k, sinks, share):
+    """Many steps past the wrap, ragged lengths: the op's window equals the reference's, whose slots are the last
+    W blocks superposed from the tokens; row W of the slots is never written."""
+    history = [[], [], []]
+    ours, ref = run(80, sinks, share, k, window=window, lead=(0, 5, 13), history=history)
+    assert_same(ours, ref, k)
+    assert_window_by_hand(ref, history, holokv.phase_keys(k, 16, dtype=torch.float64), sinks, k, window)
+    assert (ref[7] > window * k).all()  # every ring wrapped, more than once
+    assert ours[0][:, :, window].isnan().all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_window_off_or_never_full_changes_nothing(device):
+    """window_slots=0 (evicted given or not) and a window that never fills leave the cache bit for bit as the call
+    without a window does, and evicted as it was."""
+    k, sinks, share, d = 4, 3, 0.2, 64
+    phase = holokv.phase_keys(k, d, device=device)
+    caches = [state(d=d, S=20, T=30, dtype=torch.float32, device=device, window=1) for _ in range(3)]
+    caches[1][7] += 8  # not read without a window
+    g = torch.Generator().manual_seed(5)
+    for _ in range(60):
+        x = torch.randn(2, 3, 2, d, generator=g).to(device)
+        holokv.holo_append(*x, phase, *caches[0][:7], sinks, share)
+        holokv.holo_append(*x, phase, *caches[1][:7], sinks, share, 0, caches[1][7])
+        holokv.holo_append(*x, phase, *caches[2][:7], sinks, share, 20, caches[2][7])
+    assert int(caches[0][4].max()) == 12 * k  # slots closed, fewer than 20
+    for cache, evicted in zip(caches[1:], (8, 0)):
+        for a, b in zip(caches[0][:7], cache[:7]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        assert (cache[7] == evicted).all()
+
+
+def window_args(W=2, evicted=True, B=2, **kw):
+    """append_args (tests/cases.py) with a window of W slots and, where asked, an evicted counter."""
+    return {**append_args(B=B, **kw), "window_slots": W,
+            **({"evicted": torch.zeros(B, dtype=torch.long)} if evicted else {})}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("args, match", [
+    (window_args(W=-1), "window_slots must be >= 0"),
+    (window_args(evicted=False), "evicted must be given when window_slots > 0"),
+    ({**window_args(), "evicted": torch.zeros(2, dtype=torch.int32)}, "evicted must be int64"),
+    ({**window_args(), "evicted": torch.zeros(3, dtype=torch.long)}, r"evicted must be \[B\] = \[2\]"),
+    ({**window_args(W=0), "evicted": torch.zeros(2, 2, dtype=torch.long)}, r"evicted must be \[B\] = \[2\]"),
+], ids=["negative", "no-counter", "int32", "batch", "W0-shape"])
+def test_window_bad_input(args, match, device):
+    """The kernels and the fake kernel reject the same window arguments, naming them."""
+    args = {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in args.items()}
+    with pytest.raises(RuntimeError, match=match):
+        holokv.holo_append(**args)
+
+
+@pytest.mark.parametrize("counters, match", [
+    (dict(evicted=[1, 0]), r"evicted\[0\] = 1 must be a multiple of k = 4"),
+    (dict(evicted=[0, 4]), r"evicted\[1\] = 4 .*nonzero only while all window_slots = 2 slots are held"),
+    (dict(slot_lens=[12, 0]), r"slot_lens\[0\] = 12 must be a multiple of k = 4 in \[0, 8\]"),
+])
+def test_window_bad_counters_raise_on_cpu(counters, match):
+    args = window_args()
+    for name, value in counters.items():
+        args[name] = torch.tensor(value)
+    with pytest.raises(RuntimeError, match=match):
+        holokv.holo_append(**args)
+
+
+def test_window_past_capacity_raises_on_cpu():
+    """A window wider than k_slots needs them grown before a slot closes past their rows."""
+    args = window_args(W=5, S=3, T=40)
+    args["sinks"], args["exact_share"] = 0, 0.0
+    with pytest.raises(RuntimeError, match="needs slot 4 but k_slots holds 3 \\(grow the cache first\\)"):
+        for _ in range(20):
+            holokv.holo_append(**args)
+    assert args["slot_lens"].tolist() == [12, 12] and args["evicted"].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_opcheck_window(device):
+    """Schema (the optional mutated counter), fake kernel and dispatch, on a ring that has wrapped."""
+    phase = holokv.phase_keys(4, 16, device=device)
+    cache = state(dtype=torch.float32, device=device, window=2, S=3, T=16)
+    for t in cache[:4]:
+        t.zero_()
+    x = torch.randn(20, 2, 3, 2, 16, device=device)
+    for step in x[:-1]:
+        holokv.holo_append(*step, phase, *cache[:7], 2, 0.25, 2, cache[7])
+    assert (cache[7] > 0).all()
+    torch.library.opcheck(torch.ops.holokv.holo_append.default, (*x[-1], phase, *cache[:7], 2, 0.25, 2, cache[7]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("window", [1, 2, 5])
+@pytest.mark.parametrize("k, sinks, share", [(2, 0, 0.0), (4, 3, 0.2), (4, 0, 1 / 7), (2, 3, 0.3)])
+def test_cuda_window_matches_reference(dtype, window, k, sinks, share):
+    """The CUDA kernel's window equals the reference's over many wraps, ragged lengths, in fp32 and bf16."""
+    ours, ref = run(120, sinks, share, k, device="cuda", dtype=dtype, d=64, window=window, lead=(0, 7, 3))
+    assert_same(ours, ref, k)
+    assert (ref[7] > window * k).all()
+    assert ours[0][:, :, window].isnan().all()
+
+
+@needs_cuda
+def test_cuda_bad_window_counters_mark_the_sequence():
+    args = {n: v.cuda() if isinstance(v, torch.Tensor) else v for n, v in window_args().items()}
+    args["evicted"][0] = 4  # a full ring's count on an empty one: no state the op reaches
+    holokv.holo_append(**args)
+    assert args["tail_lens"].tolist() == [6, 1] and args["evicted"].tolist() == [4, 0]  # T + 1: NaN in decode
+

@@ -92,7 +92,7 @@ def holo_decode(q, k_slots, v_slots, ph, slot_lens, k_tail, v_tail, tail_lens, m
 
 
 def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
-                exact_share) -> None:
+                exact_share, window_slots, evicted) -> None:
     float_tensor(k, "k")
     check(k.dim() == 3, "k must be [B, Hkv, head_dim] (one new token per sequence), got ", shape(k))
     B, H, D = k.shape
@@ -114,6 +114,11 @@ def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens
         lens(t, name, k, "k", B, H, False)
     check(sinks >= 0, "sinks must be >= 0, got ", sinks)
     check(0 <= exact_share <= 1, "exact_share must lie in [0, 1], got ", exact_share)
+    check(window_slots >= 0, "window_slots must be >= 0 (0: no window), got ", window_slots)
+    check(window_slots == 0 or evicted is not None, "evicted must be given when window_slots > 0 (it places the "
+          "slot ring)")
+    if evicted is not None:
+        lens(evicted, "evicted", k, "k", B, H, False)
 
 
 def fp32_batch(t: torch.Tensor, name: str, layout: str) -> None:

@@ -22,9 +22,9 @@ def _holo_decode_fake(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tai
 
 @torch.library.register_fake("holokv::holo_append")
 def _holo_append_fake(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
-                      exact_share):
+                      exact_share, window_slots=0, evicted=None):
     checks.holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
-                       exact_share)
+                       exact_share, window_slots, evicted)
     return None  # mutates its cache arguments in place
 
 

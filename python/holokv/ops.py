@@ -96,7 +96,7 @@ def holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens
 
 
 def holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks: int,
-                exact_share: float) -> None:
+                exact_share: float, window_slots: int = 0, evicted=None) -> None:
     """Append one new token per sequence to a HoloKV cache, in place (HoloKV's active accumulation buffer).
 
     k, v ``[B, Hkv, d]``; the cache is what :func:`holo_decode` reads: slots ``[B, Hkv, S, d]``, a tail
@@ -110,13 +110,24 @@ def holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_l
     sinks move past the closed rows and the ring's start advances; then the new token goes to the
     end of the ring. One launch, no host sync; the decode that follows reads the new token exact.
 
-    Capacity: on CPU a sequence that needs more slots or tail rows than the tensors hold raises;
-    on CUDA (where checking would sync) it is left unchanged with ``tail_lens = T + 1``, and
-    :func:`holo_decode` then gives NaN for it. Not differentiable: with grad mode on, an input
-    that requires grad raises.
+    Block-level eviction (the seed's streaming mode): with ``window_slots = W > 0`` a sequence holds at
+    most W slots, a ring in which stream block g (counted from the first slot ever closed) lives in row
+    ``g mod W``; a slot that closes on a full ring replaces the oldest. ``evicted`` (int64 ``[B]``,
+    required then, mutated) counts the superposed tokens dropped, so ``slot_lens`` stays the tokens the
+    slots hold (at most W·k) and :func:`holo_decode` reads the window unchanged (slot order does not
+    matter to it, and whole slots leave, so the aligned phase is kept). The rule counts the tokens held
+    (``valid = slot_lens + tail_lens``): the exact share is a share of what the cache covers, and memory
+    stays bounded, sinks plus about ``exact_share`` of the covered span plus W slots. The default
+    ``window_slots = 0`` keeps every slot (``evicted`` is then not used).
+
+    Capacity: on CPU a sequence that needs more slots or tail rows than the tensors hold, or whose
+    counters no appends could reach (slot_lens or evicted not whole slots, past the window, evicted
+    before the window is full), raises; on CUDA (where checking would sync) it is left unchanged with
+    ``tail_lens = T + 1``, and :func:`holo_decode` then gives NaN for it. Not differentiable: with grad
+    mode on, an input that requires grad raises.
     """
     ops.holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
-                    exact_share)
+                    exact_share, window_slots, evicted)
 
 
 def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -105,26 +105,33 @@ def holo_decode_ref(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_
 
 
 def closed_tokens_ref(valid: int, sinks: int, k: int, exact_share: float) -> int:
-    """HoloKV's closing rule for one sequence (``HoloSpec.closed``): tokens superposed once ``valid`` were read."""
+    """HoloKV's closing rule for one sequence (``HoloSpec.rule``): tokens superposed once ``valid`` are held."""
     s = min(valid, sinks)
     exact = max(s, math.floor(valid * exact_share))
     return min((valid - s) // k * k, -(-(valid - exact) // k) * k)
 
 
 def holo_append_ref(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks: int,
-                    exact_share: float) -> None:
+                    exact_share: float, window_slots: int = 0, evicted=None) -> None:
     """Reference for ``torch.ops.holokv.holo_append`` (in place, same semantics; see its docstring)."""
-    kk, T = phase.shape[0], k_tail.shape[2]
+    kk, T, W = phase.shape[0], k_tail.shape[2], window_slots
     for b in range(k.shape[0]):
         sl, tl, start = int(slot_lens[b]), int(tail_lens[b]), int(tail_start[b])
+        ev = int(evicted[b]) if W else 0
         close = closed_tokens_ref(sl + tl, sinks, kk, exact_share) - sl
         n_sinks = min(sl + tl, sinks)
         row = lambda i: (start + i) % T  # noqa: E731
+        # slot j closing now: the next row, or in a window's ring the row of its stream block mod W
+        slot_rows = [((sl + ev) // kk + j) % W if W else sl // kk + j for j in range(close // kk)]
         for x, slots, tail in ((k, k_slots, k_tail), (v, v_slots, v_tail)):
             block = tail[b][:, [row(n_sinks + i) for i in range(close)]]  # [H, close, d]
             acc = torch.float64 if block.dtype == torch.float64 else torch.float32  # superpose accumulates so
-            slots[b, :, sl // kk: (sl + close) // kk] = superpose_ref(block[None].to(acc), phase.to(acc))[0].to(
-                slots.dtype)
+            new = superpose_ref(block[None].to(acc), phase.to(acc))[0].to(slots.dtype)
+            for j, r in enumerate(slot_rows):  # in order: on a ring a later slot replaces an earlier one
+                slots[b, :, r] = new[:, j]
             tail[b][:, [row(close + i) for i in range(n_sinks)]] = tail[b][:, [row(i) for i in range(n_sinks)]]
             tail[b, :, row(tl)] = x[b]
-        tail_start[b], tail_lens[b], slot_lens[b] = row(close), tl + 1 - close, sl + close
+        held = min(sl + close, W * kk) if W else sl + close
+        if W:
+            evicted[b] = ev + sl + close - held
+        tail_start[b], tail_lens[b], slot_lens[b] = row(close), tl + 1 - close, held

@@ -159,11 +159,12 @@ def test_padding_matches_unpadded(model, batch, method, options):
 
 
 @pytest.mark.parametrize("mode", ["aligned", "full"])
-@pytest.mark.parametrize("sinks", [0, 3])
-def test_superposed_prefill_equals_decode_steps(model, mode, sinks):
-    """The superposed prefill reads, for every prompt query, exactly what holo_decode reads at that step."""
+@pytest.mark.parametrize("sinks, window_slots", [(0, None), (3, None), (3, 2)])
+def test_superposed_prefill_equals_decode_steps(model, mode, sinks, window_slots):
+    """The superposed prefill reads, for every prompt query, exactly what holo_decode reads at that step (with a
+    window: the slots still held)."""
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
-    opts = dict(ratio=3, k=4, sinks=sinks, mode=mode, slot_gain=2.0)
+    opts = dict(ratio=3, k=4, sinks=sinks, mode=mode, slot_gain=2.0, window_slots=window_slots)
     pre = make_cache("holokv", model.config, prefill="superposed", **opts)
     steps = make_cache("holokv", model.config, **opts)
     with torch.no_grad():

@@ -1,11 +1,15 @@
 """holo_append (HoloKV's in-place append with the slot written once) against its reference, over many steps:
 ragged counters, rings that wrap, sinks longer than a slot, every k and both exact shares; its window of slots
-(block-level eviction) against the reference and against slots built by hand from the tokens."""
+(block-level eviction) against the reference, against slots built by hand from the tokens, and in the cache."""
+import math
+
 import pytest
 import torch
 
 import holokv
-from holokv.reference import holo_append_ref, holo_decode_ref, superpose_ref
+from holokv.caches.holo import HoloKVLayer
+from holokv.caches.superposed import HoloSpec
+from holokv.reference import closed_tokens_ref, holo_append_ref, holo_decode_ref, superpose_ref
 
 from cases import append_args
 from conftest import dtype_id, needs_cuda
@@ -279,3 +283,68 @@ def test_cuda_bad_window_counters_mark_the_sequence():
     holokv.holo_append(**args)
     assert args["tail_lens"].tolist() == [6, 1] and args["evicted"].tolist() == [4, 0]  # T + 1: NaN in decode
 
+
+# ---- the window in the cache ---------------------------------------------------------------------------------
+def superposed_by_steps(n, spec):
+    """[n + 1]: stream tokens superposed (dropped ones included) once v = 0..n tokens were read, by stepping
+    holo_append's counts: the rule on the tokens held, a full window dropping its oldest slots."""
+    held = tail = dropped = 0
+    out = []
+    for _ in range(n + 1):
+        close = closed_tokens_ref(held + tail, spec.sinks, spec.k, spec.exact_share) - held
+        keep = min(held + close, spec.window_slots * spec.k) if spec.window_slots else held + close
+        held, dropped, tail = keep, dropped + held + close - keep, tail + 1 - close
+        out.append(held + dropped)
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 1, 2, 5])
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("k, ratio", [(2, 2), (2, 1.1), (4, 3), (4, 4), (8, 1.5), (8, 5)])
+def test_closed_form_follows_the_steps(k, ratio, sinks, window):
+    """HoloSpec.closed (what the prompt compresses and the superposed prefill masks) is what holo_append's steps
+    reach: with a window, the rule on the tokens held returns every k tokens once the window first overflows."""
+    spec = HoloSpec(k=k, ratio=ratio, sinks=sinks, window_slots=window)
+    assert spec.closed(torch.arange(801)).tolist() == superposed_by_steps(800, spec)
+
+
+def hand_built_decode(q, keys, values, spec, phase, scale, superposed):
+    """holo_decode_ref over a cache built by hand from one sequence's tokens, keys and values [H, n, d] (the last
+    one new): its sinks, its last window_slots slots of the ``superposed`` stream tokens, and the exact rest."""
+    n, s, k = keys.shape[1], spec.sinks, spec.k
+    held = min(superposed, spec.window_slots * k)
+    exact = [j for j in range(n) if j < s or j >= s + superposed]
+    slots = [superpose_ref(x[None, :, s + superposed - held: s + superposed], phase) for x in (keys, values)]
+    return holo_decode_ref(q[None], *slots, phase, torch.tensor([held]), keys[None, :, exact], values[None, :, exact],
+                           torch.tensor([len(exact)]), spec.mode, scale, spec.slot_gain)[0]
+
+
+@pytest.mark.parametrize("mode", ["aligned", "full"])
+@pytest.mark.parametrize("window, k, ratio, sinks", [(1, 2, 2, 0), (2, 4, 3, 3), (5, 4, 4, 3), (2, 8, 4, 4)])
+def test_cache_window_reads_sinks_last_slots_and_tail(mode, window, k, ratio, sinks):
+    """A HoloKV cache with window_slots decodes, at each of 200 steps after a ragged prompt, what holo_decode_ref
+    reads over the sinks, the last W slots and the exact tail built by hand; its bytes and buffers stay bounded."""
+    B, Hkv, G, d, n, pads, steps = 3, 2, 2, 16, 30, [0, 4, 11], 200
+    g = torch.Generator().manual_seed(k + window)
+    q, key, value = (torch.randn(B, h, n + steps, d, generator=g, dtype=torch.float64) for h in (Hkv * G, Hkv, Hkv))
+    layer = HoloKVLayer(d, "half", ratio=ratio, k=k, sinks=sinks, mode=mode, slot_gain=1.5, window_slots=window)
+    spec, scale = layer.spec, d ** -0.5
+    i = torch.arange(n)
+    mask = ((i[:, None] >= i) & (i >= torch.tensor(pads)[:, None, None]) | (i[:, None] == i))[:, None]
+    layer.update(key[:, :, :n], value[:, :, :n])
+    layer.attend(q[:, :, :n], mask, scale)
+    by_steps = superposed_by_steps(n + steps, spec)
+    per_slot = 2 * d * 8 * Hkv  # bytes of a slot (or an exact token) over the KV heads, fp64
+    most = sinks + math.ceil(spec.first_eviction * spec.exact_share) + k + 1 + window  # per sequence
+    sizes = []
+    for t in range(n, n + steps):
+        layer.update(key[:, :, t: t + 1], value[:, :, t: t + 1])
+        out = layer.attend(q[:, :, t: t + 1], None, scale)[:, 0]
+        for b, p in enumerate(pads):
+            want = hand_built_decode(q[b, :, t], key[b, :, p: t + 1], value[b, :, p: t + 1], spec, layer.store.phase,
+                                     scale, by_steps[t - p])
+            torch.testing.assert_close(out[b], want, rtol=1e-10, atol=1e-10)
+        assert layer.nbytes() <= B * most * per_slot
+        sizes.append((layer.store.capacity, layer.store.k_slots.shape[2]))
+    assert (layer.store.evicted > 4 * window * k).all()  # the window wrapped, and kept wrapping
+    assert len(set(sizes[steps // 2:])) == 1  # no buffer grows once the window is full

@@ -23,7 +23,7 @@ class Words:
 # one accepted value of every option, away from its default
 VALID = {
     "full": {},
-    "holokv": dict(k=8, sinks=0, mode="full", prefill="superposed", slot_gain=2.0),
+    "holokv": dict(k=8, sinks=0, mode="full", prefill="superposed", slot_gain=2.0, window_slots=3),
     "streaming": dict(sinks=0),
     "topk": dict(adaptive=0.0),
     "h2o": dict(recent=1),
@@ -53,6 +53,7 @@ BAD = [  # (method, ratio, options, the option named)
     ("holokv", 2, dict(mode="sideways"), "mode"),
     ("holokv", 2, dict(prefill="lazy"), "prefill"),
     *[("holokv", 2, dict(slot_gain=g), "slot_gain") for g in (NAN, INF, 0.0, -1.0, True)],
+    *[("holokv", 2, dict(window_slots=w), "window_slots") for w in (0, -1, 1.5, True)],
     ("streaming", 2, dict(sinks=-5), "sinks"),
     *[("h2o", 2, dict(recent=r), "recent") for r in (2.0, -0.1, NAN)],
     ("snapkv", 2, dict(window=0), "window"),

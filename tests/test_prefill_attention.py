@@ -2,6 +2,8 @@
 the cache that holo_append builds from the same tokens (the definition), the FlexAttention path against the
 dense reference (values on CPU; values and gradients, fp32 and bf16, compiled on CUDA), fp64 gradcheck of the
 reference, and argument errors."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,10 +45,10 @@ def decoded(spec, phase, q, k, v, pads, scale):
     for b, p in enumerate(pads.tolist()):
         slots = [k.new_zeros(1, Hkv, n // spec.k + 1, d) for _ in "kv"]
         tail = [k.new_zeros(1, Hkv, n + 1, d) for _ in "kv"]
-        slot_lens, tail_lens, start = (torch.zeros(1, dtype=torch.long, device=q.device) for _ in range(3))
+        slot_lens, tail_lens, start, evicted = (torch.zeros(1, dtype=torch.long, device=q.device) for _ in range(4))
         for i in range(p, n):
             holokv.holo_append(k[b:b + 1, :, i].contiguous(), v[b:b + 1, :, i].contiguous(), phase, *slots, *tail,
-                               slot_lens, tail_lens, start, spec.sinks, spec.exact_share)
+                               slot_lens, tail_lens, start, spec.sinks, spec.exact_share, spec.window_slots, evicted)
             out[b, i] = holokv.holo_decode(q[b:b + 1, :, i].contiguous(), *slots, phase, slot_lens, *tail, tail_lens,
                                            spec.mode, scale, spec.slot_gain, None, start)[0]
     return out
@@ -59,6 +61,18 @@ def test_rows_equal_holo_decode(case, mode, device):
     """Where holo_decode and the training attention disagree on a position, the training attention is wrong."""
     spec, phase, q, k, v, pads = problem(*case, mode, device)
     scale = 0.7 * q.shape[-1] ** -0.5
+    out = holo_prefill_attention(q, k, v, phase, spec, pads, scale)
+    torch.testing.assert_close(out, decoded(spec, phase, q, k, v, pads, scale), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", [1, 3])
+def test_window_rows_equal_holo_decode(window, mode, device):
+    """With a window of slots (block-level eviction), each row reads the slots still held, as holo_decode does."""
+    spec, phase, q, k, v, pads = problem(90, [0, 13], 2, 2, 64, 4, 3, 2, mode, device)
+    spec = dataclasses.replace(spec, window_slots=window)
+    scale = q.shape[-1] ** -0.5
     out = holo_prefill_attention(q, k, v, phase, spec, pads, scale)
     torch.testing.assert_close(out, decoded(spec, phase, q, k, v, pads, scale), atol=1e-5, rtol=1e-4)
 

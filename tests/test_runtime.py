@@ -100,3 +100,36 @@ def test_cuda_replays_allocate_nothing():
     for _ in range(60):
         logits = dec.step(logits.argmax(-1))
     assert torch.cuda.memory_allocated() == before
+
+
+WINDOW = dict(k=4, window_slots=2)  # HoloKV keeping its last 2 slots: the prompt already overflows them
+
+
+def test_window_matches_transformers_generate():
+    model = tiny()
+    ids, mask = prompt()
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                              past_key_values=make_cache("holokv", model.config, ratio=4, **WINDOW))
+    got = generate(model, make_cache("holokv", model.config, ratio=4, **WINDOW), ids, mask, max_new_tokens=24,
+                   graph=False)
+    assert torch.equal(got, want)
+
+
+@needs_cuda
+def test_cuda_window_graph_matches_eager_and_never_syncs():
+    model = tiny(head_dim=64, device="cuda", dtype=torch.bfloat16)
+    ids, mask = prompt("cuda")
+    caches = [make_cache("holokv", model.config, ratio=4, **WINDOW) for _ in range(3)]
+    eager = generate(model, caches[0], ids, mask, max_new_tokens=40, graph=False)
+    assert torch.equal(generate(model, caches[1], ids, mask, max_new_tokens=40, graph=True), eager)
+    dec = Decoder(model, caches[2], graph=False)
+    tokens = dec.prefill(ids, mask, max_new_tokens=20).argmax(-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            tokens = dec.step(tokens).argmax(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all((layer.store.evicted > 0).all() for layer in caches[2].layers)

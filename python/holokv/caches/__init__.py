@@ -45,14 +45,14 @@ METHODS = tuple(LAYERS)
 
 
 def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> CompressedCache:
-    """A cache for a model with ``config``. ``options`` go to the layer class (e.g. HoloKV's ``k``,
-    ``sinks``, ``mode``, ``prefill``, ``slot_gain``; StreamingLLM's ``sinks``; SnapKV's ``window``; Expected
+    """A cache for a model with ``config``. ``options`` go to the layer class (e.g. HoloKV's ``k``, ``sinks``,
+    ``mode``, ``prefill``, ``slot_gain``, ``window_slots``; StreamingLLM's ``sinks``; SnapKV's ``window``; Expected
     Attention's ``sinks``, ``future``, ``epsilon`` (its ``rotary`` comes from the config); KVzip's ``sinks``;
-    ``adaptive`` for Top-K, SnapKV, Expected Attention and KVzip; SRC's ``method``, ``score``, ``rank``,
-    ``ridge``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``, ``decode_bin``; TOVA has none), or to
-    the cache where it takes them itself (KVzip's ``chunk`` and ``tokenizer``, which words its request to repeat
-    the context: its reconstruction pass runs after the prompt's forward, through the hook that
-    :func:`use_holokv_attention` installs). Positional-only ``method`` leaves that name to SRC's option."""
+    ``adaptive`` for Top-K, SnapKV, Expected Attention and KVzip; SRC's ``method``, ``score``, ``rank``, ``ridge``,
+    ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``, ``decode_bin``; TOVA has none), or to the cache
+    where it takes them itself (KVzip's ``chunk`` and ``tokenizer``, which words its request to repeat the context:
+    its reconstruction pass runs after the prompt's forward, through the hook that :func:`use_holokv_attention`
+    installs). Positional-only ``method`` leaves that name to SRC's option."""
     validate(method, ratio, options, config)  # before anything is built: each bad option named
     layout = check_model(config)
     text = config.get_text_config(decoder=True)

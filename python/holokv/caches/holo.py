@@ -20,15 +20,24 @@ PREFILLS = ("exact", "superposed")
 
 
 class HoloKVLayer(FullLayer):
+    """Options: ``k`` tokens per slot (default: from the ratio), ``prefill``, and :class:`HoloSpec`'s ``sinks``,
+    ``mode``, ``slot_gain`` and ``window_slots``.
+
+    ``window_slots=W`` (default None: every slot is kept) is block-level eviction, the seed's streaming mode:
+    only the last W slots are held, each new one replacing the oldest, and the exact share counts the tokens
+    held. Memory is then bounded whatever the length: the sinks, the exact share of what the window covers
+    plus the open slot, and W slots (``nbytes()`` stops growing once the window is full).
+    """
+
     def __init__(self, head_dim: int, rope_layout: str, ratio: float = 1.0, k: int | None = None,
-                 prefill: str = "exact", **spec):
+                 prefill: str = "exact", window_slots: int | None = None, **spec):
         FullLayer.__init__(self)
         if prefill not in PREFILLS:
             raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
         # Default: the power of two at or above twice the ratio, so about half of the bytes go to exact tokens.
         k = k or min(16, 1 << math.ceil(math.log2(2 * ratio)))
         self.ratio = ratio
-        self.spec = HoloSpec(k=k, ratio=ratio, **spec)
+        self.spec = HoloSpec(k=k, ratio=ratio, window_slots=window_slots or 0, **spec)
         if head_dim % (2 * k):
             raise ValueError(f"HoloKV with k={k} needs head_dim divisible by {2 * k}, got {head_dim}")
         self.prefill_mode = prefill
@@ -47,33 +56,44 @@ class HoloKVLayer(FullLayer):
         return out
 
     def compress_prompt(self, q, k, v, mask, scale, pads):
-        """Superpose each sequence's due slots; its sinks and the rest of the stream start the ring."""
-        n, kk, spec = k.shape[2], self.spec.k, self.spec
+        """Superpose each sequence's due slots (a window's last ones, in its ring's rows); its sinks and the rest
+        of the stream start the ring."""
+        n, kk, spec, W = k.shape[2], self.spec.k, self.spec, self.spec.window_slots
         valid = self.n_valid
         sinks = valid.clamp(max=spec.sinks)
-        # [B] stream tokens superposed (a multiple of k), from the host's lengths: they size the buffers too
+        # [B] stream tokens superposed (a multiple of k) and those held, from the host's lengths: they size the
+        # buffers too
         closed = spec.closed(torch.tensor([n - p for p in self.pads]))
-        width, n_slots = int((n - torch.tensor(self.pads) - closed).max()), int(closed.max()) // kk
-        closed = closed.to(k.device)
+        held = spec.held(closed)
+        width, n_slots = int((n - torch.tensor(self.pads) - closed).max()), int(held.max()) // kk
+        closed, held = closed.to(k.device), held.to(k.device)
         j = torch.arange(n, device=k.device)
+        block = j[:n_slots].expand(len(self.pads), -1)  # [B, n_slots] the stream block each slot row holds
+        if W:  # in a window's ring, the last block in the row's class mod W (< 0: the row is not held yet)
+            block = block + W * ((closed[:, None] // kk - 1 - block) // W)
+        tokens = (block[:, :, None] * kk + j[:kk]).flatten(1)  # [B, n_slots * k] their stream tokens
         seq = left_aligned(pads, n)  # each sequence's tokens first
-        stream = seq.gather(1, (sinks[:, None] + j[: n_slots * kk]).clamp(max=n - 1))
-        inside = (j[: n_slots * kk] < closed[:, None])[:, None, :, None]
+        stream = seq.gather(1, (sinks[:, None] + tokens).clamp(0, n - 1))
+        inside = ((tokens >= 0) & (tokens < closed[:, None]))[:, None, :, None]
         ring = seq.gather(1, torch.where(j < sinks[:, None], j, j + closed[:, None]).clamp(max=n - 1)[:, :width])
         slots = [torch.ops.holokv.superpose(take(x, stream) * inside, self.store.phase) for x in (k, v)]
         self.store.write(take(k, ring), take(v, ring), valid - closed)
-        self.store.write_slots(*slots, closed)
+        self.store.write_slots(*slots, held, closed - held)
         self.reserve(0, exact=True)
 
     def decode(self, q, k, v, scale):
         self.n_valid.add_(1)
         s = self.store
         torch.ops.holokv.holo_append(k.contiguous(), v.contiguous(), s.phase, s.k_slots, s.v_slots, s.k, s.v,
-                                     s.slot_lens, s.lens, s.start, self.spec.sinks, self.spec.exact_share)
+                                     s.slot_lens, s.lens, s.start, self.spec.sinks, self.spec.exact_share,
+                                     self.spec.window_slots, s.evicted)
         return s.decode(q, scale, self.spec.mode, self.spec.slot_gain)
 
     def reserve(self, tokens: int, exact: bool = False) -> None:
-        """The ring holds the sinks, the exact share and up to a slot more; the slots the rest."""
+        """The ring holds the sinks, the exact share of the tokens counted and up to a slot more; the slots the
+        rest (at most a window)."""
         most = self.bound(self.seen + tokens)
         spec = self.spec
-        self.store.reserve(spec.sinks + math.ceil(most * spec.exact_share) + spec.k + 1, -(-most // spec.k), exact)
+        slots = -(-most // spec.k)
+        self.store.reserve(spec.sinks + math.ceil(spec.counted(most) * spec.exact_share) + spec.k + 1,
+                           min(slots, spec.window_slots) if spec.window_slots else slots, exact)

@@ -74,7 +74,8 @@ def phase_count(name, value):
 OPTIONS = {
     "full": {},
     "holokv": {"k": phase_count, "sinks": integer(0), "mode": choice(*MODES),
-               "prefill": choice(*PREFILLS), "slot_gain": real(0, lo_open=True)},
+               "prefill": choice(*PREFILLS), "slot_gain": real(0, lo_open=True),
+               "window_slots": integer(1, none_ok=True, doc="the most recent slots held; None: all")},
     "streaming": {"sinks": integer(0)},
     "topk": {"adaptive": real(0, 1, none_ok=True)},
     "h2o": {"recent": real(0, 1)},

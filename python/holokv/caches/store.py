@@ -32,11 +32,12 @@ class Store:
         self.k, self.v = empty, empty.clone()
         self.bias = like.new_zeros(B, H, 0) if bias else None
         self.lens = torch.zeros((B, H) if per_head else (B,), dtype=torch.long, device=like.device)
-        # HoloKV: slots, superposed tokens per sequence, and the entries as a ring from `start`
+        # HoloKV: slots, superposed tokens per sequence (held, and dropped by a window), the entries as a ring
         self.phase = like.new_ones(1, d) if phase is None else phase.to(like.device, like.dtype)
         self.k_slots, self.v_slots = empty.clone(), empty.clone()
         self.slot_lens = torch.zeros(B, dtype=torch.long, device=like.device)
         self.start = self.slot_lens.clone() if phase is not None else None
+        self.evicted = self.slot_lens.clone() if phase is not None else None
 
     @property
     def capacity(self) -> int:
@@ -78,11 +79,13 @@ class Store:
         if self.start is not None:
             self.start.zero_()
 
-    def write_slots(self, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_lens: torch.Tensor) -> None:
+    def write_slots(self, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_lens: torch.Tensor,
+                    evicted: torch.Tensor) -> None:
         n = k_slots.shape[2]
         self.reserve(self.capacity, n, exact=True)
         self.k_slots[:, :, :n], self.v_slots[:, :, :n] = k_slots, v_slots
         self.slot_lens.copy_(slot_lens)
+        self.evicted.copy_(evicted)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """One entry per sequence (or head), k, v ``[B, H, d]``, written in place after each one's last."""
@@ -109,6 +112,6 @@ class Store:
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the sequences ``index`` (beam search reorders, batch repeats)."""
-        for name in ("k", "v", "bias", "lens", "k_slots", "v_slots", "slot_lens", "start"):
+        for name in ("k", "v", "bias", "lens", "k_slots", "v_slots", "slot_lens", "start", "evicted"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[index])

@@ -5,7 +5,9 @@ Per sequence, counting from its first non-pad token: the first ``sinks`` tokens 
 exact; the stream after them is cut into slots of k tokens; a slot is superposed
 once all its tokens are older than the exact recent share of the sequence, so the
 open (still-filling) slot and the recent tokens stay exact. ``closed(v)`` is the
-number of stream tokens superposed once v tokens have been read. The cache's prompt
+number of stream tokens superposed once v tokens have been read (with a window of W
+slots, block-level eviction, only the last W are held and the rule counts the tokens
+held; ``closed`` is then its closed form). The cache's prompt
 compression, ``holo_append`` (the same rule in C++) and the prompt attention's mask
 (:func:`prefill_mask`) follow it, so prompt query i reads what a decode step of the
 cache reads after tokens 0..i-1 (``holo_decode`` semantics, see
@@ -15,12 +17,14 @@ serve both the dense reference here and the FlexAttention path
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from ..reference import MODES, demodulate_ref
+from ..reference import MODES, closed_tokens_ref, demodulate_ref
 from .base import left_aligned, take
 
 
@@ -32,6 +36,10 @@ class HoloSpec:
     is superposed k to a slot, so ``f + (1 - f) / k = 1 / ratio``. Slots close in whole, as soon as the
     exact tokens exceed that share (so the exact recent window is that share minus up to k-1 tokens),
     but never before they are full. ``slot_gain``: see :func:`holokv.ops.holo_decode`.
+
+    ``window_slots`` W > 0: only the last W slots are held, the older ones dropped whole (block-level
+    eviction, ``holo_append``'s window), and the share counts the tokens held, so the exact recent
+    tokens are that share of what the cache covers and the cache stays bounded.
     """
 
     k: int
@@ -39,6 +47,7 @@ class HoloSpec:
     sinks: int = 4
     mode: str = "aligned"
     slot_gain: float = 1.0
+    window_slots: int = 0
 
     def __post_init__(self):
         if self.k not in (1, 2, 4, 8, 16):
@@ -47,17 +56,50 @@ class HoloSpec:
             raise ValueError(f"HoloKV with k={self.k} reaches ratios 1..{self.k}, got {self.ratio}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not (isinstance(self.window_slots, int) and self.window_slots >= 0):
+            raise ValueError(f"window_slots must be an int >= 0 (0: no window), got {self.window_slots!r}")
 
     @property
     def exact_share(self) -> float:
         return 1.0 if self.k == 1 else (1 / self.ratio - 1 / self.k) / (1 - 1 / self.k)
 
+    def rule(self, held: torch.Tensor) -> torch.Tensor:
+        """Stream tokens superposed once ``held`` (int64 tensor) tokens are held: ``holo_append``'s rule."""
+        sinks = held.clamp(max=self.sinks)
+        exact = torch.maximum(sinks, (held.double() * self.exact_share).floor().long())
+        full_slots = (held - sinks) // self.k * self.k
+        return torch.minimum(full_slots, (held - exact + self.k - 1) // self.k * self.k)
+
     def closed(self, valid: torch.Tensor) -> torch.Tensor:
-        """Stream tokens superposed once ``valid`` (int64 tensor) tokens were read; nondecreasing in valid."""
-        sinks = valid.clamp(max=self.sinks)
-        exact = torch.maximum(sinks, (valid.double() * self.exact_share).floor().long())
-        full_slots = (valid - sinks) // self.k * self.k
-        return torch.minimum(full_slots, (valid - exact + self.k - 1) // self.k * self.k)
+        """Stream tokens superposed once ``valid`` (int64 tensor) tokens were read, dropped ones included;
+        nondecreasing in valid."""
+        first = self.first_eviction
+        if first is None:
+            return self.rule(valid)
+        # From the first close past the window on, each close drops a slot: the tokens held return to where
+        # they were then every k tokens, and the rule closes one slot each time.
+        after = (self.window_slots + 1 + (valid - first) // self.k) * self.k
+        return torch.where(valid < first, self.rule(valid), after)
+
+    def held(self, closed: torch.Tensor) -> torch.Tensor:
+        """Superposed tokens the slots hold once ``closed`` were superposed."""
+        return closed.clamp(max=self.window_slots * self.k) if self.window_slots else closed
+
+    @cached_property
+    def first_eviction(self) -> int | None:
+        """Tokens read when a slot first closes on a full window (None: never), the least v whose rule passes
+        W slots; below it the rule reads all tokens read."""
+        if not self.window_slots or self.exact_share == 1:
+            return None
+        W, k, f = self.window_slots, self.k, self.exact_share
+        # past this, both the whole slots and the tokens over the exact share exceed W slots
+        end = self.sinks + (W + 1) * k + math.ceil((W + 1) * k / (1 - f)) + 1
+        return bisect.bisect_right(range(end), W * k, key=lambda v: closed_tokens_ref(v, self.sinks, k, f))
+
+    def counted(self, valid: int) -> int:
+        """The most tokens the rule counts once ``valid`` were read (a host-side bound: a window caps them)."""
+        first = self.first_eviction
+        return valid if first is None else min(valid, first)
 
 
 def virtual_kv(spec: HoloSpec, phase: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pads: torch.Tensor):
@@ -81,18 +123,19 @@ def prefill_mask(spec: HoloSpec, pads: torch.Tensor, n: int):
 
     A FlexAttention ``mask_mod(b, h, q, kv)`` (h unused) that also evaluates on broadcast index tensors.
     Query q reads the exact tokens of its sequence up to itself that are not superposed when it reads
-    (after q tokens: ``closed``), the virtual entries of the closed stream tokens ("aligned": only those
-    of phase q mod k, counted from the first non-pad token), and itself (a pad query reads only itself).
+    (after q tokens: ``closed``), the virtual entries of the closed stream tokens still held ("aligned": only
+    those of phase q mod k, counted from the first non-pad token), and itself (a pad query reads only itself).
     """
     rel = torch.arange(n, device=pads.device) - pads[:, None]  # [B, n] index from the first non-pad token
     closed = spec.closed(rel.clamp(min=0))
+    dropped = closed - spec.held(closed)  # a window's evicted slots
 
     def mask_mod(b, h, q, kv):
         c, first = closed[b, q], pads[b]
         u = kv - first - spec.sinks  # stream index of exact token kv (< 0: a sink)
         exact = (kv <= q) & (kv >= first) & ((u < 0) | (u >= c))
         m = kv - n  # stream index of virtual entry kv
-        virtual = (m >= 0) & (m < c)
+        virtual = (m >= dropped[b, q]) & (m < c)
         if spec.mode == "aligned":
             virtual = virtual & ((m - (q - first)) % spec.k == 0)
         return exact | virtual | (kv == q)

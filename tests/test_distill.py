@@ -53,7 +53,7 @@ def whole(tiny, tmp_path_factory):
 def test_loss_decreases_on_a_fixed_batch(tiny):
     torch.manual_seed(0)
     model = with_lora(LlamaForCausalLM.from_pretrained(tiny[0]), 4, 8.0, 0.0, ["q_proj", "v_proj", "o_proj"])
-    read = SuperposedReader(HoloSpec(k=4, ratio=4, mode="full"), model.config)
+    read = SuperposedReader(HoloSpec(k=4, ratio=4, mode="full", window_slots=6), model.config)
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -149,6 +149,7 @@ def fail(*args, **kwargs):
     (["--k", "3"], ["--k/--ratio/--mode", "k (tokens per slot)"]),
     (["--k", "4", "--ratio", "8"], ["--k/--ratio/--mode", "ratios 1..4"]),
     (["--mode", "sideways"], ["--k/--ratio/--mode", "mode"]),
+    (["--window-slots", "0"], ["--window-slots"]),
     (["--steps", "0"], ["--steps"]),
     (["--batch", "0"], ["--batch"]),
     (["--seq-len", "1"], ["--seq-len"]),

@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     a("--mode", default=d.mode, help="HoloKV read mode: aligned or full")
     a("--sinks", type=int, default=d.sinks)
     a("--slot-gain", type=float, default=d.slot_gain)
+    a("--window-slots", type=int, default=d.window_slots, help="the most recent slots held (default: all)")
     a("--rank", type=int, default=d.rank, help="LoRA rank")
     a("--alpha", type=float, default=d.alpha, help="LoRA alpha (the update is scaled by alpha / rank)")
     a("--lora-dropout", type=float, default=d.lora_dropout)

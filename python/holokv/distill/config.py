@@ -22,6 +22,7 @@ class DistillConfig:
     mode: str = "aligned"
     sinks: int = 4
     slot_gain: float = 1.0
+    window_slots: int | None = None  # the most recent slots the cache holds; None: all
     rank: int = 8
     alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -55,7 +56,7 @@ class DistillConfig:
         if self.method == "full" or self.k == 1:
             return None
         return HoloSpec(k=self.k, ratio=self.ratio or self.k, sinks=self.sinks, mode=self.mode,
-                        slot_gain=self.slot_gain)
+                        slot_gain=self.slot_gain, window_slots=self.window_slots or 0)
 
 
 def flag(name: str) -> str:
@@ -66,7 +67,7 @@ CHECKS = {
     "method": choice(*METHODS),
     "k": integer(1), "sinks": integer(0), "rank": integer(1), "steps": integer(1), "batch": integer(1),
     "seq_len": integer(2), "warmup": integer(0), "eval_seqs": integer(1), "save_every": integer(1),
-    "seed": integer(0),
+    "seed": integer(0), "window_slots": integer(1, none_ok=True),
     "ratio": real(1, none_ok=True), "slot_gain": real(0, lo_open=True), "alpha": real(0, lo_open=True),
     "lora_dropout": real(0, 0.99), "lr": real(0, lo_open=True), "weight_decay": real(0), "clip": real(0, lo_open=True),
     "temperature": real(0, lo_open=True), "mse_weight": real(0), "time_limit": real(0, lo_open=True, none_ok=True),
@@ -104,7 +105,7 @@ def check_against(cfg: DistillConfig, config) -> None:
     spec = cfg.spec()
     if spec is not None:
         make_cache("holokv", config, ratio=spec.ratio, k=spec.k, mode=spec.mode, sinks=spec.sinks,
-                   slot_gain=spec.slot_gain)
+                   slot_gain=spec.slot_gain, window_slots=cfg.window_slots)
     most = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     if most is not None and cfg.seq_len > most:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {most} positions")

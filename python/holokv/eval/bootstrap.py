@@ -1,0 +1,69 @@
+"""Bootstrap confidence intervals for an evaluation grid, and for each method's difference to the full cache.
+
+The unit resampled is the scored window (perplexity) or the prompt (passkey, RULER). Each is its own prefill
+and compression of its own text, so they are the independent draws; the tokens of one window share one
+compressed cache and one passage, so resampling tokens (or blocks of them) inside windows would count
+correlated scores as independent and narrow the interval. Every run of a grid is resampled with the same
+seeded draws of the same units, so a method's difference to the full cache is a paired bootstrap: what the
+text does to both cancels, and the interval is on what the compression does. Percentile intervals; with few
+units (under ~10) they are too narrow. ``intervals`` works from what ``results.json`` stores (per window NLL
+sums and token counts, per prompt scores), so they can be recomputed with other draws or levels.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+DRAWS = 10_000
+LEVEL = 0.95
+METRICS = ("ppl", "passkey", "ruler")
+
+
+def draws(n: int, seed: int, count: int = DRAWS) -> np.ndarray:
+    """[count, n] indices of ``count`` resamples (with replacement) of ``n`` units."""
+    return np.random.default_rng(seed).integers(0, n, size=(count, n))
+
+
+def interval(values: np.ndarray, level: float = LEVEL) -> dict:
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return dict(lo=float(lo), hi=float(hi))
+
+
+def perplexity(nll_sum, tokens, idx=None) -> np.ndarray:
+    """exp(total NLL / total tokens) of the windows, or of each resample of them (rows of ``idx``)."""
+    nll_sum, tokens = np.asarray(nll_sum, float), np.asarray(tokens, float)
+    if idx is None:
+        return np.exp(nll_sum.sum() / tokens.sum())
+    return np.exp(nll_sum[idx].sum(-1) / tokens[idx].sum(-1))
+
+
+def mean(scores, idx=None) -> np.ndarray:
+    scores = np.asarray(scores, float)
+    return scores.mean() if idx is None else scores[idx].mean(-1)
+
+
+def _statistic(run: dict, metric: str):
+    """(the run's metric of resample indices, or of all units for None; the number of units)."""
+    if metric == "ppl":
+        w = run["ppl_windows"]
+        return (lambda idx=None: perplexity(w["nll_sum"], w["tokens"], idx)), len(w["tokens"])
+    scores = [s["score"] for s in run[f"{metric}_detail"]]
+    return (lambda idx=None: mean(scores, idx)), len(scores)
+
+
+def intervals(runs: list[dict], seed: int, count: int = DRAWS, level: float = LEVEL) -> None:
+    """Adds, to every run and metric it has, ``{metric}_ci`` (lo, hi) and ``{metric}_vs_full`` (diff, lo, hi:
+    the run's value minus the full cache's, ``runs[0]``, paired over the same resamples)."""
+    full = runs[0]
+    for metric in METRICS:
+        if metric not in full:
+            continue
+        base, n = _statistic(full, metric)
+        idx = draws(n, seed, count)
+        base_draws = base(idx)
+        for run in runs:
+            stat, n_run = _statistic(run, metric)
+            if n_run != n:
+                raise ValueError(f"{run['spec']} x{run['ratio']:g} has {n_run} {metric} units, the full cache {n}")
+            values = stat(idx)
+            run[f"{metric}_ci"] = interval(values, level)
+            run[f"{metric}_vs_full"] = dict(diff=float(stat() - base()), **interval(values - base_draws, level))

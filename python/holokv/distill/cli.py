@@ -1,4 +1,7 @@
-"""``holokv distill``: the arguments are :class:`DistillConfig`'s fields, checked before any model work."""
+"""holokv distill: LoRA adapters trained so that the model reads a HoloKV cache. The teacher is the model with
+exact attention, the student the same weights with adapters, attending through the cache; the loss is the KL
+between their next-token distributions on real text. Writes OUT/adapter (peft), OUT/distill.json and
+OUT/checkpoint.pt (--resume). The arguments are DistillConfig's fields, all checked before any model work."""
 from __future__ import annotations
 
 import argparse

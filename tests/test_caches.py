@@ -235,7 +235,7 @@ def test_src_never_more_than_full_while_decoding(model, ratio):
     ids = torch.randint(0, 128, (1, 136), generator=torch.Generator().manual_seed(11))
     shape = (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim)
     rule = make_cache("src", model.config, ratio=ratio, **SMALL_SRC).layers[0]
-    first = next(n for n in range(1, 41) if rule.compacts(n, *shape))
+    first = next(n for n in range(1, 41) if rule.compacts(n, rule.steps_every(n), *shape))
     for n in (first - 1, first, 40):
         caches = [make_cache("full", model.config), make_cache("src", model.config, ratio=ratio, **SMALL_SRC)]
         held, logits = [], []
@@ -588,3 +588,15 @@ def test_reordered_batch_decodes_as_reordered(model, batch, method):
                                            position_ids=torch.tensor([[41 + t], [48 + t]])[order]).logits[:, -1]
                                      for t in range(6)]))
     torch.testing.assert_close(outs[1], outs[0][:, [1, 0]], atol=1e-5, rtol=1e-5)
+
+
+def test_src_auto_every_spaces_steps_with_the_budget(model):
+    """every="auto" (the default): a step per 1/64 of the prompt's budget, at least every 16 tokens; an int or None
+    is taken as given; anything else is refused by name."""
+    layer = make_cache("src", model.config, ratio=4).layers[0]
+    assert layer.every_option == "auto"
+    assert [layer.steps_every(n) for n in (100, 4096, 4097 * 4, 16384 * 4)] == [16, 16, 65, 256]
+    assert make_cache("src", model.config, ratio=4, every=5).layers[0].steps_every(10 ** 6) == 5
+    assert make_cache("src", model.config, ratio=4, every=None).layers[0].steps_every(10 ** 6) is None
+    with pytest.raises(ValueError, match="every.*'auto'"):
+        make_cache("src", model.config, ratio=4, every="often")

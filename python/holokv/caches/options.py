@@ -34,6 +34,17 @@ def integer(lo: int, none_ok: bool = False, odd: bool = False, doc: str = ""):
     return check
 
 
+def auto_or(check):
+    """``check``, or the string "auto"."""
+    def either(name, value):
+        if value != "auto":
+            try:
+                check(name, value)
+            except ValueError as e:
+                raise ValueError(f"{e} (or 'auto')") from None
+    return either
+
+
 def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False, none_ok: bool = False):
     """A finite real number (not a bool) in [lo, hi], or (lo, ...) where lo_open (bounds of None: unbounded), or
     None where none_ok."""
@@ -87,7 +98,8 @@ OPTIONS = {
     "src": {"method": choice("softmax_ls", "seed"), "score": choice(*SCORES), "rank": integer(1),
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
             "bin_size": integer(1, none_ok=True), "decode_bin": integer(1, none_ok=True),
-            "every": integer(1, none_ok=True, doc="generated tokens between compression steps"), "lam": real()},
+            "every": auto_or(integer(1, none_ok=True, doc="generated tokens between compression steps")),
+            "lam": real()},
 }
 
 

@@ -28,6 +28,11 @@ from .base import FullLayer, take
 
 SCORES = ("mass", "seed")
 CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of the budget (bench/src_quality.py)
+# every="auto": a compression step per this share of the prompt's budget in generated tokens, at least every
+# MIN_EVERY. A step reads the whole cache, so its cost grows with the budget: spacing the steps alike keeps their
+# amortized share of a decode step constant (a few percent on the H200 at 16 x 16K), while the tokens waiting
+# for the next step stay within 1/STEP_SHARE of the budget.
+STEP_SHARE, MIN_EVERY = 64, 16
 COMPACT = Graphed(compact)  # one graph per prompt shape, replayed by every layer
 
 
@@ -74,7 +79,8 @@ class SRCLayer(FullLayer):
     (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
     exact, stays small against it), ``ridge`` of the value fit, ``window`` observation queries, ``sinks`` and
     ``recent`` tokens always kept exact, ``every``: generated tokens (counted per layer) between decode-time
-    compression steps, None for none (decoded tokens then stay exact). A prompt fed in several chunks is
+    compression steps, None for none (decoded tokens then stay exact), "auto" (the default) for
+    max(16, ceil(budget / 64)), budget = ceil(longest prompt / ratio) entries (see STEP_SHARE). A prompt fed in several chunks is
     compacted after its first one; the later chunks are decoded (and compressed) token by token.
 
     While decoding, each sequence's entries are [settled | bin | tail]: settled holds the compacted prompt
@@ -107,7 +113,7 @@ class SRCLayer(FullLayer):
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
                  ridge: float = 1.0, window: int = 32, bin_size: int | None = None, sinks: int = 4,
-                 recent: int = 32, lam: float = 0.5, every: int | None = 16, decode_bin: int | None = None):
+                 recent: int = 32, lam: float = 0.5, every: int | str | None = "auto", decode_bin: int | None = None):
         FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -123,19 +129,27 @@ class SRCLayer(FullLayer):
         if not 0 < window <= recent:
             raise ValueError(f"need 0 < window <= recent (the observation window stays exact), got "
                              f"window={window}, recent={recent}")
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(f"every (generated tokens between compression steps) must be a positive int or "
-                             f"None, got {every!r}")
+        if every not in (None, "auto") and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every (generated tokens between compression steps) must be a positive int, 'auto' "
+                             f"or None, got {every!r}")
         self.ratio, self.method, self.score, self.lam, self.every_option = ratio, method, score, lam, every
-        self.every = every  # this generation's: None while the layer holds the full cache (compress_prompt)
+        self.every = None  # this generation's (compress_prompt): None while the layer holds the full cache
         self.rank, self.ridge, self.window, self.bin_size, self.decode_bin, self.sinks, self.recent = (
             rank, ridge, window, bin_size, decode_bin, sinks, recent)
         # seed centroids carry no log-mass, so only softmax_ls stores (and pays for) a bias per entry
         self.log_mass = method == "softmax_ls"
         self.late_check = LateCheck()
-        # the scoring queries are state too (held, and counted in nbytes, while decoding): a ring of the
-        # tail's last queries, written in place by each decode step
-        self.q_cap = window if score == "mass" else recent + (every or 1)
+
+    def steps_every(self, n: int) -> int | None:
+        """Generated tokens between steps for a batch whose longest prompt has n tokens (the option resolved)."""
+        if self.every_option != "auto":
+            return self.every_option
+        return max(MIN_EVERY, math.ceil(max(1, math.ceil(n / self.ratio)) / STEP_SHARE))
+
+    def query_cap(self, every: int | None) -> int:
+        """The scoring queries are state too (held, and counted in nbytes, while decoding): a ring of the tail's
+        last queries, written in place by each decode step; this many."""
+        return self.window if self.score == "mass" else self.recent + (every or 1)
 
     batch_state = FullLayer.batch_state + ("q_ring",)
 
@@ -304,20 +318,20 @@ class SRCLayer(FullLayer):
         p = torch.softmax(logits(rows, keys, bias, self.visible(tail, width, G, n_new), scale), -1)
         return seed_score(score, entropy(p).view(*score.shape[:2], G, n_new).mean(2), self.lam)
 
-    def compacts(self, n: int, heads: int, kv_heads: int, head_dim: int) -> bool:
+    def compacts(self, n: int, every: int | None, heads: int, kv_heads: int, head_dim: int) -> bool:
         """Whether compacting an n-token prompt to ceil(n / ratio) token-equivalents saves the bytes the layer
         then holds besides its tokens' K and V, so that it never holds more than the full cache would: the scoring
-        queries (up to ``q_cap``, heads·head_dim elements each, a token being kv_heads·2·head_dim) and the log-mass
+        queries (up to :meth:`query_cap`, heads·head_dim elements each, a token being kv_heads·2·head_dim) and the log-mass
         (one element) of each decoded token it holds before its steps catch up. The steps hold at most their
         budget plus C = recent + decode_bin + every entries (the tail, a filling bin, a step's tokens), so the
         decoded tokens all stay only while t <= C·ratio / (ratio − 1). (With every=None every decoded token stays,
         log-mass and all: the bound then holds for saved / kv_heads decoded tokens.) If it does not pay (ratio 1,
         short prompts) the layer holds the full cache: exact tokens, no log-mass, no queries, no steps."""
         saved = (n - max(1, math.ceil(n / self.ratio))) * kv_heads * 2 * head_dim
-        if saved <= 0 or not self.every_option:
+        if saved <= 0 or not every:
             return saved > 0
-        held = math.ceil((self.recent + self.decode_bin + self.every_option) * self.ratio / (self.ratio - 1))
-        return saved >= self.q_cap * heads * head_dim + self.log_mass * held * kv_heads
+        held = math.ceil((self.recent + self.decode_bin + every) * self.ratio / (self.ratio - 1))
+        return saved >= self.query_cap(every) * heads * head_dim + self.log_mass * held * kv_heads
 
     def compress_prompt(self, q, k, v, mask, scale, pads) -> None:
         """Compact each sequence's prompt (pads cut off, so each gets its own budget) and store them ragged,
@@ -326,12 +340,13 @@ class SRCLayer(FullLayer):
         self.late_check.flush()  # the previous generation's last step: the prefill syncs anyway
         self.scale = scale
         valid = [k.shape[2] - pad for pad in self.pads]
-        if not all(self.compacts(n, q.shape[1], k.shape[1], k.shape[3]) for n in valid):  # shared by the batch
+        every = self.steps_every(max(valid))
+        if not all(self.compacts(n, every, q.shape[1], k.shape[1], k.shape[3]) for n in valid):  # batch's count
             self.every, self.store.bias = None, None
             FullLayer.compress_prompt(self, q, k, v, mask, scale, pads)
             self.width, self.q_written = max(valid), 0
             return
-        self.every = self.every_option
+        self.every, self.q_cap = every, self.query_cap(every)
         parts, tails = [], []
         for b, pad in enumerate(self.pads):
             # fp32: the solves (eigh, Cholesky) have no half-precision kernels

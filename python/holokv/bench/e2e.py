@@ -124,7 +124,8 @@ def run(args) -> int:
                "config": {"model": args.model or "random weights", "shape": dict(
                    model_shape(config), hidden=config.hidden_size, intermediate=config.intermediate_size),
                           "dtype": args.dtype, "ratio": args.ratio, "steps": args.steps, "warmup": args.warmup,
-                          "sync_check_steps": SYNC_STEPS, "points": points(args.batch, args.context),
+                          "sync_check_steps": f"each row's, at least {SYNC_STEPS}",
+                          "points": points(args.batch, args.context),
                           "methods": args.methods, "baselines": args.baselines, "smoke": args.smoke},
                "copy_bandwidth_Bps": bw, "bandwidth_error": bandwidth and bandwidth.get("error"),
                "weights_bytes": ok[0]["weights_bytes"] if ok else None,

@@ -15,9 +15,18 @@ import torch
 
 from .e2e_model import build_model, model_config, weight_bytes
 
-# decode steps run under torch.cuda.set_sync_debug_mode("error") after the timed ones: 16 cover one of SRC's
-# compression steps (every 16 generated tokens by default)
+# decode steps run under torch.cuda.set_sync_debug_mode("error") after the timed ones: at least these, and one of
+# SRC's compression intervals where longer (sync_steps), so that a compression step is checked too
 SYNC_STEPS = 16
+
+
+def sync_steps(method: str, options: dict, ratio: float, config, context: int) -> int:
+    """Steps the host-sync check runs: SYNC_STEPS, or the longest interval between a layer's compression steps."""
+    from ..caches import make_cache
+
+    layer = make_cache(method, config, ratio=ratio, **options).layers[0]
+    every = layer.steps_every(context) if hasattr(layer, "steps_every") else None
+    return max(SYNC_STEPS, every or 0)
 
 
 class Clock:
@@ -51,10 +60,10 @@ def holokv_decoder(model, spec: dict, capacity: int):
     return lambda ids: decoder.prefill(ids, max_new_tokens=capacity), decoder.step, cache.nbytes
 
 
-def host_syncs(step, tokens) -> str:
+def host_syncs(step, tokens, n: int) -> str:
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(SYNC_STEPS):
+        for _ in range(n):
             tokens = step(tokens).argmax(-1)
         return "none"
     except RuntimeError as e:
@@ -74,7 +83,9 @@ def measure(spec: dict) -> dict:
     weights, weights_read = weight_bytes(model)
     mem_weights = torch.cuda.memory_allocated() if cuda else None
     ids = torch.randint(config.vocab_size, (B, N), generator=torch.Generator().manual_seed(1)).to(spec["device"])
-    capacity = warmup + steps + SYNC_STEPS + spec.get("profile", 0)
+    checked = SYNC_STEPS if spec["kind"] == "baseline" else sync_steps(spec["name"], spec["options"], spec["ratio"],
+                                                                        config, N)
+    capacity = warmup + steps + checked + spec.get("profile", 0)
     if spec["kind"] == "baseline":
         from .e2e_baselines import static_decoder
 
@@ -106,7 +117,7 @@ def measure(spec: dict) -> dict:
             mem = dict(mem_weights_bytes=mem_weights, mem_before_steps_bytes=mem_before, mem_peak_bytes=peak,
                        peak_above_weights_bytes=peak - mem_weights, step_transient_bytes=peak - mem_before)
         cache_bytes = nbytes()
-        syncs = host_syncs(step, tokens) if cuda else "not checked (CPU)"
+        syncs = host_syncs(step, tokens, checked) if cuda else "not checked (CPU)"
         prof = {}
         if cuda and spec.get("profile"):
             from .e2e_profile import profile_steps
@@ -116,7 +127,7 @@ def measure(spec: dict) -> dict:
     # the mean carries what the median leaves out: work every few steps (SRC's compression), amortized
     return dict(prefill_ms=prefill_ms, step_ms=median, step_ms_mean=statistics.mean(step_ms), step_ms_all=step_ms,
                 tokens_per_s=B / (median * 1e-3),
-                cache_bytes=cache_bytes, host_syncs=syncs, weights_bytes=weights, weights_read_bytes=weights_read,
+                cache_bytes=cache_bytes, host_syncs=syncs, sync_check_steps=checked, weights_bytes=weights, weights_read_bytes=weights_read,
                 **mem, **prof)
 
 

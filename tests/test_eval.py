@@ -55,6 +55,15 @@ def test_run_eval_outputs_and_reproducible(tiny_model, tmp_path):
     assert prov["model"] == dict(model_type="llama", layers=2, heads=4, kv_heads=2, head_dim=32, vocab=260)
     full, *rest = first["runs"]
     assert full["cosine"] == pytest.approx(1.0) and full["achieved_ratio"] == 1.0
+    assert saved["config"]["tasks"] == ["ppl", "passkey", "fidelity"]  # RULER is off by default on a CPU
+    assert saved["provenance"]["text"]["split"] == "eval" and len(saved["provenance"]["window_starts"]) == 2
+    for run in saved["runs"]:  # the bootstrap's inputs are saved, its intervals in the table
+        assert len(run["ppl_windows"]["nll_sum"]) == 2 and run["ppl_windows"]["tokens"] == [4, 4]
+        assert run["ppl_ci"]["lo"] <= run["ppl"] <= run["ppl_ci"]["hi"]
+        assert run["ppl_vs_full"]["lo"] <= run["ppl_vs_full"]["diff"] <= run["ppl_vs_full"]["hi"]
+        assert {"passkey_ci", "passkey_vs_full"} <= set(run)
+    assert full["ppl_vs_full"] == dict(diff=0.0, lo=0.0, hi=0.0)
+    assert "ppl - full [95% CI]" in (tmp_path / "a" / "table.txt").read_text()
     for run in rest:
         assert run["bytes_per_token"] < full["bytes_per_token"]
         assert run["achieved_ratio"] > 0.7 * run["ratio"]
@@ -85,6 +94,16 @@ def test_tova_and_kvzip_in_the_grid(tiny_model, tmp_path, monkeypatch):
         assert run["prefill_s"] > 0 and run["ppl"] < 1e3 and run["achieved_ratio"] == run["ratio"]
 
 
+def test_ruler_in_the_grid(tiny_model, tmp_path):
+    """RULER-style samples are asked after compression and scored per sample."""
+    cfg = small(tiny_model, tmp_path, methods=["snapkv"], ratios=[2], tasks=["ruler"], ruler_tasks=["single"],
+                ruler_lengths=[300])
+    for run in run_eval(cfg)["runs"]:
+        assert [(d["task"], d["length"]) for d in run["ruler_detail"]] == [("single", 300)] * 2
+        assert all(0 <= d["score"] <= 1 and isinstance(d["output"], str) for d in run["ruler_detail"])
+        assert run["ruler"] == sum(d["score"] for d in run["ruler_detail"]) / 2 and "ruler_vs_full" in run
+
+
 def test_cli_eval(tiny_model, tmp_path, capsys):
     code = main(["eval", "--model", tiny_model, "--methods", "topk", "--ratios", "2", "--context", "64",
                  "--continuation", "2", "--windows", "1", "--passkey-lengths", "64", "--passkey-depths", "0.2",
@@ -100,6 +119,9 @@ def test_cli_eval(tiny_model, tmp_path, capsys):
     (["--methods", "holokv:k"], "not key=value"),
     (["--tasks", "ppl,dance"], "unknown tasks"),
     (["--passkey-depths", "1.5"], "depths"),
+    (["--ruler-tasks", "single,nope"], "unknown RULER tasks"),
+    (["--ruler-samples", "0"], "RULER needs"),
+    (["--split", "tune", "--text", __file__], "--split tune picks pydoc topics"),
     (["--model", "/nonexistent/model"], "cannot load model"),
 ])
 def test_cli_bad_input(tiny_model, tmp_path, capsys, args, match):
@@ -126,13 +148,23 @@ def test_parse_method():
 
 
 def test_windows_and_passkey():
-    ids = torch.arange(100)
-    ws = data.windows(ids, 30, 3)
-    assert [w[0].item() for w in ws] == [0, 33, 66] and all(len(w) == 30 for w in ws)
+    assert data.window_starts(100, 25, 5, 3) == [0, 35, 70]  # disjoint where they fit, spread to the end
+    assert data.window_starts(100, 60, 10, 4) == [0, 10, 20, 30]  # else the contexts overlap, not the scored
     with pytest.raises(ValueError, match="fewer than"):
-        data.windows(ids, 40, 3)
+        data.window_starts(100, 60, 11, 4)
     tok = byte_tokenizer()
     ctx, question, key = data.passkey_prompt(tok, 300, 0.5, random.Random(0))
     assert len(ctx) == 300 and key in tok.decode(ctx) and "pass key" in tok.decode(question)
     assert data.passkey_prompt(tok, 300, 0.5, random.Random(0))[2] == key
-    assert "Python" in data.corpus()
+
+
+def test_split_is_disjoint_and_deterministic():
+    from pydoc_data.topics import topics
+
+    tune, held = data.topic_split()
+    assert not set(tune) & set(held) and set(tune) | set(held) == set(topics) and data.topic_split() == (tune, held)
+    (tune_text, tune_info), (eval_text, eval_info) = data.corpus(split="tune"), data.corpus()
+    assert eval_info["pydoc_topics"] == held and tune_info["pydoc_topics"] == tune
+    assert 0.2 <= len(eval_text) / (len(tune_text) + len(eval_text)) < 0.3
+    assert not any(topics[n] in tune_text for n in held if len(topics[n]) > 200) and "Python" in eval_text
+    assert data.synthetic_seed(0, "eval") != data.synthetic_seed(0, "tune")

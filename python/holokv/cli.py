@@ -20,6 +20,8 @@ def _list(cast):
 
 def _eval_parser(sub):
     from .eval import TASKS, EvalConfig
+    from .eval.data import SPLITS
+    from .eval.runner import CPU_TASKS
 
     d = EvalConfig()
     p = sub.add_parser("eval", help="evaluate caches: methods x compression ratios",
@@ -37,8 +39,15 @@ def _eval_parser(sub):
     p.add_argument("--windows", type=int, default=d.windows, help="text windows for perplexity")
     p.add_argument("--passkey-lengths", type=_list(int), default=d.passkey_lengths)
     p.add_argument("--passkey-depths", type=_list(float), default=d.passkey_depths)
-    p.add_argument("--tasks", type=_list(str), default=d.tasks, help=f"subset of {','.join(TASKS)}")
-    p.add_argument("--text", default=d.text, help="UTF-8 text file (default: Python's pydoc topics)")
+    p.add_argument("--tasks", type=_list(str), default=d.tasks,
+                   help=f"subset of {','.join(TASKS)}; unset: all on a GPU, {','.join(CPU_TASKS)} on a CPU")
+    p.add_argument("--ruler-tasks", type=_list(str), default=d.ruler_tasks, help="RULER-style tasks")
+    p.add_argument("--ruler-lengths", type=_list(int), default=d.ruler_lengths,
+                   help="context tokens of the RULER-style samples")
+    p.add_argument("--ruler-samples", type=int, default=d.ruler_samples, help="per RULER task and length")
+    p.add_argument("--split", default=d.split, choices=SPLITS,
+                   help="pydoc topics scored (and passkey/RULER samples drawn): make choices on tune, report eval")
+    p.add_argument("--text", default=d.text, help="UTF-8 text file scored instead of the pydoc topics")
     p.add_argument("--adapter", default=d.adapter,
                    help="peft LoRA adapter folder (holokv distill's OUT/adapter) merged into the model for every "
                         "method, the full cache included")

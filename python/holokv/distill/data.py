@@ -1,31 +1,16 @@
 """Training and held-out text for distillation, disjoint by construction.
 
-Default: Python's ``pydoc_data.topics`` (no download), split by topic. The topics are ordered by the
-CRC-32 of their name (deterministic across runs and Python builds, unlike ``hash``; unrelated to the
-alphabet, so held-out topics come from all over the documentation) and the first ones, until they hold
-``HELD_OUT`` of the characters, are the evaluation text; every other topic is training text. A user's
+Default: Python's ``pydoc_data.topics`` (no download), split by topic as ``holokv eval`` splits them
+(``holokv.eval.data.topic_split``): training on the tuning side, the evaluation side held out. A user's
 files (``train_text``, ``eval_text``) replace either side.
 """
 from __future__ import annotations
 
 import functools
-import zlib
 
 import torch
 
-HELD_OUT = 0.2  # share of the pydoc topics' characters held out for evaluation
-
-
-def topic_split() -> tuple[list[str], list[str]]:
-    """(training topics, held-out topics) of ``pydoc_data.topics``, each in sorted order."""
-    from pydoc_data.topics import topics
-
-    total, held = sum(map(len, topics.values())), set()
-    for name in sorted(topics, key=lambda n: (zlib.crc32(n.encode()), n)):
-        if sum(len(topics[n]) for n in held) >= HELD_OUT * total:
-            break
-        held.add(name)
-    return sorted(set(topics) - held), sorted(held)
+from ..eval.data import HELD_OUT, topic_split
 
 
 def texts(train_text: str | None, eval_text: str | None) -> tuple[str, str, dict]:

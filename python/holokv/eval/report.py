@@ -3,8 +3,18 @@ from __future__ import annotations
 
 COLUMNS = [("method", "spec", "{}"), ("ratio", "ratio", "{:g}"), ("bytes/tok", "bytes_per_token", "{:.0f}"),
            ("achieved", "achieved_ratio", "{:.2f}x"), ("end bytes/tok", "end_bytes_per_token", "{:.0f}"),
-           ("ppl", "ppl", "{:.3f}"), ("passkey", "passkey", "{:.2f}"),
+           ("ppl", "ppl", "{:.3f}"), ("ppl 95% CI", "ppl_ci", "[{0[lo]:.3f}, {0[hi]:.3f}]"),
+           ("ppl - full [95% CI]", "ppl_vs_full", "{0[diff]:+.3f} [{0[lo]:+.3f}, {0[hi]:+.3f}]"),
+           ("passkey", "passkey", "{:.2f}"),
+           ("passkey - full [95% CI]", "passkey_vs_full", "{0[diff]:+.2f} [{0[lo]:+.2f}, {0[hi]:+.2f}]"),
+           ("ruler", "ruler", "{:.2f}"),
+           ("ruler - full [95% CI]", "ruler_vs_full", "{0[diff]:+.2f} [{0[lo]:+.2f}, {0[hi]:+.2f}]"),
            ("attn cos", "cosine", "{:.4f}"), ("attn relL2", "rel_l2", "{:.4f}"), ("prefill s", "prefill_s", "{:.3f}")]
+# Plot panels: (key, title, y scale); a key with "{key}_ci" gets error bars.
+PANELS = [("ppl", "continuation perplexity (lower is better)", "log"),  # compressed caches can be off by orders
+          ("ppl_vs_full", "perplexity - full cache's, paired 95% CI", "symlog"),
+          ("passkey", "passkey accuracy", "linear"), ("ruler", "RULER-style accuracy", "linear"),
+          ("cosine", "attention-output cosine vs exact", "linear")]
 
 
 def table(runs: list[dict], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
@@ -17,31 +27,46 @@ def table(runs: list[dict], columns: list[tuple[str, str, str]] = COLUMNS) -> st
     return "\n".join(lines) + "\n"
 
 
+def _value(run: dict, key: str) -> tuple[float, list[float]]:
+    """(the run's ``key``, its error bar below and above: 0 where no interval was computed)."""
+    value, ci = run[key], run.get(f"{key}_ci")
+    if isinstance(value, dict):  # a difference to the full cache, with its interval
+        value, ci = value["diff"], value
+    # a percentile interval can miss its point estimate (skewed draws): clamp the bars
+    return value, [max(value - ci["lo"], 0.0), max(ci["hi"] - value, 0.0)] if ci else [0.0, 0.0]
+
+
 def plot(runs: list[dict], path, cfg) -> None:
-    """Quality vs bytes per token, one panel per metric, one curve per method, the full cache starred."""
+    """Quality vs bytes per token, one panel per metric, one curve per method, the full cache starred; the error
+    bars are the bootstrap 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [(k, label) for k, label in [("ppl", "continuation perplexity (lower is better)"),
-                                            ("passkey", "passkey accuracy"),
-                                            ("cosine", "attention-output cosine vs exact")] if k in runs[0]]
-    if "bytes_per_token" not in runs[0] or not metrics:
+    panels = [panel for panel in PANELS if panel[0] in runs[0]]
+    if "bytes_per_token" not in runs[0] or not panels:
         return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
     specs = list(dict.fromkeys(r["spec"] for r in runs[1:]))
-    for ax, (key, label) in zip(axes[0], metrics):
-        for spec in specs:
-            pts = sorted((r["bytes_per_token"], r[key]) for r in runs if r["spec"] == spec)
-            ax.plot(*zip(*pts), marker="o", label=spec)
-        ax.plot(runs[0]["bytes_per_token"], runs[0][key], "k*", markersize=14, label="full cache")
+    for ax, (key, label, scale) in zip(axes.flat, panels):
+        for spec in specs + ["full"]:
+            pts = sorted((r["bytes_per_token"], *_value(r, key)) for r in runs if r["spec"] == spec)
+            x, y, err = zip(*pts)
+            style = dict(fmt="k*", markersize=14, label="full cache") if spec == "full" else dict(
+                fmt="-o", label=spec)
+            ax.errorbar(x, y, yerr=list(zip(*err)), capsize=3, **style)
+        if key.endswith("_vs_full"):
+            ax.axhline(0, color="k", linewidth=0.8)  # an interval that crosses it is no difference
         ax.set_xscale("log")
-        if key == "ppl":
-            ax.set_yscale("log")  # compressed caches can be off by orders of magnitude
+        ax.set_yscale(scale)
         ax.set_xlabel("bytes per token held (all layers)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{cfg.model}, context {cfg.context} tokens", fontsize=11)
     fig.tight_layout()

@@ -512,20 +512,25 @@ def test_bad_inputs(method, config, options, match):
         make_cache(method, config, **options)
 
 
+def assert_batched_as_alone(model, new_cache, ids, mask, pads: int, tokens: int) -> None:
+    """Greedy generation of a 2-sequence batch (row 0 left-padded by ``pads``) gives each row the scores it gets
+    alone, with a fresh ``new_cache()`` per run."""
+    runs = []
+    for x, m in ((ids, mask), (ids[:1, pads:], mask[:1, pads:]), (ids[1:], mask[1:])):
+        with torch.no_grad():
+            runs.append(model.generate(x, attention_mask=m, max_new_tokens=tokens, do_sample=False,
+                                       past_key_values=new_cache(), output_scores=True, return_dict_in_generate=True))
+    for row in (0, 1):
+        for s, s0 in zip(runs[0].scores, runs[1 + row].scores):
+            torch.testing.assert_close(s[row: row + 1], s0, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", COMPRESSED)
 def test_batch_invariance(model, batch, method):
     """A left-padded sequence gets the logits it gets alone, for every cache: budgets are per sequence."""
     ids, mask = batch
     options = dict(every=4, recent=8, window=4, decode_bin=16, rank=2) if method == "src" else {}
-    runs = []
-    for x, m in ((ids, mask), (ids[:1, 7:], mask[:1, 7:]), (ids[1:], mask[1:])):
-        cache = make_cache(method, model.config, ratio=2, **options)
-        with torch.no_grad():
-            runs.append(model.generate(x, attention_mask=m, max_new_tokens=12, do_sample=False, past_key_values=cache,
-                                       output_scores=True, return_dict_in_generate=True))
-    for row in (0, 1):
-        for s, s0 in zip(runs[0].scores, runs[1 + row].scores):
-            torch.testing.assert_close(s[row: row + 1], s0, atol=1e-5, rtol=1e-5)
+    assert_batched_as_alone(model, lambda: make_cache(method, model.config, ratio=2, **options), ids, mask, 7, 12)
 
 
 @pytest.mark.parametrize("method", ["topk", "snapkv", "expected"])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_eval import byte_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_eval import save_tiny_llama
+from transformers import LlamaForCausalLM
 
 from holokv.caches import HoloSpec, make_cache, use_holokv_attention
 from holokv.cli import main
@@ -23,12 +23,7 @@ from holokv.eval import EvalConfig, run_eval
 def tiny(tmp_path_factory):
     """(model folder, training text file, held-out text file)."""
     path = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                         eos_token_id=256)
-    LlamaForCausalLM(config).save_pretrained(path / "model")
-    byte_tokenizer().save_pretrained(path / "model")
+    save_tiny_llama(path / "model", 256)
     train_topics, held_topics = data.topic_split()
     from pydoc_data.topics import topics
     (path / "train.txt").write_text("".join(topics[n] for n in train_topics)[:3000])

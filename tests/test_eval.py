@@ -22,15 +22,20 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+def save_tiny_llama(path, max_positions: int) -> None:
+    """A seeded random 2-layer Llama (GQA 2:1, head_dim 32) and a byte tokenizer, saved to ``path``."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         max_position_embeddings=max_positions, eos_token_id=256)
+    LlamaForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                         eos_token_id=256)
-    LlamaForCausalLM(config).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    save_tiny_llama(path, 1024)
     return str(path)
 
 

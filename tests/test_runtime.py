@@ -69,6 +69,19 @@ def test_cuda_graph_matches_eager(method, dtype):
     assert torch.equal(graphed, eager)
 
 
+def eager_steps_without_sync(model, cache, ids, mask, steps: int = 20) -> None:
+    """``steps`` eager decode steps (each op checked) under sync debug mode 'error', after the prefill."""
+    dec = Decoder(model, cache, graph=False)
+    tokens = dec.prefill(ids, mask, max_new_tokens=steps).argmax(-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            tokens = dec.step(tokens).argmax(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @needs_cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_decode_steps_never_sync(method):
@@ -76,16 +89,7 @@ def test_cuda_decode_steps_never_sync(method):
     compression steps too."""
     model = tiny(head_dim=64, device="cuda", dtype=torch.bfloat16)
     ids, mask = prompt("cuda")
-    dec = Decoder(model, cache(method, model), graph=False)
-    logits = dec.prefill(ids, mask, max_new_tokens=20)
-    tokens = logits.argmax(-1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(20):
-            tokens = dec.step(tokens).argmax(-1)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    eager_steps_without_sync(model, cache(method, model), ids, mask)
 
 
 @needs_cuda
@@ -123,13 +127,5 @@ def test_cuda_window_graph_matches_eager_and_never_syncs():
     caches = [make_cache("holokv", model.config, ratio=4, **WINDOW) for _ in range(3)]
     eager = generate(model, caches[0], ids, mask, max_new_tokens=40, graph=False)
     assert torch.equal(generate(model, caches[1], ids, mask, max_new_tokens=40, graph=True), eager)
-    dec = Decoder(model, caches[2], graph=False)
-    tokens = dec.prefill(ids, mask, max_new_tokens=20).argmax(-1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(20):
-            tokens = dec.step(tokens).argmax(-1)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    eager_steps_without_sync(model, caches[2], ids, mask)
     assert all((layer.store.evicted > 0).all() for layer in caches[2].layers)

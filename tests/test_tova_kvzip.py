@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_caches import assert_batched_as_alone
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from holokv.caches import make_cache, use_holokv_attention
@@ -128,15 +129,9 @@ def test_kvzip_padded_batch_matches_alone(model):
     ids = torch.cat([prompt(52, seed=3), prompt(52, seed=4)])
     mask = torch.ones_like(ids)
     mask[0, :13] = 0
-    runs = []
-    for x, m in ((ids, mask), (ids[:1, 13:], mask[:1, 13:]), (ids[1:], mask[1:])):
-        cache = make_cache("kvzip", model.config, ratio=3, chunk=16, tokenizer=Words(), adaptive=0.5)
-        with torch.no_grad():
-            runs.append(model.generate(x, attention_mask=m, max_new_tokens=6, do_sample=False, past_key_values=cache,
-                                       output_scores=True, return_dict_in_generate=True))
-    for row in (0, 1):
-        for s, s0 in zip(runs[0].scores, runs[1 + row].scores):
-            torch.testing.assert_close(s[row: row + 1], s0, atol=1e-5, rtol=1e-5)
+    assert_batched_as_alone(
+        model, lambda: make_cache("kvzip", model.config, ratio=3, chunk=16, tokenizer=Words(), adaptive=0.5), ids,
+        mask, 13, 6)
 
 
 @pytest.mark.parametrize("method", ["tova", "kvzip"])

@@ -9,7 +9,7 @@ import torch
 
 import holokv
 from holokv.caches.superposed import HoloSpec, superposed_attention
-from holokv.distill.prefill_attention import flex_prefill_attention, holo_prefill_attention
+from holokv.caches.prefill_attention import flex_prefill_attention, holo_prefill_attention
 from conftest import dtype_id, needs_cuda
 
 # (N, left pads per sequence, Hkv, query heads per KV head, head_dim, k, ratio, sinks)

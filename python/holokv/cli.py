@@ -7,10 +7,10 @@ import math
 import os
 import sys
 
-import torch
 
 from .bench import add_parser as bench_parser
 from .caches import METHODS
+from .device_check import check_device
 from .distill.cli import add_parser as distill_parser
 
 
@@ -55,22 +55,6 @@ def _eval_parser(sub):
     p.add_argument("--out", default=d.out, help="output folder for results.json, results.png, table.txt")
 
 
-def _check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a torch device: {e}") from e
-    if device.type == "cuda":  # device_count() is 0 without a GPU, a driver or a CUDA build of torch
-        count = torch.cuda.device_count()
-        if (device.index or 0) >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s)")
-        return
-    try:
-        torch.empty(0, device=device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name} is not available here: {e}") from e
-
-
 def _check(args) -> None:
     """Argument errors that need no model (the methods need its config only: run_eval checks them first)."""
     if not all(math.isfinite(r) and r >= 1 for r in args.ratios):
@@ -82,7 +66,7 @@ def _check(args) -> None:
             raise ValueError(f"--text {args.text}: {e.strerror or e}") from e
     if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {args.adapter}: not a peft adapter folder (no adapter_config.json)")
-    _check_device(args.device)
+    check_device(args.device)
     if args.context < 1 or args.continuation < 1 or args.windows < 1:
         raise ValueError("--context, --continuation and --windows must be positive")
     if any(not 0 <= d <= 1 for d in args.passkey_depths):

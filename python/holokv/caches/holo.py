@@ -13,6 +13,7 @@ import math
 import torch
 
 from .base import FullLayer, exact_attention, left_aligned, take
+from .prefill_attention import holo_prefill_attention
 from .store import Store
 from .superposed import HoloSpec
 
@@ -50,7 +51,6 @@ class HoloKVLayer(FullLayer):
         if self.prefill_mode == "exact":
             out = exact_attention(q, k, v, mask, scale)
         else:
-            from ..distill.prefill_attention import holo_prefill_attention  # on use: holokv.distill imports caches
             out = holo_prefill_attention(q, k, v, self.store.phase, self.spec, pads, scale)
         self.compress_prompt(q, k, v, mask, scale, pads)
         return out

@@ -13,7 +13,7 @@ compression, ``holo_append`` (the same rule in C++) and the prompt attention's m
 cache reads after tokens 0..i-1 (``holo_decode`` semantics, see
 :func:`holokv.reference.holo_decode_ref`). The mask and the entries (:func:`virtual_kv`)
 serve both the dense reference here and the FlexAttention path
-(:mod:`holokv.distill.prefill_attention`).
+(:mod:`holokv.caches.prefill_attention`).
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def superposed_attention(spec: HoloSpec, phase: torch.Tensor, q, k, v, pads: tor
 
     q [B, Hq, N, d], k/v [B, Hkv, N, d] (RoPE applied), pads [B] left pads, phase [k, d] phase keys.
     Returns [B, N, Hq, d]. Softmax over :func:`virtual_kv` under :func:`prefill_mask`, in fp32 (fp64 for
-    fp64 input); :func:`holokv.distill.prefill_attention.holo_prefill_attention` is its fast twin.
+    fp64 input); :func:`holokv.caches.prefill_attention.holo_prefill_attention` is its fast twin.
     """
     B, Hq, n, d = q.shape
     Hkv, dev = k.shape[1], q.device

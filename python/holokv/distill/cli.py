@@ -56,12 +56,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..cli import _check_device
+    from ..device_check import check_device
     from .train import distill
 
     cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
     try:
-        _check_device(cfg.device)
+        check_device(cfg.device)
         log = distill(cfg)
     except ValueError as e:
         print(f"holokv distill: error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..caches import HoloSpec, check_model
 from ..caches.model_check import head_dim
-from .prefill_attention import holo_prefill_attention
+from ..caches.prefill_attention import holo_prefill_attention
 
 NAME = "holokv_distill"
 _state = threading.local()

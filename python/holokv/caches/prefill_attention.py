@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from ..caches.superposed import HoloSpec, prefill_mask, superposed_attention, virtual_kv
+from .superposed import HoloSpec, prefill_mask, superposed_attention, virtual_kv
 
 # FlexAttention is only fused when compiled; the compiled block mask never materializes the [B, N, 2N] mask.
 _compiled = (torch.compile(create_block_mask), torch.compile(flex_attention))

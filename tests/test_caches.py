@@ -605,3 +605,28 @@ def test_src_auto_every_spaces_steps_with_the_budget(model):
     assert make_cache("src", model.config, ratio=4, every=None).layers[0].steps_every(10 ** 6) is None
     with pytest.raises(ValueError, match="every.*'auto'"):
         make_cache("src", model.config, ratio=4, every="often")
+
+
+def test_src_future_queries_are_prompt_queries_at_future_positions(model):
+    """future_queries: prompt queries, RoPE undone and redone at positions spread over the next ``future``
+    (checked against transformers' RoPE applied at those positions); they change the fitted summaries, not
+    the bytes; the option needs rotate-half RoPE and a count >= 0."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    layer = make_cache("src", model.config, ratio=4, future_queries=8, future=64).layers[0]
+    q_pre = torch.randn(1, 4, 20, 32, generator=torch.Generator().manual_seed(0))
+    q, _ = apply_rotary_pos_emb(q_pre, q_pre, *layer.rotary(q_pre, torch.arange(20)[None]))
+    src, at = torch.linspace(4, 19, 8).round().long(), 20 + torch.linspace(0, 63, 8).round().long()  # past 4 sinks
+    want, _ = apply_rotary_pos_emb(q_pre[:, :, src], q_pre[:, :, src], *layer.rotary(q_pre, at[None]))
+    torch.testing.assert_close(layer.replayed_queries(q), want, atol=1e-5, rtol=1e-5)
+
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(1))
+    held = []
+    for options in ({}, dict(future_queries=16)):
+        cache = make_cache("src", model.config, ratio=4, **options)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        held.append((cache.nbytes(), cache.layers[0].held_v.clone()))
+    assert held[0][0] == held[1][0] and not torch.equal(held[0][1], held[1][1])
+    with pytest.raises(ValueError, match="future_queries"):
+        make_cache("src", model.config, ratio=4, future_queries=-1)

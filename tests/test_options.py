@@ -32,7 +32,7 @@ VALID = {
     "tova": {},
     "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words()),
     "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
-                decode_bin=None, every=None, lam=-1.0),
+                decode_bin=None, every=None, lam=-1.0, future_queries=3, future=8),
 }
 COMPRESSED = [m for m in LAYERS if m != "full"]
 
@@ -77,6 +77,9 @@ BAD = [  # (method, ratio, options, the option named)
     ("src", 2, dict(bin_size=0), "bin_size"),
     ("src", 2, dict(decode_bin=1.5), "decode_bin"),
     ("src", 2, dict(every=0), "every"),
+    ("src", 2, dict(every="often"), "every"),
+    ("src", 2, dict(future_queries=-1), "future_queries"),
+    ("src", 2, dict(future_queries=4, future=0), "future"),
     ("src", 2, dict(lam=NAN), "lam"),
 ]
 

@@ -58,10 +58,9 @@ def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> Compres
     text = config.get_text_config(decoder=True)
     if method == "holokv":
         options = dict(head_dim=head_dim(config), rope_layout=layout, **options)
-    if method == "expected":
+    if method == "expected" or (method == "src" and options.get("future_queries")):
         if layout != "half":
-            raise ValueError("expected attention de-rotates queries with rotate-half RoPE; this model's is "
-                             f"{layout}")
+            raise ValueError(f"{method} de-rotates queries with rotate-half RoPE; this model's is {layout}")
         options = dict(rotary=LlamaRotaryEmbedding(text), **options)  # the Llama family's RoPE, from config
     cache = CACHES.get(method, CompressedCache)
     own = {name: options.pop(name) for name in cache.cache_options if name in options}

@@ -99,7 +99,8 @@ OPTIONS = {
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
             "bin_size": integer(1, none_ok=True), "decode_bin": integer(1, none_ok=True),
             "every": auto_or(integer(1, none_ok=True, doc="generated tokens between compression steps")),
-            "lam": real()},
+            "lam": real(), "future_queries": integer(0, doc="prompt queries replayed at future positions"),
+            "future": integer(1, doc="positions ahead the replayed queries are spread over")},
 }
 
 

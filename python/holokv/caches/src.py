@@ -25,6 +25,7 @@ from ..compaction.compact import entry_elems, fit
 from ..compaction.summarize import summarize_bins
 from ..compaction.scores import entropy
 from .base import FullLayer, take
+from .expected import turn
 
 SCORES = ("mass", "seed")
 CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of the budget (bench/src_quality.py)
@@ -78,7 +79,9 @@ class SRCLayer(FullLayer):
     (default: centroids take about 1/8 of the budget) or of ``decode_bin`` tokens evicted while decoding
     (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
     exact, stays small against it), ``ridge`` of the value fit, ``window`` observation queries, ``sinks`` and
-    ``recent`` tokens always kept exact, ``every``: generated tokens (counted per layer) between decode-time
+    ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after
+    the prompt that the prompt's summaries are also fitted for (:meth:`replayed_queries`: prompt queries moved to
+    positions spread over the next ``future``), ``every``: generated tokens (counted per layer) between decode-time
     compression steps, None for none (decoded tokens then stay exact), "auto" (the default) for
     max(16, ceil(budget / 64)), budget = ceil(longest prompt / ratio) entries (see STEP_SHARE). A prompt fed in several chunks is
     compacted after its first one; the later chunks are decoded (and compressed) token by token.
@@ -113,7 +116,8 @@ class SRCLayer(FullLayer):
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
                  ridge: float = 1.0, window: int = 32, bin_size: int | None = None, sinks: int = 4,
-                 recent: int = 32, lam: float = 0.5, every: int | str | None = "auto", decode_bin: int | None = None):
+                 recent: int = 32, lam: float = 0.5, every: int | str | None = "auto", decode_bin: int | None = None,
+                 future_queries: int = 0, future: int = 512, rotary=None):
         FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -132,6 +136,10 @@ class SRCLayer(FullLayer):
         if every not in (None, "auto") and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every (generated tokens between compression steps) must be a positive int, 'auto' "
                              f"or None, got {every!r}")
+        if future_queries and rotary is None:
+            raise ValueError("SRC's future_queries re-rotate prompt queries: they need the model's rotary embedding "
+                             "(make_cache passes it)")
+        self.future_queries, self.future, self.rotary = future_queries, future, rotary
         self.ratio, self.method, self.score, self.lam, self.every_option = ratio, method, score, lam, every
         self.every = None  # this generation's (compress_prompt): None while the layer holds the full cache
         self.rank, self.ridge, self.window, self.bin_size, self.decode_bin, self.sinks, self.recent = (
@@ -289,6 +297,18 @@ class SRCLayer(FullLayer):
         if bias is not None:
             bias.scatter_(2, at, bc.to(bias.dtype))
 
+    def replayed_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """[1, Hq, M, d]: M = ``future_queries`` of a prompt's queries q [1, Hq, n, d] (post-RoPE, evenly spaced
+        past the sinks), their RoPE undone and redone at positions spread evenly over the next ``future``: the
+        content of past queries at the positions of future ones. No cache bytes: they serve the fit only."""
+        n, M, dev = q.shape[2], self.future_queries, q.device
+        src = torch.linspace(min(self.sinks, n - 1), n - 1, M, device=dev).round().long()
+        at = n + torch.linspace(0, self.future - 1, M, device=dev).round().long()
+        cos, sin = self.rotary(q, src[None])
+        pre = turn(q[:, :, src], cos[:, None], -sin[:, None])  # RoPE at -pos undoes RoPE at pos
+        cos, sin = self.rotary(q, at[None])
+        return turn(pre, cos[:, None], sin[:, None])
+
     def window_rows(self) -> int:
         """m: the observation queries (the tail's last m tokens'), each a row per query head of its group."""
         return min(self.q_written, self.kept_queries(), self.window)
@@ -361,7 +381,8 @@ class SRCLayer(FullLayer):
             row_entropy = causal_stats(qb, kb, scale)[1] if self.score == "seed" else None
             c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=self.score,
                               row_entropy=row_entropy, lam=self.lam, bin_size=self.bin_size, rank=self.rank,
-                              n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, scale=scale)
+                              n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, scale=scale,
+                              q_future=self.replayed_queries(qb) if self.future_queries else None)
             check_info(info)  # once per prompt and layer: the host sync is affordable
             parts.append([torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)])
             # all of the sinks and the recent window kept (the split keeps protected tokens first)

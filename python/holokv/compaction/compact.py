@@ -48,7 +48,7 @@ def fit(n: int, cap: int, *, bin_size: int, rank: int):
 
 def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,
             lam: float = 0.5, bin_size: int = 64, rank: int = 4, n_sink: int = 4, n_recent: int = 32,
-            ridge: float = 1.0, scale=None, subspace: str = "iter") -> tuple[CompactKV, torch.Tensor]:
+            ridge: float = 1.0, scale=None, subspace: str = "iter", q_future=None) -> tuple[CompactKV, torch.Tensor]:
     """Compress a prompt's keys/values to ``budget`` token-equivalents of storage.
 
     q_obs [B, Hq, w, d]: queries of the last w prompt tokens (observation window,
@@ -60,6 +60,9 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     "softmax_ls" summarize the evicted tokens, in position order, into bins of
     ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
     see :func:`~holokv.compaction.summarize.sigma_point_keys`).
+
+    q_future [B, Hq, m, d] (optional): queries standing for ones asked after the prompt; they join the window's
+    as rows the summaries are fitted for (not the scores), seeing every entry.
 
     Returns (CompactKV with entries [kept in position order, centroids], info [B, Hkv]
     of the batched solves, 0 = ok; check it with linalg.check_info off the hot path).
@@ -90,6 +93,9 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     q_ref = pool_gqa(q_obs, Hkv)
     q_pos = (N - w + torch.arange(w, device=k.device)).repeat(q_ref.shape[2] // w)
     mask = keep.unsqueeze(-2) <= q_pos[:, None]  # kept tokens may follow some window queries
+    if q_future is not None:
+        q_ref = torch.cat([q_ref, pool_gqa(q_future, Hkv)], 2)
+        mask = torch.cat([mask, mask.new_ones(B, Hkv, q_ref.shape[2] - mask.shape[2], n_keep)], 2)
     context = attend_chunked(q_ref, k_keep, v_keep, None, mask, scale) if method == "softmax_ls" else None
     kc, vc, bc, info = summarize_bins(method, q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace)
     return CompactKV(torch.cat([k_keep, kc], 2), torch.cat([v_keep, vc], 2),

@@ -150,6 +150,7 @@ def test_commit_from_environment(monkeypatch):
 
 def test_parse_method():
     assert parse_method("holokv:mode=full:k=8:slot_gain=2.5") == ("holokv", dict(mode="full", k=8, slot_gain=2.5))
+    assert parse_method("src:every=None:window=8") == ("src", dict(every=None, window=8))
 
 
 def test_windows_and_passkey():

@@ -21,28 +21,20 @@ def _is_real(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def integer(lo: int, none_ok: bool = False, odd: bool = False, doc: str = ""):
-    """An int (not a bool) >= lo, odd where asked, or None where none_ok; ``doc`` says what it counts."""
+def integer(lo: int, none_ok: bool = False, odd: bool = False, doc: str = "", words: tuple[str, ...] = ()):
+    """An int (not a bool) >= lo, odd where asked, one of the strings ``words``, or None where none_ok; ``doc``
+    says what it counts."""
     def check(name, value):
-        if none_ok and value is None:
+        if (none_ok and value is None) or (isinstance(value, str) and value in words):
             return
         if not (_is_int(value) and value >= lo and (not odd or value % 2 == 1)):
             kind = "odd int" if odd else "int"
-            what = f"a positive {kind}" if lo == 1 else f"an {kind} >= {lo}"
-            raise ValueError(f"{name}{f' ({doc})' if doc else ''} must be {what}{' or None' if none_ok else ''}, "
-                             f"got {value!r}")
+            alternatives = [f"a positive {kind}" if lo == 1 else f"an {kind} >= {lo}", *map(repr, words)]
+            alternatives += ["None"] if none_ok else []
+            what = " or ".join(alternatives) if len(alternatives) < 3 else \
+                ", ".join(alternatives[:-1]) + " or " + alternatives[-1]
+            raise ValueError(f"{name}{f' ({doc})' if doc else ''} must be {what}, got {value!r}")
     return check
-
-
-def auto_or(check):
-    """``check``, or the string "auto"."""
-    def either(name, value):
-        if value != "auto":
-            try:
-                check(name, value)
-            except ValueError as e:
-                raise ValueError(f"{e} (or 'auto')") from None
-    return either
 
 
 def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False, none_ok: bool = False):
@@ -98,7 +90,7 @@ OPTIONS = {
     "src": {"method": choice("softmax_ls", "seed"), "score": choice(*SCORES), "rank": integer(1),
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
             "bin_size": integer(1, none_ok=True), "decode_bin": integer(1, none_ok=True),
-            "every": auto_or(integer(1, none_ok=True, doc="generated tokens between compression steps")),
+            "every": integer(1, none_ok=True, words=("auto",), doc="generated tokens between compression steps"),
             "lam": real(), "future_queries": integer(0, doc="prompt queries replayed at future positions"),
             "future": integer(1, doc="positions ahead the replayed queries are spread over")},
 }

@@ -52,7 +52,7 @@ class EvalConfig:
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``"holokv:mode=full:k=8"`` -> ("holokv", {"mode": "full", "k": 8})."""
+    """``"holokv:mode=full:k=8"`` -> ("holokv", {"mode": "full", "k": 8}); ``None`` is None (``src:every=None``)."""
     name, *opts = spec.split(":")
     options = {}
     for opt in opts:
@@ -65,7 +65,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
                 break
             except ValueError:
                 pass
-        options[key] = value
+        options[key] = None if value == "None" else value
     return name, options
 
 

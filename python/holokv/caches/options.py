@@ -31,8 +31,7 @@ def integer(lo: int, none_ok: bool = False, odd: bool = False, doc: str = "", wo
             kind = "odd int" if odd else "int"
             alternatives = [f"a positive {kind}" if lo == 1 else f"an {kind} >= {lo}", *map(repr, words)]
             alternatives += ["None"] if none_ok else []
-            what = " or ".join(alternatives) if len(alternatives) < 3 else \
-                ", ".join(alternatives[:-1]) + " or " + alternatives[-1]
+            what = " or ".join(filter(None, [", ".join(alternatives[:-1]), alternatives[-1]]))
             raise ValueError(f"{name}{f' ({doc})' if doc else ''} must be {what}, got {value!r}")
     return check
 

@@ -129,3 +129,42 @@ def test_cuda_window_graph_matches_eager_and_never_syncs():
     assert torch.equal(generate(model, caches[1], ids, mask, max_new_tokens=40, graph=True), eager)
     eager_steps_without_sync(model, caches[2], ids, mask)
     assert all((layer.store.evicted > 0).all() for layer in caches[2].layers)
+
+
+def teacher_forced_logits(model, cache, ids, mask, tokens, graph: bool, compile: bool) -> torch.Tensor:
+    """Logits of every step of a Decoder fed ``tokens`` [steps, B] -> [steps + 1, B, V]."""
+    dec = Decoder(model, cache, graph=graph, compile=compile)
+    out = [dec.prefill(ids, mask, max_new_tokens=len(tokens)).clone()]
+    for t in tokens:
+        out.append(dec.step(t).clone())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("method", ["full", "holokv", "src"])
+def test_compiled_layers_match_eager(method):
+    """compile=True fuses every layer (one graph of the attention's projections per layer, so none fell back to
+    eager past the recompile limit) and decodes what the eager model decodes; the prefill and anything run
+    afterwards stay eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny()
+    ids, mask = prompt()
+    tokens = torch.randint(0, 128, (12, 2), generator=torch.Generator().manual_seed(2))
+    eager = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=False)
+    fused = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=True)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= model.config.num_hidden_layers + 3
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["full", "holokv", "src"])
+def test_cuda_compiled_graph_matches_eager(method):
+    model = tiny(head_dim=64, device="cuda")
+    ids, mask = prompt("cuda")
+    tokens = torch.randint(0, 128, (40, 2), generator=torch.Generator().manual_seed(2)).cuda()
+    eager = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=False)
+    fused = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=True, compile=True)
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)

@@ -11,25 +11,31 @@ Room for every planned token is reserved after the prefill, so no buffer moves w
     for _ in range(64):
         logits = dec.step(logits.argmax(-1))             # one replay (the first step runs eagerly, then captures)
 
-:func:`generate` wraps that in a greedy loop. With ``graph=False``, on CPU, or while torch's caching allocator is
-off (a capture cannot allocate then: compute-sanitizer runs) the same steps run eagerly.
+:func:`generate` wraps that in a greedy loop. ``compile=True`` fuses the model's own small operations
+(:mod:`holokv.compiled_layers`; the first step then compiles, which takes a while). With ``graph=False``, on
+CPU, or while torch's caching allocator is off (a capture cannot allocate then: compute-sanitizer runs) the
+same steps run eagerly.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
 from .caches.hf_attention import CACHE_KWARG
 from .caches.base import CompressedCache
 from .compaction.graph import GRAPHLESS
+from .compiled_layers import CompiledLayers
 
 
 class Decoder:
     """Prefill, then decode steps of ``model`` over ``cache`` (a :func:`holokv.caches.make_cache` cache). After
     the prefill the cache belongs to the decoder: it runs the layers' host bookkeeping itself."""
 
-    def __init__(self, model, cache: CompressedCache, graph: bool = True):
+    def __init__(self, model, cache: CompressedCache, graph: bool = True, compile: bool = False):
         self.model, self.cache = model, cache
         self.graph_wanted = graph
+        self.compiled = CompiledLayers(model) if compile else None
         self.steps_left = 0  # set by prefill()
 
     @torch.no_grad()
@@ -54,6 +60,10 @@ class Decoder:
         return logits
 
     def _forward(self) -> torch.Tensor:
+        with self.compiled.installed() if self.compiled else nullcontext():
+            return self._model_step()
+
+    def _model_step(self) -> torch.Tensor:
         # No attention mask: each layer knows its sequences' lengths, and a single query sees everything held.
         out = self.model(self.ids, position_ids=self.pos, cache_position=self.cache_position, use_cache=True,
                          **{CACHE_KWARG: self.cache}).logits[:, -1]
@@ -85,9 +95,9 @@ class Decoder:
 
 @torch.no_grad()
 def generate(model, cache: CompressedCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int = 32, graph: bool = True) -> torch.Tensor:
+             max_new_tokens: int = 32, graph: bool = True, compile: bool = False) -> torch.Tensor:
     """Greedy decoding through :class:`Decoder` -> [B, n + max_new_tokens] token ids."""
-    dec = Decoder(model, cache, graph)
+    dec = Decoder(model, cache, graph, compile)
     logits = dec.prefill(input_ids, attention_mask, max_new_tokens)
     out = [input_ids]
     for i in range(max_new_tokens):

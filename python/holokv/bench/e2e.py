@@ -1,6 +1,7 @@
 """End-to-end decoding: a Llama-3-8B-shaped model (cut to --layers, random bf16 weights, or --model) prefills
-B x N tokens, then decodes greedily with each holokv cache (holokv.runtime.Decoder, the decode step replayed from
-a CUDA graph) and with transformers' StaticCache + SDPA, eager and compiled, each in a process of its own.
+B x N tokens, then decodes greedily with each holokv cache (holokv.runtime.Decoder: the decode step replayed from
+a CUDA graph, the model's small operations fused by torch.compile unless --compile no) and with transformers'
+StaticCache + SDPA, eager and compiled, each in a process of its own.
 
 Per run: prefill ms (one run), ms per decode step (median of --steps steps, each timed with CUDA events, after
 --warmup steps), tokens/s, peak memory above the weights while decoding, cache bytes, host syncs (steps run
@@ -47,6 +48,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help=f"comma-separated holokv caches, each name[:key=value...]; names: {', '.join(METHODS)}")
     ap.add_argument("--baselines", default=",".join(BASELINES), help=f"comma-separated subset of {BASELINES}")
     ap.add_argument("--ratio", type=float, default=4.0, help="compression ratio of the compressed caches")
+    ap.add_argument("--compile", default="yes", choices=["yes", "no"],
+                    help="holokv caches: fuse the model's own small operations with torch.compile before capturing "
+                         "the step (holokv.compiled_layers; the first step compiles). Not with --smoke")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="weights and cache (default bfloat16, smoke float32)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -81,7 +85,8 @@ def jobs(args, config) -> list[dict]:
         name, options = parse_method(spec)
         ratio = 1.0 if name == "full" else args.ratio
         make_cache(name, config, ratio=ratio, **options)
-        runs.append(dict(kind="holokv", method=spec, name=name, options=options, ratio=ratio, graph=not args.smoke))
+        runs.append(dict(kind="holokv", method=spec, name=name, options=options, ratio=ratio, graph=not args.smoke,
+                         compile=args.compile == "yes" and not args.smoke))
     return [dict(base, **run, batch=B, context=N) for B, N in points(args.batch, args.context) for run in runs]
 
 
@@ -123,7 +128,8 @@ def run(args) -> int:
                "transformers": transformers.__version__,
                "config": {"model": args.model or "random weights", "shape": dict(
                    model_shape(config), hidden=config.hidden_size, intermediate=config.intermediate_size),
-                          "dtype": args.dtype, "ratio": args.ratio, "steps": args.steps, "warmup": args.warmup,
+                          "dtype": args.dtype, "ratio": args.ratio, "compile": args.compile, "steps": args.steps,
+                          "warmup": f"{args.warmup}, or one compression interval + 1 where longer (each row's)",
                           "sync_check_steps": f"each row's, at least {SYNC_STEPS}",
                           "points": points(args.batch, args.context),
                           "methods": args.methods, "baselines": args.baselines, "smoke": args.smoke},

@@ -16,17 +16,16 @@ import torch
 from .e2e_model import build_model, model_config, weight_bytes
 
 # decode steps run under torch.cuda.set_sync_debug_mode("error") after the timed ones: at least these, and one of
-# SRC's compression intervals where longer (sync_steps), so that a compression step is checked too
+# SRC's compression intervals where longer, so that a compression step is checked too
 SYNC_STEPS = 16
 
 
-def sync_steps(method: str, options: dict, ratio: float, config, context: int) -> int:
-    """Steps the host-sync check runs: SYNC_STEPS, or the longest interval between a layer's compression steps."""
+def compression_every(method: str, options: dict, ratio: float, config, context: int) -> int | None:
+    """Generated tokens between a layer's compression steps (SRC), None for caches without them."""
     from ..caches import make_cache
 
     layer = make_cache(method, config, ratio=ratio, **options).layers[0]
-    every = layer.steps_every(context) if hasattr(layer, "steps_every") else None
-    return max(SYNC_STEPS, every or 0)
+    return layer.steps_every(context) if hasattr(layer, "steps_every") else None
 
 
 class Clock:
@@ -56,7 +55,7 @@ def holokv_decoder(model, spec: dict, capacity: int):
 
     use_holokv_attention(model)
     cache = make_cache(spec["name"], model.config, ratio=spec["ratio"], **spec["options"])
-    decoder = Decoder(model, cache, graph=spec["graph"])
+    decoder = Decoder(model, cache, graph=spec["graph"], compile=spec.get("compile", False))
     return lambda ids: decoder.prefill(ids, max_new_tokens=capacity), decoder.step, cache.nbytes
 
 
@@ -79,12 +78,16 @@ def measure(spec: dict) -> dict:
     cuda = spec["device"] == "cuda"
     B, N, steps, warmup = spec["batch"], spec["context"], spec["steps"], spec["warmup"]
     config = model_config(spec["model"], spec["layers"], spec["smoke"])
+    every = None if spec["kind"] == "baseline" else compression_every(spec["name"], spec["options"], spec["ratio"],
+                                                                       config, N)
+    # the first compression step (a first use of its kernels and library handles) falls in the warm-up, so the
+    # timed steps' mean is the amortized cost of the later ones
+    warmup = max(warmup, (every or 0) + 1)
     model = build_model(spec["model"], config, spec["device"], getattr(torch, spec["dtype"]))
     weights, weights_read = weight_bytes(model)
     mem_weights = torch.cuda.memory_allocated() if cuda else None
     ids = torch.randint(config.vocab_size, (B, N), generator=torch.Generator().manual_seed(1)).to(spec["device"])
-    checked = SYNC_STEPS if spec["kind"] == "baseline" else sync_steps(spec["name"], spec["options"], spec["ratio"],
-                                                                        config, N)
+    checked = max(SYNC_STEPS, every or 0)
     capacity = warmup + steps + checked + spec.get("profile", 0)
     if spec["kind"] == "baseline":
         from .e2e_baselines import static_decoder
@@ -127,7 +130,8 @@ def measure(spec: dict) -> dict:
     # the mean carries what the median leaves out: work every few steps (SRC's compression), amortized
     return dict(prefill_ms=prefill_ms, step_ms=median, step_ms_mean=statistics.mean(step_ms), step_ms_all=step_ms,
                 tokens_per_s=B / (median * 1e-3),
-                cache_bytes=cache_bytes, host_syncs=syncs, sync_check_steps=checked, weights_bytes=weights, weights_read_bytes=weights_read,
+                cache_bytes=cache_bytes, host_syncs=syncs, sync_check_steps=checked, warmup_steps=warmup,
+                compression_every=every, weights_bytes=weights, weights_read_bytes=weights_read,
                 **mem, **prof)
 
 

@@ -178,6 +178,10 @@ class CompressedCache(Cache):
         super().__init__(layers=layers)
         self.method, self.ratio = method, ratio
 
+    @torch.compiler.disable  # the layers' Python state: under torch.compile, a graph break (holokv.compiled_layers)
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def nbytes(self) -> int:
         """Bytes the cache holds right now (all layers, all sequences)."""
         return sum(layer.nbytes() for layer in self.layers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import threading
 
+import torch
 from transformers import AttentionInterface, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -27,6 +28,7 @@ def hand_over(layer, key) -> None:
     _handoff.item = (key, layer)
 
 
+@torch.compiler.disable  # the layers' Python state: under torch.compile, a graph break (holokv.compiled_layers)
 def holokv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     item = getattr(_handoff, "item", None)
     if item is None or item[0] is not key:

@@ -1,29 +1,86 @@
 #!/usr/bin/env bash
-# On a CUDA machine: build holokv in place against the local torch, run the whole
-# test suite with its CUDA tests, compute-sanitizer memcheck over the CUDA tests,
-# and the benchmarks (holokv bench decode, src, stream and e2e). Usage: gpu_check.sh [OUT_DIR
-# [TEST_PATH...]]; logs and results go to OUT_DIR (default bench/results).
+# On a CUDA machine, in phases that each fit one short job:
+#   gpu_check.sh build          build holokv in place against the local torch
+#   gpu_check.sh tests OUT      the CUDA tests, in parallel shards (each file group a process)
+#   gpu_check.sh memcheck OUT   compute-sanitizer memcheck over the CUDA tests of the ops and caches, sharded
+#                               alike (FlexAttention's compiled tests left out: the sanitizer slows its
+#                               compilation past any limit; a tenth of the fuzz examples)
+#   gpu_check.sh e2e OUT        holokv bench e2e at B=16/N=16K and B=1/N=32K, then the uncompiled step, alone
+#                               on the GPU (timings)
+#   gpu_check.sh kernels OUT    holokv bench decode, src and stream
+# A shard or run cut by LIMIT seconds (default 480) says so at the end of its log; the phase's exit status is
+# nonzero if any failed or was cut. Logs and results go to OUT (default bench/results). PY: the interpreter
+# (default python3).
 set -uo pipefail
-out=$(realpath -m "${1:-bench/results}")
-shift || true
-tests=("${@:-tests}")
-mkdir -p "$out"
+phase=${1:?phase: build, tests, memcheck, e2e or kernels}
+out=$(realpath -m "${2:-bench/results}")
+LIMIT=${LIMIT:-480}
+PY=${PY:-python3}
 cd "$(dirname "$0")/.."
-# The system compiler, whose libstdc++ python and torch load: a toolchain named
-# by CC/CXX may link its own static libstdc++ into _C, which then crashes.
-unset CC CXX
-python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || exit 1
-python3 -c "import holokv, json; print(json.dumps(holokv.build_info()))"
-status=0
-python3 -m pytest -q -ra "${tests[@]}" 2>&1 | tee "$out/pytest_gpu.log" | tail -25 || status=1
-# memcheck over every CUDA test (about 7 minutes on an H100: the sanitizer slows kernels ~100x; a tenth of
-# the fuzz examples)
-HOLOKV_FUZZ_SCALE=0.1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -q "${tests[@]}" -k cuda 2>&1 | tee "$out/memcheck.log" | tail -6 || status=1
-python3 -m holokv.cli bench decode --out "$out" 2>&1 | tee "$out/decode_bench.log" || status=1
-python3 -m holokv.cli bench src --out "$out" 2>&1 | tee "$out/src_linalg_bench.log" || status=1
-python3 -m holokv.cli bench stream --out "$out" 2>&1 | tee "$out/src_stream_bench.log" || status=1
-# the runtime issue's table: B=16/N=16K and B=1/N=32K in one run (several minutes: each run builds the model)
-python3 -m holokv.cli bench e2e --batch 16 1 --context 16384 32768 --out "$out" 2>&1 | tee "$out/e2e_bench.log" \
-  || status=1
-exit $status
+mkdir -p "$out"
+SHARDS=("tests/test_holo_decode.py tests/test_decode_nonfinite.py tests/test_holo_append.py tests/test_superpose.py"
+        "tests/test_runtime.py tests/test_caches.py"
+        "tests/test_src_compress.py tests/test_linalg_ops.py tests/test_mixed_devices.py"
+        "tests/test_fuzz.py"
+        "tests/test_prefill_attention.py")
+
+limited() {  # LOG COMMAND...: run with the time limit, output in LOG, a note there when cut
+  local log=$1
+  shift
+  timeout "$LIMIT" "$@" >"$log" 2>&1
+  local rc=$?
+  [ $rc = 124 ] && echo "CUT at the ${LIMIT} s limit" >>"$log"
+  return $rc
+}
+
+sharded() {  # NAME PREFIX...: every shard's CUDA tests under PREFIX, in parallel
+  local name=$1 status=0 pids=() i=0
+  shift
+  for shard in "${SHARDS[@]}"; do
+    [ "$name" = memcheck ] && [[ $shard == *prefill_attention* ]] && continue
+    # shellcheck disable=SC2086  # a shard is a list of files
+    limited "$out/${name}_$i.log" "$@" "$PY" -m pytest -q -ra -k cuda $shard &
+    pids+=("$!")
+    i=$((i + 1))
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  for log in "$out/${name}"_*.log; do echo "== $log"; tail -4 "$log"; done
+  return $status
+}
+
+case $phase in
+  build)
+    # The system compiler, whose libstdc++ python and torch load: a toolchain named by CC/CXX may link its own
+    # static libstdc++ into _C, which then crashes.
+    unset CC CXX
+    "$PY" -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20 || exit 1
+    "$PY" -c "import holokv, json; print(json.dumps(holokv.build_info()))"
+    ;;
+  tests)
+    sharded pytest
+    ;;
+  memcheck)
+    export HOLOKV_FUZZ_SCALE=0.1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    sharded memcheck compute-sanitizer --tool memcheck --error-exitcode 9
+    ;;
+  e2e)
+    status=0
+    limited "$out/e2e_bench.log" "$PY" -m holokv.cli bench e2e --batch 16 1 --context 16384 32768 \
+      --methods full,holokv:k=4,src --steps 128 --profile 8 --out "$out" || status=1
+    limited "$out/e2e_eager_layers.log" "$PY" -m holokv.cli bench e2e --batch 16 --context 16384 \
+      --methods full,holokv:k=4 --baselines "" --compile no --name e2e_eager_layers.json --out "$out" || status=1
+    tail -12 "$out"/e2e_*.log
+    exit $status
+    ;;
+  kernels)
+    status=0
+    for bench in decode src stream; do
+      limited "$out/${bench}_bench.log" "$PY" -m holokv.cli bench "$bench" --out "$out" || status=1
+    done
+    exit $status
+    ;;
+  *)
+    echo "unknown phase $phase: build, tests, memcheck, e2e or kernels" >&2
+    exit 2
+    ;;
+esac

@@ -13,6 +13,7 @@ from holokv.caches.expected import ExpectedAttentionLayer
 from holokv.caches.src import COMPACT, SRCLayer
 from holokv.caches.superposed import HoloSpec
 from holokv.compaction.graph import GRAPHLESS
+from holokv.runtime import Decoder
 from conftest import needs_cuda
 
 COMPRESSED = [m for m in METHODS if m != "full"]
@@ -191,9 +192,11 @@ def test_src_variants_generate(model, batch, options, length):
                              output_scores=True, return_dict_in_generate=True)
     assert all(torch.isfinite(s).all() for s in out.scores)
     layer = cache.layers[0]
-    # entries (each 2·d elements, +1 for a log-mass) fit ceil(prompt tokens / 8) tokens' bytes, plus 3 decoded
+    # entries (each 2·d elements, +1 for a log-mass) fit ceil(prompt tokens / 8) tokens' bytes, plus 3 decoded, in
+    # the slots where entries carry a log-mass
     per_entry = 2 * 32 + layer.log_mass
-    assert ((layer.lens - 3) * per_entry <= (mask.sum(1) + 7) // 8 * 2 * 32).all()
+    assert layer.store.slot_lens.tolist() == [3 * layer.log_mass] * 2
+    assert ((layer.lens + layer.store.slot_lens - 3) * per_entry <= (mask.sum(1) + 7) // 8 * 2 * 32).all()
     assert cache.get_seq_length() == length + 3
 
 
@@ -254,6 +257,52 @@ def test_src_never_more_than_full_while_decoding(model, ratio):
                 torch.testing.assert_close(src, full, atol=1e-5, rtol=1e-5)
         else:
             assert layer.reviewed - layer.kept >= layer.decode_bin and held[-1][1] < 0.8 * held[-1][0]
+
+
+@pytest.mark.parametrize("ratio", [1.1, 1.5, 2])
+def test_src_every_none_never_more_than_full_over_long_generation(model, ratio):
+    """every=None: no step ever bins a decoded token, so each is held as the full cache holds it, K and V and no
+    log-mass (in the store's slots): through 200 decode steps after a 12-token prompt the layer never holds more
+    than the full cache (a log-mass per decoded token would outgrow the prompt's saving after 64 tokens at ratio
+    1.1), and it reads its slots as exact tokens."""
+    ids = torch.randint(0, 128, (1, 212), generator=torch.Generator().manual_seed(12))
+    caches = [make_cache("full", model.config), make_cache("src", model.config, ratio=ratio, every=None)]
+    held = []
+    with torch.no_grad():
+        for cache in caches:
+            model(ids[:, :12], past_key_values=cache)
+        for t in range(12, 212):
+            for cache in caches:
+                model(ids[:, t: t + 1], past_key_values=cache)
+            held.append([c.nbytes() for c in caches])
+    assert all(src <= full for full, src in held), next((t, h) for t, h in enumerate(held) if h[1] > h[0])
+    s = caches[1].layers[0].store
+    assert s.bias is not None and s.slot_lens.tolist() == [200] and (s.lens < 12).all()
+    q = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(13))
+    none = s.k.new_zeros(1, 2, 0, 32)
+    as_entries = [torch.cat([x[:, :, :int(s.lens)], y[:, :, :200]], 2) for x, y in ((s.k, s.k_slots), (s.v, s.v_slots))]
+    bias = torch.cat([s.bias[:, :, :int(s.lens)], s.bias.new_zeros(1, 2, 200)], 2)
+    want = torch.ops.holokv.holo_decode(q, none, none, s.phase, torch.zeros(1, dtype=torch.long), *as_entries,
+                                        s.lens + 200, "full", 0.2, 1.0, bias, None)
+    torch.testing.assert_close(s.decode(q, 0.2), want)
+
+
+def test_src_every_none_runtime_reserves_its_slots(model, batch):
+    """holokv.runtime reserves every planned token after the prefill; with every=None they are slots, so no buffer
+    moves while it decodes, and it gives generate's tokens."""
+    ids, mask = batch
+    new = lambda: make_cache("src", model.config, ratio=2, every=None)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=new())
+    dec = Decoder(model, new(), graph=False)
+    logits = dec.prefill(ids, mask, max_new_tokens=10)
+    store = dec.cache.layers[0].store
+    buffers = [x.data_ptr() for x in (store.k, store.k_slots, store.v_slots)]
+    tokens = [logits.argmax(-1)]
+    for _ in range(9):
+        tokens.append(dec.step(tokens[-1]).argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), want[:, ids.shape[1]:]) and store.slot_lens.tolist() == [9, 9]
+    assert [x.data_ptr() for x in (store.k, store.k_slots, store.v_slots)] == buffers
 
 
 def kv_bytes(cache) -> int:

@@ -112,6 +112,12 @@ class SRCLayer(FullLayer):
     rule above leaves them out, so SRC's bytes per token exceed 1/ratio by their share; never the full cache's:
     a batch with a prompt whose compaction does not pay for them and the decoded tokens' log-masses
     (:meth:`compacts`; a count shared by the batch, like r0) holds the full cache for that generation.
+
+    With every=None no step ever bins a decoded token, so none needs a log-mass: they go to the store's slots
+    (``exact_slots``), one token a slot under the phase key 1 (no superposition, no log-mass; holo_decode reads
+    slots and entries in one softmax), and each costs exactly what it costs the full cache. Held in the entries,
+    with the log-mass column the store keeps for every entry, they would each cost one element per KV head more,
+    and a long enough generation would outgrow what the prompt's compaction saved.
     """
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
@@ -140,6 +146,7 @@ class SRCLayer(FullLayer):
             raise ValueError("SRC's future_queries re-rotate prompt queries: they need the model's rotary embedding "
                              "(make_cache passes it)")
         self.future_queries, self.future, self.rotary = future_queries, future, rotary
+        self.exact_slots = False  # whether decoded tokens go to the slots (every=None; see the class docstring)
         self.ratio, self.method, self.score, self.lam, self.every_option = ratio, method, score, lam, every
         self.every = None  # this generation's (compress_prompt): None while the layer holds the full cache
         self.rank, self.ridge, self.window, self.bin_size, self.decode_bin, self.sinks, self.recent = (
@@ -185,17 +192,35 @@ class SRCLayer(FullLayer):
         return self.store.lens
 
     def decode(self, q, k, v, scale):
-        """Append one token per sequence, and its query to the ring; every sequence grows by one."""
+        """Append one token per sequence (to the slots where ``exact_slots``), and its query to the ring; every
+        sequence grows by one."""
         self.n_valid.add_(1)
-        self.store.append(k, v)
+        if self.exact_slots:
+            self.append_slot(k, v)
+        else:
+            self.store.append(k, v)
         if self.every:
             self.q_ring.index_copy_(2, self.q_at, q.unsqueeze(2))
             self.q_at.add_(1).remainder_(self.q_cap)
         return self.store.decode(q, scale)
 
+    def append_slot(self, k, v) -> None:
+        """One exact token per sequence, k, v [B, Hkv, d], in the store's next slot (in place; see exact_slots)."""
+        s = self.store
+        at = s.slot_lens.view(-1, 1, 1, 1).expand(*k.shape[:2], 1, k.shape[2])
+        s.k_slots.scatter_(2, at, k.unsqueeze(2))
+        s.v_slots.scatter_(2, at, v.unsqueeze(2))
+        s.slot_lens.add_(1)
+
+    def reserve(self, tokens: int, exact: bool = False) -> None:
+        if not self.exact_slots:
+            return super().reserve(tokens, exact)
+        self.store.reserve(self.width, self.generated + tokens, exact)  # the entries are done: only slots grow
+
     def after_token(self) -> None:
         super().after_token()
-        self.width += 1
+        if not self.exact_slots:  # slots are not entries
+            self.width += 1
         self.generated += 1
         self.q_written += 1
         if self.every and self.generated % self.every == 0:
@@ -344,9 +369,9 @@ class SRCLayer(FullLayer):
         queries (up to :meth:`query_cap`, heads·head_dim elements each, a token being kv_heads·2·head_dim) and the log-mass
         (one element) of each decoded token it holds before its steps catch up. The steps hold at most their
         budget plus C = recent + decode_bin + every entries (the tail, a filling bin, a step's tokens), so the
-        decoded tokens all stay only while t <= C·ratio / (ratio − 1). (With every=None every decoded token stays,
-        log-mass and all: the bound then holds for saved / kv_heads decoded tokens.) If it does not pay (ratio 1,
-        short prompts) the layer holds the full cache: exact tokens, no log-mass, no queries, no steps."""
+        decoded tokens all stay only while t <= C·ratio / (ratio − 1). (With every=None the decoded tokens hold no
+        log-mass, see exact_slots: any saving pays.) If it does not pay (ratio 1, short prompts) the layer holds the
+        full cache: exact tokens, no log-mass, no queries, no steps."""
         saved = (n - max(1, math.ceil(n / self.ratio))) * kv_heads * 2 * head_dim
         if saved <= 0 or not every:
             return saved > 0
@@ -358,7 +383,7 @@ class SRCLayer(FullLayer):
         centroids first: the kept tokens follow in order, so the recent window ends every sequence and
         starts the decode stream's tail when the prefill kept it whole."""
         self.late_check.flush()  # the previous generation's last step: the prefill syncs anyway
-        self.scale = scale
+        self.scale, self.exact_slots = scale, False
         valid = [k.shape[2] - pad for pad in self.pads]
         every = self.steps_every(max(valid))
         if not all(self.compacts(n, every, q.shape[1], k.shape[1], k.shape[3]) for n in valid):  # batch's count
@@ -390,7 +415,7 @@ class SRCLayer(FullLayer):
         keys, values, bias = (ragged(list(x)).to(k.dtype) for x in zip(*parts))
         lens = [p[0].shape[2] for p in parts]
         self.store.write(keys, values, torch.tensor(lens, device=self.device), bias)
-        self.width, self.q_written = max(lens), 0
+        self.width, self.q_written, self.exact_slots = max(lens), 0, not self.every and self.log_mass
         if self.every:
             self.r0 = min(tails)  # a count shared by the batch (see the class docstring)
             first = q[:, :, q.shape[2] - min(self.r0, self.kept_queries()):]

@@ -6,7 +6,7 @@ import torch
 
 import holokv
 from holokv.compaction import (CompactKV, Graphed, attend, causal_stats, compact, plan, pool_gqa, seed_centroids,
-                               sigma_point_keys)
+                               sigma_point_keys, softmax_ls_centroids)
 from holokv.compaction.graph import GRAPHLESS
 from holokv.compaction.linalg import check_info
 from conftest import needs_cuda
@@ -75,6 +75,21 @@ def test_sigma_points_match_mean_and_covariance():
     cov = lambda x: (x - x.mean(1, keepdim=True)).mT @ (x - x.mean(1, keepdim=True)) / x.shape[1]
     torch.testing.assert_close(cov(kc), cov(k))
     torch.testing.assert_close(lm, torch.full_like(lm, math.log(40 / 5)))
+
+
+@pytest.mark.parametrize("shrink_to", ["window", "mean"])
+def test_ridge_shrinks_values_toward(shrink_to):
+    """ridge pulls the fitted values toward V_0: with a huge one they are V_0. For "mean" that is each bin's plain
+    mass-weighted mean value softmax(b)·v, which no reference query changes; for "window" (the default) the bin's
+    output averaged over the reference queries, which is another value (so the option is not a no-op)."""
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    q, kb, vb, bb, n_c = rand(1, HKV, 5, D), rand(1, HKV, 3, 8, D), rand(1, HKV, 3, 8, D), rand(1, HKV, 3, 8), 2
+    fitted = [softmax_ls_centroids(q * s, (rand(1, HKV, 5, D), rand(1, HKV, 5)), kb, vb, bb, n_c, ridge=1e9,
+                                   shrink_to=shrink_to)[1] for s in (1, 3)]
+    mean = (torch.softmax(bb, -1).unsqueeze(-2) @ vb).repeat_interleave(n_c, 2).flatten(2, 3)  # [1, H, 3·n_c, D]
+    gaps = [float((values - mean).abs().max()) for values in fitted]
+    assert max(gaps) < 1e-6 if shrink_to == "mean" else min(gaps) > 0.1, gaps
 
 
 def test_seed_linear_readout_is_rank_r_fit():

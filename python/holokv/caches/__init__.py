@@ -40,7 +40,7 @@ LAYERS = {
     "kvzip": KVzipLayer,
     "src": SRCLayer,
 }
-CACHES = {"kvzip": KVzipCache}  # methods whose cache does more than hold its layers
+CACHES = {"kvzip": KVzipCache, "src": KVzipCache}  # methods whose cache does more than hold its layers (a pass)
 METHODS = tuple(LAYERS)
 
 
@@ -49,16 +49,17 @@ def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> Compres
     ``mode``, ``prefill``, ``slot_gain``, ``window_slots``; StreamingLLM's ``sinks``; SnapKV's ``window``; Expected
     Attention's ``sinks``, ``future``, ``epsilon`` (its ``rotary`` comes from the config); KVzip's ``sinks``;
     ``adaptive`` for Top-K, SnapKV, Expected Attention and KVzip; SRC's ``method``, ``score``, ``rank``, ``ridge``,
-    ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``, ``decode_bin``; TOVA has none), or to the cache
-    where it takes them itself (KVzip's ``chunk`` and ``tokenizer``, which words its request to repeat the context:
-    its reconstruction pass runs after the prompt's forward, through the hook that :func:`use_holokv_attention`
-    installs). Positional-only ``method`` leaves that name to SRC's option."""
+    ``shrink_to``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``, ``decode_bin``, ``future_queries``,
+    ``future``, ``future_source``; TOVA has none), or to the cache where it takes them itself (KVzip's, and SRC's,
+    ``chunk`` and ``tokenizer``, which words the request to repeat the context: the reconstruction pass runs after
+    the prompt's forward, through the hook that :func:`use_holokv_attention` installs). Positional-only ``method``
+    leaves that name to SRC's option."""
     validate(method, ratio, options, config)  # before anything is built: each bad option named
     layout = check_model(config)
     text = config.get_text_config(decoder=True)
     if method == "holokv":
         options = dict(head_dim=head_dim(config), rope_layout=layout, **options)
-    if method == "expected" or (method == "src" and options.get("future_queries")):
+    if method == "expected" or (method == "src" and SRCLayer.rotary_for(**options)):
         if layout != "half":
             raise ValueError(f"{method} de-rotates queries with rotate-half RoPE; this model's is {layout}")
         options = dict(rotary=LlamaRotaryEmbedding(text), **options)  # the Llama family's RoPE, from config

@@ -3,8 +3,9 @@
 Scoring needs the whole model, not one layer: after the prompt's forward, :class:`KVzipCache` runs a second
 forward (``after_forward``, called by the hook that :func:`~.hf_attention.use_holokv_attention` puts on the
 model) over a request to repeat the context followed by the context itself, reading the held prompt. Every layer
-records, per prompt entry, the largest weight a reconstruction query pays it, then keeps its best-scored entries.
-Long prompts are reconstructed ``chunk`` tokens per pass, as in the paper.
+records, per prompt entry, the largest weight a reconstruction query pays it (:class:`ReadsBack`), then keeps its
+best-scored entries. Long prompts are reconstructed ``chunk`` tokens per pass, as in the paper. SRC uses the same
+pass for its reference queries and scores (its ``future_source`` and ``score`` options).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP = 8  # tokens of the previous chunk a later chunk's request quotes, so the model knows where to resume
 QUERIES = 256  # reconstruction queries scored at a time: memory O(QUERIES · G · prompt)
-UNSCORED = ("kvzip's prompt was not scored: its reconstruction pass runs after the prompt's forward through the "
-            "hook holokv.caches.use_holokv_attention(model) installs; call the model it was given to")
+UNSCORED = ("the prompt was not scored: its reconstruction pass (KVzip's) runs after the prompt's forward through "
+            "the hook holokv.caches.use_holokv_attention(model) installs; call the model it was given to")
 
 
 def requests(tokenizer) -> tuple[list[int], list[int], list[int]]:
@@ -38,21 +39,23 @@ def requests(tokenizer) -> tuple[list[int], list[int], list[int]]:
     return [tokenizer.encode(text, add_special_tokens=False) for text in (FIRST, LATER, close)]
 
 
-class KVzipLayer(SelectionLayer):
-    """KVzip (Kim et al. 2025), query-agnostic: a prompt entry's score is the largest weight any query of its GQA
-    group pays it while the model reconstructs the context (:class:`KVzipCache`); the first ``sinks`` tokens are
-    kept. One-shot, like SnapKV; ``adaptive`` gives head-adaptive budgets (the paper's budgets are per head)."""
+class ReadsBack:
+    """A layer's part in the reconstruction pass, mixed in before its FullLayer base: :meth:`hold` keeps the whole
+    prompt (pads cut off) for the pass; while it runs (``recon`` set by :class:`KVzipCache`) the new tokens' queries
+    read it (:meth:`reconstruct`) and ``scores`` rises to KVzip's score; then the cache calls the layer's
+    ``compress``. A layer still holding its prompt must not decode (:meth:`check_scored`)."""
 
-    def __init__(self, ratio: float = 1.0, sinks: int = 4, adaptive: float | None = None):
-        super().__init__(ratio, adaptive)
-        self.sinks = sinks
-        self.scores = None  # [B, Hkv, n] fp32 while the held prompt waits for its reconstruction pass
-        self.recon = None  # [B] left pads of the reconstruction input while a pass runs
+    scores = None  # [B, Hkv, n] fp32 while the held prompt waits for its reconstruction pass
+    recon = None  # [B] left pads of the reconstruction input while a pass runs
 
-    def compress_prompt(self, q, k, v, mask, scale, pads):
+    def hold(self, q, k, v, mask, scale, pads) -> None:
         """Hold the whole prompt (pads cut off) until the reconstruction pass has scored it."""
         FullLayer.compress_prompt(self, q, k, v, mask, scale, pads)
         self.scores = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+
+    def check_scored(self) -> None:
+        if self.scores is not None:
+            raise RuntimeError(UNSCORED)
 
     def attend(self, q, mask, scale):
         if self.recon is None:
@@ -81,6 +84,18 @@ class KVzipLayer(SelectionLayer):
             torch.maximum(self.scores, best, out=self.scores)
         return torch.cat(outs, 2).transpose(1, 2).to(q.dtype)
 
+
+class KVzipLayer(ReadsBack, SelectionLayer):
+    """KVzip (Kim et al. 2025), query-agnostic: a prompt entry's score is the largest weight any query of its GQA
+    group pays it while the model reconstructs the context (:class:`KVzipCache`); the first ``sinks`` tokens are
+    kept. One-shot, like SnapKV; ``adaptive`` gives head-adaptive budgets (the paper's budgets are per head)."""
+
+    def __init__(self, ratio: float = 1.0, sinks: int = 4, adaptive: float | None = None):
+        super().__init__(ratio, adaptive)
+        self.sinks = sinks
+
+    compress_prompt = ReadsBack.hold
+
     def compress(self) -> None:
         """Keep the best-scored entries of the held prompt (left-aligned: an entry's row is its index from the
         sequence's first real token) in a store of their size."""
@@ -99,14 +114,14 @@ class KVzipLayer(SelectionLayer):
         return super().bound(seen)
 
     def decode(self, q, k, v, scale):
-        if self.scores is not None:
-            raise RuntimeError(UNSCORED)
+        self.check_scored()
         return super().decode(q, k, v, scale)
 
 
 class KVzipCache(CompressedCache):
-    """KVzip's cache. ``tokenizer`` words the request to repeat the context (without one the model reads the
-    context a second time, unasked); ``chunk``: context tokens reconstructed per forward."""
+    """The cache of layers that take part in the reconstruction pass (:class:`ReadsBack`: KVzip's, and SRC's where
+    its options use the pass). ``tokenizer`` words the request to repeat the context (without one the model reads
+    the context a second time, unasked); ``chunk``: context tokens reconstructed per forward."""
 
     cache_options = ("tokenizer", "chunk")
 

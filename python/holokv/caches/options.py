@@ -10,7 +10,8 @@ from ..checks import PHASE_COUNTS
 from ..reference import MODES
 from .holo import PREFILLS
 from .model_check import head_dim
-from .src import SCORES
+from .future_queries import SOURCES
+from .src import SCORES, SHRINK_TO
 
 
 def _is_int(value) -> bool:
@@ -90,8 +91,10 @@ OPTIONS = {
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
             "bin_size": integer(1, none_ok=True), "decode_bin": integer(1, none_ok=True),
             "every": integer(1, none_ok=True, words=("auto",), doc="generated tokens between compression steps"),
-            "lam": real(), "future_queries": integer(0, doc="prompt queries replayed at future positions"),
-            "future": integer(1, doc="positions ahead the replayed queries are spread over")},
+            "lam": real(), "future_queries": integer(0, doc="stand-ins for the queries after the prompt"),
+            "future": integer(1, doc="positions ahead the stand-ins are spread over"),
+            "future_source": choice(*SOURCES), "shrink_to": choice(*SHRINK_TO),
+            "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder},
 }
 
 

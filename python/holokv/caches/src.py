@@ -25,9 +25,14 @@ from ..compaction.compact import entry_elems, fit
 from ..compaction.summarize import summarize_bins
 from ..compaction.scores import entropy
 from .base import FullLayer, take
-from .expected import turn
+from .expected import carried, expected_scores, prompt_gaussian
+from .future_queries import SOURCES, Heard, gaussian, replayed
+from .kvzip import ReadsBack
 
-SCORES = ("mass", "seed")
+# what decides which prompt tokens stay exact: the window's attention mass, the seed's mass − λ·entropy, Expected
+# Attention's expected scores or KVzip's reconstruction scores (the last two at the prompt only: steps use "mass")
+SCORES = ("mass", "seed", "expected", "recon")
+SHRINK_TO = ("window", "mean")  # what ridge shrinks the centroid values toward (summarize.softmax_ls_centroids)
 CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of the budget (bench/src_quality.py)
 # every="auto": a compression step per this share of the prompt's budget in generated tokens, at least every
 # MIN_EVERY. A step reads the whole cache, so its cost grows with the budget: spacing the steps alike keeps their
@@ -72,19 +77,27 @@ class LateCheck:
                 raise torch.linalg.LinAlgError(f"{count.item()} batched factorizations failed")
 
 
-class SRCLayer(FullLayer):
+class SRCLayer(ReadsBack, FullLayer):
     """Options: ``method`` of the summary ("softmax_ls": fitted values and log-mass, or "seed": the source
-    method's linear read-out), ``score`` deciding what stays exact ("mass": window attention, or "seed":
-    mass − ``lam``·row entropy), ``rank`` centroids per bin of ``bin_size`` tokens evicted from the prompt
+    method's linear read-out), ``score`` deciding what stays exact ("mass": window attention, "seed":
+    mass − ``lam``·row entropy, "expected": Expected Attention's scores with RoPE averaged over the next ``future``
+    positions, "recon": KVzip's scores from its reconstruction pass; the last two at the prompt only, decode-time
+    steps score by "mass"), ``rank`` centroids per bin of ``bin_size`` tokens evicted from the prompt
     (default: centroids take about 1/8 of the budget) or of ``decode_bin`` tokens evicted while decoding
     (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
-    exact, stays small against it), ``ridge`` of the value fit, ``window`` observation queries, ``sinks`` and
-    ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after
-    the prompt that the prompt's summaries are also fitted for (:meth:`replayed_queries`: prompt queries moved to
-    positions spread over the next ``future``), ``every``: generated tokens (counted per layer) between decode-time
-    compression steps, None for none (decoded tokens then stay exact), "auto" (the default) for
+    exact, stays small against it), ``ridge`` of the value fit and ``shrink_to`` what it shrinks the values toward
+    ("window": each bin's output averaged over the reference queries, or "mean": its plain mass-weighted mean
+    value, which does not depend on them), ``window`` observation queries, ``sinks`` and ``recent`` tokens always
+    kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the prompt that the prompt's
+    summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`: "replay", prompt queries moved
+    to positions spread over the next ``future``; "gaussian", draws from Expected Attention's query model placed
+    there; "recon", queries of KVzip's reconstruction pass), ``every``: generated tokens (counted per layer)
+    between decode-time compression steps, None for none (decoded tokens then stay exact), "auto" (the default) for
     max(16, ceil(budget / 64)), budget = ceil(longest prompt / ratio) entries (see STEP_SHARE). A prompt fed in several chunks is
-    compacted after its first one; the later chunks are decoded (and compressed) token by token.
+    compacted after its first one; the later chunks are decoded (and compressed) token by token. Where an option
+    uses the reconstruction pass (score="recon", future_source="recon") the prompt is held whole until the pass
+    (:class:`~.kvzip.KVzipCache` runs it after the prompt's forward, worded with its ``tokenizer``) and compacted
+    after it (:meth:`compress`).
 
     While decoding, each sequence's entries are [settled | bin | tail]: settled holds the compacted prompt
     and what earlier steps kept or summarized, the bin exact tokens waiting for summary (first in, first
@@ -123,7 +136,8 @@ class SRCLayer(FullLayer):
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
                  ridge: float = 1.0, window: int = 32, bin_size: int | None = None, sinks: int = 4,
                  recent: int = 32, lam: float = 0.5, every: int | str | None = "auto", decode_bin: int | None = None,
-                 future_queries: int = 0, future: int = 512, rotary=None):
+                 future_queries: int = 0, future: int = 512, future_source: str = "replay", shrink_to: str = "window",
+                 rotary=None):
         FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -142,10 +156,22 @@ class SRCLayer(FullLayer):
         if every not in (None, "auto") and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every (generated tokens between compression steps) must be a positive int, 'auto' "
                              f"or None, got {every!r}")
-        if future_queries and rotary is None:
-            raise ValueError("SRC's future_queries re-rotate prompt queries: they need the model's rotary embedding "
-                             "(make_cache passes it)")
-        self.future_queries, self.future, self.rotary = future_queries, future, rotary
+        if future_source not in SOURCES:
+            raise ValueError(f"future_source must be one of {SOURCES}, got {future_source!r}")
+        if future_source != "replay" and not future_queries:
+            raise ValueError(f"future_source={future_source!r} says where the future_queries stand-ins come from: it "
+                             f"needs future_queries > 0")
+        if shrink_to not in SHRINK_TO:
+            raise ValueError(f"shrink_to must be one of {SHRINK_TO}, got {shrink_to!r}")
+        needs = self.rotary_for(score, future_queries, future_source)
+        if needs and rotary is None:
+            raise ValueError(f"SRC's {needs} moves prompt queries to future positions: it needs the model's rotary "
+                             f"embedding (make_cache passes it)")
+        self.future_queries, self.future, self.future_source = future_queries, future, future_source
+        self.rotary, self.shrink_to = rotary, shrink_to
+        self.reads_back = score == "recon" or (future_queries > 0 and future_source == "recon")
+        # while the prompt waits for the reconstruction pass: its queries, and the pass's (future_source="recon")
+        self.prompt_q = self.heard = None
         self.exact_slots = False  # whether decoded tokens go to the slots (every=None; see the class docstring)
         self.ratio, self.method, self.score, self.lam, self.every_option = ratio, method, score, lam, every
         self.every = None  # this generation's (compress_prompt): None while the layer holds the full cache
@@ -154,6 +180,13 @@ class SRCLayer(FullLayer):
         # seed centroids carry no log-mass, so only softmax_ls stores (and pays for) a bias per entry
         self.log_mass = method == "softmax_ls"
         self.late_check = LateCheck()
+
+    @staticmethod
+    def rotary_for(score: str = "mass", future_queries: int = 0, future_source: str = "replay", **_) -> str | None:
+        """The option (as it reads in messages) that needs the model's rotary embedding, or None."""
+        if score == "expected":
+            return "score='expected'"
+        return "future_queries" if future_queries and future_source != "recon" else None
 
     def steps_every(self, n: int) -> int | None:
         """Generated tokens between steps for a batch whose longest prompt has n tokens (the option resolved)."""
@@ -164,7 +197,7 @@ class SRCLayer(FullLayer):
     def query_cap(self, every: int | None) -> int:
         """The scoring queries are state too (held, and counted in nbytes, while decoding): a ring of the tail's
         last queries, written in place by each decode step; this many."""
-        return self.window if self.score == "mass" else self.recent + (every or 1)
+        return self.window if self.score != "seed" else self.recent + (every or 1)
 
     batch_state = FullLayer.batch_state + ("q_ring",)
 
@@ -194,6 +227,7 @@ class SRCLayer(FullLayer):
     def decode(self, q, k, v, scale):
         """Append one token per sequence (to the slots where ``exact_slots``), and its query to the ring; every
         sequence grows by one."""
+        self.check_scored()
         self.n_valid.add_(1)
         if self.exact_slots:
             self.append_slot(k, v)
@@ -230,11 +264,13 @@ class SRCLayer(FullLayer):
         COMPACT.clear()  # the captured compactions hold their own memory pools
 
     def bound(self, seen: int) -> int:
+        if self.scores is not None:  # the prompt held for the reconstruction pass, which stores nothing
+            return self.width
         return self.width + seen - self.seen  # every decode step adds one entry, a compression step removes
 
     def kept_queries(self) -> int:
         """Queries the steps need: the observation window, or for score="seed" the whole tail's."""
-        return self.window if self.score == "mass" else self.r0 + self.generated - self.reviewed
+        return self.window if self.score != "seed" else self.r0 + self.generated - self.reviewed
 
     @property
     def queries(self) -> torch.Tensor:
@@ -314,25 +350,13 @@ class SRCLayer(FullLayer):
         bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.decode_bin, d) for b in binned]
         bias = self.store.bias
         kc, vc, bc, info = summarize_bins(self.method, obs, context, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
-                                          self.rank, self.ridge, scale)
+                                          self.rank, self.ridge, scale, shrink_to=self.shrink_to)
         self.late_check(info)
         at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
         self.store.k.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.store.k.dtype))
         self.store.v.scatter_(2, at[..., None].expand(B, H, n_cent, d), vc.to(self.store.v.dtype))
         if bias is not None:
             bias.scatter_(2, at, bc.to(bias.dtype))
-
-    def replayed_queries(self, q: torch.Tensor) -> torch.Tensor:
-        """[1, Hq, M, d]: M = ``future_queries`` of a prompt's queries q [1, Hq, n, d] (post-RoPE, evenly spaced
-        past the sinks), their RoPE undone and redone at positions spread evenly over the next ``future``: the
-        content of past queries at the positions of future ones. No cache bytes: they serve the fit only."""
-        n, M, dev = q.shape[2], self.future_queries, q.device
-        src = torch.linspace(min(self.sinks, n - 1), n - 1, M, device=dev).round().long()
-        at = n + torch.linspace(0, self.future - 1, M, device=dev).round().long()
-        cos, sin = self.rotary(q, src[None])
-        pre = turn(q[:, :, src], cos[:, None], -sin[:, None])  # RoPE at -pos undoes RoPE at pos
-        cos, sin = self.rotary(q, at[None])
-        return turn(pre, cos[:, None], sin[:, None])
 
     def window_rows(self) -> int:
         """m: the observation queries (the tail's last m tokens'), each a row per query head of its group."""
@@ -356,7 +380,7 @@ class SRCLayer(FullLayer):
         bias = None if self.store.bias is None else take(self.held_bias, cols).float()
         part = logits(obs, take(self.held_k, cols).float(), bias, scale=scale)
         score = (part - lse.unsqueeze(-1)).exp().sum(-2) * (H / self.queries.shape[1])  # window_mass's scale
-        if self.score == "mass":
+        if self.score != "seed":
             return score
         keys, bias = self.held_k.float(), None if self.store.bias is None else self.held_bias.float()
         rows = pool_gqa(self.queries[:, :, :n_new].float(), H)  # the tail's own queries (all kept for "seed")
@@ -381,16 +405,65 @@ class SRCLayer(FullLayer):
     def compress_prompt(self, q, k, v, mask, scale, pads) -> None:
         """Compact each sequence's prompt (pads cut off, so each gets its own budget) and store them ragged,
         centroids first: the kept tokens follow in order, so the recent window ends every sequence and
-        starts the decode stream's tail when the prefill kept it whole."""
+        starts the decode stream's tail when the prefill kept it whole. Where the options use the reconstruction
+        pass, hold the prompt for it instead (:meth:`compress` compacts it after)."""
         self.late_check.flush()  # the previous generation's last step: the prefill syncs anyway
         self.scale, self.exact_slots = scale, False
         valid = [k.shape[2] - pad for pad in self.pads]
         every = self.steps_every(max(valid))
-        if not all(self.compacts(n, every, q.shape[1], k.shape[1], k.shape[3]) for n in valid):  # batch's count
+        held = not all(self.compacts(n, every, q.shape[1], k.shape[1], k.shape[3]) for n in valid)  # batch's count
+        if held or self.reads_back:
             self.every, self.store.bias = None, None
-            FullLayer.compress_prompt(self, q, k, v, mask, scale, pads)
             self.width, self.q_written = max(valid), 0
+            if held:
+                return FullLayer.compress_prompt(self, q, k, v, mask, scale, pads)
+            self.hold(q, k, v, mask, scale, pads)
+            self.prompt_q = q
+            self.heard = Heard(self.future_queries, valid) if self.future_source == "recon" else None
             return
+        self.compact_prompt(q, k, v, every)
+
+    def reconstruct(self, q, k, v, scale) -> torch.Tensor:
+        """The pass's queries read the held prompt (:class:`ReadsBack`); some are kept (:class:`Heard`)."""
+        if self.heard is not None:
+            self.heard.add(q, self.recon.tolist())  # the pass is part of the prefill: it may sync
+        return super().reconstruct(q, k, v, scale)
+
+    def compress(self) -> None:
+        """After the reconstruction pass: the held prompt, back in the prompt's layout (left pads), is compacted
+        with what the pass gave (its scores, its queries)."""
+        n, pads = self.scores.shape[2], torch.tensor(self.pads, device=self.device)
+        back = (torch.arange(n, device=self.device) - pads[:, None]).clamp(min=0)  # undoes left_aligned
+        k, v = (take(x[:, :, :n], back) for x in (self.store.k, self.store.v))
+        self.recon_scores, self.scores = take(self.scores, back), None  # KVzip's, for score="recon"
+        self.store = self.new_store(k)
+        self.compact_prompt(self.prompt_q, k, v, self.steps_every(max(n - p for p in self.pads)))
+        self.prompt_q = self.recon_scores = self.heard = None
+
+    def prompt_score(self, b: int, qb, kb, vb, scale):
+        """What decides which of sequence b's prompt tokens stay exact (qb, kb, vb: its queries, keys and values,
+        pads cut off): a score compact() computes ("mass", "seed"), or the scores [1, Hkv, n] themselves."""
+        if self.score == "expected":
+            n = kb.shape[2]
+            model = prompt_gaussian(qb, torch.arange(n, device=kb.device).view(1, 1, n), self.rotary, self.sinks)
+            return expected_scores(*carried(*model, self.rotary, self.future), kb, vb, scale)
+        if self.score == "recon":
+            return self.recon_scores[b: b + 1, :, self.pads[b]:]
+        return self.score
+
+    def stand_ins(self, b: int, qb) -> torch.Tensor | None:
+        """[1, Hq, M, d]: the future_queries of future_source standing for those after sequence b's prompt (qb its
+        queries, pads cut off), or None."""
+        if not self.future_queries:
+            return None
+        if self.future_source == "recon":
+            return self.heard.queries(b).float()
+        make = replayed if self.future_source == "replay" else gaussian
+        return make(qb, self.future_queries, self.sinks, self.future, self.rotary)
+
+    def compact_prompt(self, q, k, v, every: int | None) -> None:
+        """The prompt (q, k, v with left pads) compacted, sequence by sequence; ``every`` the steps' spacing."""
+        scale = self.scale
         self.every, self.q_cap = every, self.query_cap(every)
         parts, tails = [], []
         for b, pad in enumerate(self.pads):
@@ -404,10 +477,10 @@ class SRCLayer(FullLayer):
                 budget, method = budget * 2 * d // entry_elems(method, d), "evict"
                 n_keep = min(n, budget)
             row_entropy = causal_stats(qb, kb, scale)[1] if self.score == "seed" else None
-            c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=self.score,
-                              row_entropy=row_entropy, lam=self.lam, bin_size=self.bin_size, rank=self.rank,
-                              n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, scale=scale,
-                              q_future=self.replayed_queries(qb) if self.future_queries else None)
+            c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method,
+                              score=self.prompt_score(b, qb, kb, vb, scale), row_entropy=row_entropy, lam=self.lam,
+                              bin_size=self.bin_size, rank=self.rank, n_sink=self.sinks, n_recent=self.recent,
+                              ridge=self.ridge, shrink_to=self.shrink_to, scale=scale, q_future=self.stand_ins(b, qb))
             check_info(info)  # once per prompt and layer: the host sync is affordable
             parts.append([torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)])
             # all of the sinks and the recent window kept (the split keeps protected tokens first)

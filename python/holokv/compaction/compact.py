@@ -48,7 +48,8 @@ def fit(n: int, cap: int, *, bin_size: int, rank: int):
 
 def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,
             lam: float = 0.5, bin_size: int = 64, rank: int = 4, n_sink: int = 4, n_recent: int = 32,
-            ridge: float = 1.0, scale=None, subspace: str = "iter", q_future=None) -> tuple[CompactKV, torch.Tensor]:
+            ridge: float = 1.0, shrink_to: str = "window", scale=None, subspace: str = "iter",
+            q_future=None) -> tuple[CompactKV, torch.Tensor]:
     """Compress a prompt's keys/values to ``budget`` token-equivalents of storage.
 
     q_obs [B, Hq, w, d]: queries of the last w prompt tokens (observation window,
@@ -59,7 +60,8 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     recent window are always kept. ``method``: "evict" drops the rest, "seed" and
     "softmax_ls" summarize the evicted tokens, in position order, into bins of
     ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
-    see :func:`~holokv.compaction.summarize.sigma_point_keys`).
+    see :func:`~holokv.compaction.summarize.sigma_point_keys`; ``ridge`` and ``shrink_to``: the value fit's, see
+    :func:`~holokv.compaction.summarize.softmax_ls_centroids`).
 
     q_future [B, Hq, m, d] (optional): queries standing for ones asked after the prompt; they join the window's
     as rows the summaries are fitted for (not the scores), seeing every entry.
@@ -97,6 +99,7 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
         q_ref = torch.cat([q_ref, pool_gqa(q_future, Hkv)], 2)
         mask = torch.cat([mask, mask.new_ones(B, Hkv, q_ref.shape[2] - mask.shape[2], n_keep)], 2)
     context = attend_chunked(q_ref, k_keep, v_keep, None, mask, scale) if method == "softmax_ls" else None
-    kc, vc, bc, info = summarize_bins(method, q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace)
+    kc, vc, bc, info = summarize_bins(method, q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace,
+                                      shrink_to)
     return CompactKV(torch.cat([k_keep, kc], 2), torch.cat([v_keep, vc], 2),
                      torch.cat([k.new_zeros(B, Hkv, n_keep), bc], 2), lens), info

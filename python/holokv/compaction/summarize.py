@@ -60,7 +60,7 @@ def sigma_point_keys(k_bin, b_bin, n_c: int, subspace: str = "iter"):
 
 
 def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge: float = 1.0, scale=None,
-                         subspace: str = "iter"):
+                         subspace: str = "iter", shrink_to: str = "window"):
     """Summaries fitted to what softmax attention computes.
 
     Shapes: q_ref [B, H, m, d]; the kept context (every entry the reference queries see besides the bins)
@@ -80,11 +80,13 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
 
            V_c = argmin ‖A_c V_c − (O − A_kept V_kept)‖² + λ‖V_c − V_0‖²,
 
-       λ = ridge · mean(diag A_cᵀA_c); V_0 = each bin's ρ-weighted mean bin-local
-       attention output, so unconstrained directions fall back to the bin's average
-       value instead of 0. All bins' values are solved jointly because they share
-       one softmax. With m <= nb·n_c reference rows and ridge -> 0 the reference
-       outputs are reproduced exactly.
+       λ = ridge · mean(diag A_cᵀA_c); V_0, what ``ridge`` shrinks toward and where
+       unconstrained directions fall back to instead of 0, is per bin (``shrink_to``)
+       "window": its bin-local attention output averaged over the reference queries,
+       ρ-weighted, or "mean": its plain mass-weighted mean value softmax(b_bin)·v_bin,
+       which does not depend on the reference queries. All bins' values are solved
+       jointly because they share one softmax. With m <= nb·n_c reference rows and
+       ridge -> 0 the reference outputs are reproduced exactly.
     Returns (k_c, v_c [B, H, nb·n_c, d], bias_c [B, H, nb·n_c], info [B, H]).
     """
     B, H, nb, n, d = k_bins.shape
@@ -106,7 +108,10 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
     lse_a = torch.cat([lse_ctx.unsqueeze(-1), l_c], -1).logsumexp(-1)  # softmax over [kept ∪ centroids]
     a_c = (l_c - lse_a.unsqueeze(-1)).exp()
     o_share = rho.unsqueeze(-1) * o_bin  # each bin's part of the exact output
-    v0 = o_share.sum(-2) / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(rho.dtype).tiny)
+    if shrink_to == "mean":
+        v0 = (torch.softmax(b_bins, -1).unsqueeze(-2) @ v_bins).squeeze(-2)
+    else:
+        v0 = o_share.sum(-2) / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(rho.dtype).tiny)
     v0 = v0.unsqueeze(3).expand(B, H, nb, n_c, d).flatten(2, 3)
     # residual O − A_kept V_kept − A_c V_0; the kept entries' two weights differ by a factor per row
     kept_gap = (lse_ctx - lse_all).exp() - (lse_ctx - lse_a).exp()
@@ -116,10 +121,10 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
 
 
 def summarize_bins(method: str, q_ref, context, k_bins, v_bins, b_bins, rank: int, ridge: float = 1.0,
-                   scale=None, subspace: str = "iter"):
+                   scale=None, subspace: str = "iter", shrink_to: str = "window"):
     """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, ``context`` unused:
     None will do) or "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context's
-    (o_ctx, lse_ctx) = ``context``, sigma-point PCA by ``subspace``).
+    (o_ctx, lse_ctx) = ``context``, sigma-point PCA by ``subspace``, values shrunk toward ``shrink_to``).
 
     q_ref [B, H, m, d] pooled reference queries; bins k/v_bins [B, H, nb, n, d], b_bins [B, H, nb, n].
     Returns (k_c, v_c [B, H, nb·rank, d], bias_c [B, H, nb·rank], info [B, H] int32, 0 = ok).
@@ -128,4 +133,4 @@ def summarize_bins(method: str, q_ref, context, k_bins, v_bins, b_bins, rank: in
         kc, vc, info = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
         return (kc.flatten(2, 3), vc.flatten(2, 3), kc.new_zeros(kc.shape[:2] + (kc.shape[2] * rank,)),
                 (info != 0).sum(-1, dtype=torch.int32))
-    return softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace)
+    return softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace, shrink_to)

@@ -144,7 +144,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     exact = None
     for run in runs:
         def new_cache(run=run):
-            words = dict(tokenizer=tokenizer) if run["method"] == "kvzip" else {}  # KVzip's request to repeat
+            words = dict(tokenizer=tokenizer) if run["method"] in ("kvzip", "src") else {}  # the request to repeat
             return make_cache(run["method"], model.config, ratio=run["ratio"], **words, **run["options"])
 
         bar.set_postfix_str(f"{run['spec']} x{run['ratio']:g}")

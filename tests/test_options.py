@@ -24,16 +24,16 @@ class Words:
 VALID = {
     "full": {},
     "holokv": dict(k=8, sinks=0, mode="full", prefill="superposed", slot_gain=2.0, window_slots=3),
-    "streaming": dict(sinks=0),
-    "topk": dict(adaptive=0.0),
-    "h2o": dict(recent=1),
-    "snapkv": dict(window=1, kernel=1, adaptive=None),
-    "expected": dict(sinks=0, future=1, epsilon=0.5, adaptive=1.0),
-    "tova": {},
-    "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words()),
+    "streaming": dict(sinks=0, pyramid=1),
+    "topk": dict(adaptive=0.0, pyramid=None),
+    "h2o": dict(recent=1, pyramid=2.5),
+    "snapkv": dict(window=1, kernel=1, adaptive=None, pyramid=20),
+    "expected": dict(sinks=0, future=1, epsilon=0.5, adaptive=1.0, pyramid=3),
+    "tova": dict(pyramid=2),
+    "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words(), pyramid=4),
     "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
                 decode_bin=None, every=None, lam=-1.0, future_queries=3, future=8, future_source="gaussian",
-                shrink_to="mean", chunk=64, tokenizer=Words()),
+                shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5),
 }
 COMPRESSED = [m for m in LAYERS if m != "full"]
 

@@ -19,6 +19,7 @@ from .h2o import H2OLayer
 from .hf_attention import NAME as ATTN_IMPLEMENTATION, use_holokv_attention
 from .holo import HoloKVLayer
 from .kvzip import KVzipCache, KVzipLayer
+from .layer_budgets import layer_ratios
 from .model_check import check_model, head_dim
 from .options import validate
 from .snapkv import SnapKVLayer
@@ -50,7 +51,8 @@ def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> Compres
     Attention's ``sinks``, ``future``, ``epsilon`` (its ``rotary`` comes from the config); KVzip's ``sinks``;
     ``adaptive`` for Top-K, SnapKV, Expected Attention and KVzip; SRC's ``method``, ``score``, ``rank``, ``ridge``,
     ``shrink_to``, ``window``, ``bin_size``, ``sinks``, ``recent``, ``every``, ``decode_bin``, ``future_queries``,
-    ``future``, ``future_source``; TOVA has none), or to the cache where it takes them itself (KVzip's, and SRC's,
+    ``future``, ``future_source``; TOVA has none; ``pyramid`` for every method that compresses the prompt:
+layer-adaptive budgets, see :mod:`.layer_budgets`), or to the cache where it takes them itself (KVzip's, and SRC's,
     ``chunk`` and ``tokenizer``, which words the request to repeat the context: the reconstruction pass runs after
     the prompt's forward, through the hook that :func:`use_holokv_attention` installs). Positional-only ``method``
     leaves that name to SRC's option."""
@@ -65,7 +67,8 @@ def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> Compres
         options = dict(rotary=LlamaRotaryEmbedding(text), **options)  # the Llama family's RoPE, from config
     cache = CACHES.get(method, CompressedCache)
     own = {name: options.pop(name) for name in cache.cache_options if name in options}
-    layers = [LAYERS[method](ratio=ratio, **options) for _ in range(text.num_hidden_layers)]
+    ratios = layer_ratios(ratio, text.num_hidden_layers, options.pop("pyramid", None))
+    layers = [LAYERS[method](ratio=r, **options) for r in ratios]
     return cache(layers, method, ratio, **own)
 
 

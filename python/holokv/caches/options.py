@@ -73,20 +73,24 @@ def phase_count(name, value):
                          f"(chosen from the ratio), got {value!r}")
 
 
+# layer-adaptive budgets of the caches that compress the prompt (.layer_budgets): PyramidKV's β, the top layer
+# keeping 1/β of the mean budget (1: uniform; None: off)
+PYRAMID = {"pyramid": real(1, none_ok=True)}
 # method -> its options and their checks (the options make_cache takes from the model config are not here)
 OPTIONS = {
     "full": {},
     "holokv": {"k": phase_count, "sinks": integer(0), "mode": choice(*MODES),
                "prefill": choice(*PREFILLS), "slot_gain": real(0, lo_open=True),
                "window_slots": integer(1, none_ok=True, doc="the most recent slots held; None: all")},
-    "streaming": {"sinks": integer(0)},
-    "topk": {"adaptive": real(0, 1, none_ok=True)},
-    "h2o": {"recent": real(0, 1)},
-    "snapkv": {"window": integer(1), "kernel": integer(1, odd=True), "adaptive": real(0, 1, none_ok=True)},
-    "expected": {"sinks": integer(0), "future": integer(1), "epsilon": real(0), "adaptive": real(0, 1, none_ok=True)},
-    "tova": {},
+    "streaming": {"sinks": integer(0), **PYRAMID},
+    "topk": {"adaptive": real(0, 1, none_ok=True), **PYRAMID},
+    "h2o": {"recent": real(0, 1), **PYRAMID},
+    "snapkv": {"window": integer(1), "kernel": integer(1, odd=True), "adaptive": real(0, 1, none_ok=True), **PYRAMID},
+    "expected": {"sinks": integer(0), "future": integer(1), "epsilon": real(0), "adaptive": real(0, 1, none_ok=True),
+                 **PYRAMID},
+    "tova": {**PYRAMID},
     "kvzip": {"sinks": integer(0), "adaptive": real(0, 1, none_ok=True),
-              "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder},
+              "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder, **PYRAMID},
     "src": {"method": choice("softmax_ls", "seed"), "score": choice(*SCORES), "rank": integer(1),
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
             "bin_size": integer(1, none_ok=True), "decode_bin": integer(1, none_ok=True),
@@ -94,7 +98,7 @@ OPTIONS = {
             "lam": real(), "future_queries": integer(0, doc="stand-ins for the queries after the prompt"),
             "future": integer(1, doc="positions ahead the stand-ins are spread over"),
             "future_source": choice(*SOURCES), "shrink_to": choice(*SHRINK_TO),
-            "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder},
+            "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder, **PYRAMID},
 }
 
 

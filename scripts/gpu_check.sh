@@ -8,11 +8,13 @@
 #   gpu_check.sh e2e OUT        holokv bench e2e at B=16/N=16K and B=1/N=32K, then the uncompiled step, alone
 #                               on the GPU (timings)
 #   gpu_check.sh kernels OUT    holokv bench decode, src and stream
+#   gpu_check.sh ncu OUT        Nsight Compute on holo_decode's split kernels at the e2e shape (B=16, N=16K,
+#                               Llama-3-8B heads): throughput, memory, warp stalls, occupancy
 # A shard or run cut by LIMIT seconds (default 480) says so at the end of its log; the phase's exit status is
 # nonzero if any failed or was cut. Logs and results go to OUT (default bench/results). PY: the interpreter
 # (default python3).
 set -uo pipefail
-phase=${1:?phase: build, tests, memcheck, e2e or kernels}
+phase=${1:?phase: build, tests, memcheck, e2e, kernels or ncu}
 out=$(realpath -m "${2:-bench/results}")
 LIMIT=${LIMIT:-480}
 PY=${PY:-python3}
@@ -79,8 +81,14 @@ case $phase in
     done
     exit $status
     ;;
+  ncu)
+    limited "$out/ncu_decode.txt" ncu -k regex:holo_decode --launch-skip 4 --launch-count 4 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section LaunchStats --section SchedulerStats \
+      "$PY" -m holokv.cli bench decode --batch 16 --tokens 16384 --k 4 --compact-ratio 1 4 --out /tmp
+    ;;
   *)
-    echo "unknown phase $phase: build, tests, memcheck, e2e or kernels" >&2
+    echo "unknown phase $phase: build, tests, memcheck, e2e, kernels or ncu" >&2
     exit 2
     ;;
 esac

@@ -21,7 +21,7 @@ PY=${PY:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 SHARDS=("tests/test_holo_decode.py tests/test_decode_nonfinite.py tests/test_holo_append.py tests/test_superpose.py"
-        "tests/test_runtime.py tests/test_caches.py"
+        "tests/test_runtime.py tests/test_caches.py tests/test_head_budgets.py"
         "tests/test_src_compress.py tests/test_linalg_ops.py tests/test_mixed_devices.py"
         "tests/test_fuzz.py"
         "tests/test_prefill_attention.py")

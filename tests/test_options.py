@@ -33,7 +33,7 @@ VALID = {
     "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words(), pyramid=4),
     "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
                 decode_bin=None, every=None, lam=-1.0, future_queries=3, future=8, future_source="gaussian",
-                shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5),
+                shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5, adaptive=0.3),
 }
 COMPRESSED = [m for m in LAYERS if m != "full"]
 

@@ -50,6 +50,7 @@ class FullLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
     log_mass = False  # whether entries carry a log-mass
+    adaptive = None  # the head-adaptive budgets' share (AdaKV) of the layers that have them: lengths per KV head
     batch_state = ("n_valid",)  # per-sequence tensors beside the store (batch first)
 
     def __init__(self, ratio: float = 1.0):
@@ -69,7 +70,7 @@ class FullLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def new_store(self, like: torch.Tensor) -> Store:
-        return Store(like, bias=self.log_mass)
+        return Store(like, bias=self.log_mass, per_head=self.adaptive is not None)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.pending is not None:

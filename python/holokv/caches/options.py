@@ -98,7 +98,8 @@ OPTIONS = {
             "lam": real(), "future_queries": integer(0, doc="stand-ins for the queries after the prompt"),
             "future": integer(1, doc="positions ahead the stand-ins are spread over"),
             "future_source": choice(*SOURCES), "shrink_to": choice(*SHRINK_TO),
-            "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder, **PYRAMID},
+            "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder,
+            "adaptive": real(0, 1, none_ok=True), **PYRAMID},
 }
 
 

@@ -15,7 +15,6 @@ import torch
 
 from ..compaction.softmax import logits, pool_gqa
 from .base import FullLayer, take
-from .store import Store
 
 INF = float("inf")
 
@@ -26,6 +25,20 @@ def budget(valid, ratio: float):
     if isinstance(valid, torch.Tensor):
         return (valid.double() / ratio).ceil().long().clamp(min=1)
     return max(1, math.ceil(valid / ratio))
+
+
+def head_budgets(ranked: torch.Tensor, keep: torch.Tensor, share: float) -> torch.Tensor:
+    """AdaKV's head-adaptive budgets [B, Hkv]: from each head's scores ranked best first [B, Hkv, n] and each
+    sequence's budget per head ``keep`` [B], each head's share of the Hkv·keep best scores of the layer, its first
+    ``share``·keep counted in whatever they score (ties: head order, then rank)."""
+    B, H, n = ranked.shape
+    floor = (keep.double() * share).floor().long()
+    sure = (torch.arange(n, device=ranked.device) < floor.view(B, 1, 1)).expand(B, H, n).reshape(B, H * n)
+    # every head's floor first, then the best scores (protected ones are +inf too), each in a stable order
+    best = ranked.reshape(B, H * n).argsort(dim=-1, descending=True, stable=True)
+    best = best.gather(1, sure.gather(1, best).to(torch.int8).argsort(dim=-1, descending=True, stable=True))
+    picked = torch.arange(H * n, device=ranked.device) < (H * keep).view(B, 1)
+    return torch.zeros_like(picked).scatter_(1, best, picked).view(B, H, n).sum(-1)
 
 
 class SelectionLayer(FullLayer):
@@ -39,9 +52,6 @@ class SelectionLayer(FullLayer):
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
         self.ratio, self.adaptive = ratio, adaptive
-
-    def new_store(self, like):
-        return Store(like, per_head=self.adaptive is not None)
 
     def compress_prompt(self, q, k, v, mask, scale, pads):
         """Per sequence its own budget of the highest prompt scores (pads never win), in position order."""
@@ -62,19 +72,8 @@ class SelectionLayer(FullLayer):
         self.kept_prompt(chosen, pos)
 
     def head_lens(self, ranked: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Entries each head keeps, from its scores ranked best first [B, Hkv, n] and each sequence's budget
-        ``keep`` [B]: ``keep`` for every head, or (``adaptive``) each head's share of the Hkv·keep best scores
-        of the layer, its first α·keep counted in whatever they score (ties: head order, then rank)."""
-        if self.adaptive is None:
-            return keep
-        B, H, n = ranked.shape
-        floor = (keep.double() * self.adaptive).floor().long()
-        sure = (torch.arange(n, device=ranked.device) < floor.view(B, 1, 1)).expand(B, H, n).reshape(B, H * n)
-        # every head's floor first, then the best scores (protected ones are +inf too), each in a stable order
-        best = ranked.reshape(B, H * n).argsort(dim=-1, descending=True, stable=True)
-        best = best.gather(1, sure.gather(1, best).to(torch.int8).argsort(dim=-1, descending=True, stable=True))
-        picked = torch.arange(H * n, device=ranked.device) < (H * keep).view(B, 1)
-        return torch.zeros_like(picked).scatter_(1, best, picked).view(B, H, n).sum(-1)
+        """Entries each head keeps: ``keep`` [B] for every head, or (``adaptive``) :func:`head_budgets`'s."""
+        return keep if self.adaptive is None else head_budgets(ranked, keep, self.adaptive)
 
     def budget(self, valid):
         """Entries a sequence of ``valid`` tokens keeps per head (see :func:`budget`)."""

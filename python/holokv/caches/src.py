@@ -23,11 +23,12 @@ from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_
 from ..compaction.softmax import attend_window, logits
 from ..compaction.compact import entry_elems, fit
 from ..compaction.summarize import summarize_bins
-from ..compaction.scores import entropy
+from ..compaction.scores import attention_mass, entropy, protect_mask
 from .base import FullLayer, take
 from .expected import carried, expected_scores, prompt_gaussian
 from .future_queries import SOURCES, Heard, gaussian, replayed
 from .kvzip import ReadsBack
+from .select import INF, head_budgets
 
 # what decides which prompt tokens stay exact: the window's attention mass, the seed's mass − λ·entropy, Expected
 # Attention's expected scores or KVzip's reconstruction scores (the last two at the prompt only: steps use "mass")
@@ -137,7 +138,7 @@ class SRCLayer(ReadsBack, FullLayer):
                  ridge: float = 1.0, window: int = 32, bin_size: int | None = None, sinks: int = 4,
                  recent: int = 32, lam: float = 0.5, every: int | str | None = "auto", decode_bin: int | None = None,
                  future_queries: int = 0, future: int = 512, future_source: str = "replay", shrink_to: str = "window",
-                 rotary=None):
+                 adaptive: float | None = None, rotary=None):
         FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -163,6 +164,10 @@ class SRCLayer(ReadsBack, FullLayer):
                              f"needs future_queries > 0")
         if shrink_to not in SHRINK_TO:
             raise ValueError(f"shrink_to must be one of {SHRINK_TO}, got {shrink_to!r}")
+        if adaptive is not None and every is not None:
+            raise ValueError(f"adaptive (head-adaptive budgets) needs every=None: decode-time compression steps keep "
+                             f"one count per sequence, got every={every!r}")
+        self.adaptive = adaptive
         needs = self.rotary_for(score, future_queries, future_source)
         if needs and rotary is None:
             raise ValueError(f"SRC's {needs} moves prompt queries to future positions: it needs the model's rotary "
@@ -423,6 +428,34 @@ class SRCLayer(ReadsBack, FullLayer):
             return
         self.compact_prompt(q, k, v, every)
 
+    def compact_heads(self, qb, kb, vb, budget: int, score, row_entropy, q_future):
+        """One sequence's prompt (or one KV head's, with its query heads) compacted to ``budget`` token-equivalents
+        -> (keys, values, log-masses) [1, H, m, ...] with the centroids first, and the count kept exact."""
+        n, d, method = kb.shape[2], kb.shape[3], self.method
+        try:
+            n_keep = plan(n, budget, method=method, head_dim=d, bin_size=self.bin_size, rank=self.rank)[0]
+        except ValueError:  # too short a prompt for one bin's centroids: keep what the bytes allow
+            budget, method = budget * 2 * d // entry_elems(method, d), "evict"
+            n_keep = min(n, budget)
+        c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=score,
+                          row_entropy=row_entropy, lam=self.lam, bin_size=self.bin_size, rank=self.rank,
+                          n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, shrink_to=self.shrink_to,
+                          scale=self.scale, q_future=q_future)
+        check_info(info)  # once per prompt and layer: the host sync is affordable
+        return *(torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)), n_keep
+
+    def head_shares(self, qb, kb, budget: int, score, row_entropy) -> list[int]:
+        """``adaptive``: each KV head's budget, AdaKV's shares (:func:`~.select.head_budgets`) of the sequence's
+        Hkv·budget by the scores that pick the exact tokens (the sinks and the recent window first)."""
+        if isinstance(score, str):
+            mass = attention_mass(qb[:, :, -self.window:], kb, self.scale)
+            score = seed_score(mass, row_entropy, self.lam) if score == "seed" else mass
+        n = kb.shape[2]
+        pos = torch.arange(n, device=kb.device)
+        score = score.masked_fill(protect_mask(pos, self.sinks, n - self.recent), INF)
+        ranked = score.sort(-1, descending=True).values
+        return head_budgets(ranked, torch.tensor([budget], device=kb.device), self.adaptive)[0].tolist()
+
     def reconstruct(self, q, k, v, scale) -> torch.Tensor:
         """The pass's queries read the held prompt (:class:`ReadsBack`); some are kept (:class:`Heard`)."""
         if self.heard is not None:
@@ -462,33 +495,36 @@ class SRCLayer(ReadsBack, FullLayer):
         return make(qb, self.future_queries, self.sinks, self.future, self.rotary)
 
     def compact_prompt(self, q, k, v, every: int | None) -> None:
-        """The prompt (q, k, v with left pads) compacted, sequence by sequence; ``every`` the steps' spacing."""
+        """The prompt (q, k, v with left pads) compacted, sequence by sequence (with ``adaptive``, head by head, each
+        to its share of the sequence's budget); ``every`` the steps' spacing."""
         scale = self.scale
         self.every, self.q_cap = every, self.query_cap(every)
         parts, tails = [], []
         for b, pad in enumerate(self.pads):
             # fp32: the solves (eigh, Cholesky) have no half-precision kernels
             qb, kb, vb = (x[b: b + 1, :, pad:].float() for x in (q, k, v))
-            n, d = kb.shape[2], kb.shape[3]
-            budget, method = max(1, math.ceil(n / self.ratio)), self.method
-            try:
-                n_keep = plan(n, budget, method=method, head_dim=d, bin_size=self.bin_size, rank=self.rank)[0]
-            except ValueError:  # too short a prompt for one bin's centroids: keep what the bytes allow
-                budget, method = budget * 2 * d // entry_elems(method, d), "evict"
-                n_keep = min(n, budget)
+            n = kb.shape[2]
+            budget = max(1, math.ceil(n / self.ratio))
+            score, q_future = self.prompt_score(b, qb, kb, vb, scale), self.stand_ins(b, qb)
             row_entropy = causal_stats(qb, kb, scale)[1] if self.score == "seed" else None
-            c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method,
-                              score=self.prompt_score(b, qb, kb, vb, scale), row_entropy=row_entropy, lam=self.lam,
-                              bin_size=self.bin_size, rank=self.rank, n_sink=self.sinks, n_recent=self.recent,
-                              ridge=self.ridge, shrink_to=self.shrink_to, scale=scale, q_future=self.stand_ins(b, qb))
-            check_info(info)  # once per prompt and layer: the host sync is affordable
-            parts.append([torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)])
-            # all of the sinks and the recent window kept (the split keeps protected tokens first)
-            tails.append(min(self.recent, n) if n_keep >= min(n, self.sinks + self.recent) else 0)
-        keys, values, bias = (ragged(list(x)).to(k.dtype) for x in zip(*parts))
-        lens = [p[0].shape[2] for p in parts]
-        self.store.write(keys, values, torch.tensor(lens, device=self.device), bias)
-        self.width, self.q_written, self.exact_slots = max(lens), 0, not self.every and self.log_mass
+            if self.adaptive is None:
+                *entries, n_keep = self.compact_heads(qb, kb, vb, budget, score, row_entropy, q_future)
+                parts.append(entries)
+                # all of the sinks and the recent window kept (the split keeps protected tokens first)
+                tails.append(min(self.recent, n) if n_keep >= min(n, self.sinks + self.recent) else 0)
+                continue
+            G, heads = qb.shape[1] // kb.shape[1], []
+            for h, share in enumerate(self.head_shares(qb, kb, budget, score, row_entropy)):
+                one = lambda x, g=1: x if x is None or isinstance(x, str) else x[:, h * g: (h + 1) * g]
+                heads.append(self.compact_heads(one(qb, G), one(kb), one(vb), share, one(score), one(row_entropy),
+                                                one(q_future, G))[:3])
+            parts.append([ragged([x.transpose(0, 1) for x in head]).transpose(0, 1) for head in zip(*heads)])
+            parts[-1].append(torch.tensor([[x[0].shape[2] for x in heads]], device=self.device))
+        keys, values, bias = (ragged([p[i] for p in parts]).to(k.dtype) for i in range(3))
+        lens = (torch.tensor([p[0].shape[2] for p in parts], device=self.device) if self.adaptive is None
+                else torch.cat([p[3] for p in parts]))
+        self.store.write(keys, values, lens, bias)
+        self.width, self.q_written, self.exact_slots = keys.shape[2], 0, not self.every and self.log_mass
         if self.every:
             self.r0 = min(tails)  # a count shared by the batch (see the class docstring)
             first = q[:, :, q.shape[2] - min(self.r0, self.kept_queries()):]

@@ -69,13 +69,14 @@ class Store:
         return new
 
     def write(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Replace the entries by k, v ``[B, H, n, d]`` (entries past ``lens`` are filler), bias ``[B, H, n]``."""
+        """Replace the entries by k, v ``[B, H, n, d]`` (entries past ``lens`` are filler), bias ``[B, H, n]``; lens
+        per sequence fill per-head lengths alike."""
         n = k.shape[2]
         self.reserve(n, exact=True)
         self.k[:, :, :n], self.v[:, :, :n] = k, v
         if self.bias is not None:
             self.bias[:, :, :n] = 0 if bias is None else bias
-        self.lens.copy_(lens.expand_as(self.lens))
+        self.lens.copy_(lens.view(*lens.shape, *[1] * (self.lens.dim() - lens.dim())).expand_as(self.lens))
         if self.start is not None:
             self.start.zero_()
 

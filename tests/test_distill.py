@@ -1,7 +1,9 @@
-"""``holokv distill`` on a tiny random Llama (CPU, seconds): the objective learns, resume is exact, the adapter
-loads with peft and decodes through a HoloKV cache and in ``holokv eval``, the default text split is disjoint,
+"""``holokv distill`` on a tiny random Llama (CPU, seconds): the objective learns, resume is exact (for HoloKV and
+SRC students), the adapter loads with peft and decodes through a HoloKV cache and in ``holokv eval`` (an SRC
+student's through SRC's cache, and the report pairs it with that cache), the default text split is disjoint,
 and bad arguments fail before any model work."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -38,11 +40,26 @@ def config(tiny, out, **kw):
                                    targets=["q_proj", "v_proj", "o_proj"], out=str(out)), **kw})
 
 
+# method -> its runs' settings beyond config()'s: SRC's student reads an 80-token prompt compacted at 2x
+RUNS = {"holokv": {}, "src": dict(method="src", ratio=2, seq_len=96, continuation=16)}
+
+
 @pytest.fixture(scope="module")
-def whole(tiny, tmp_path_factory):
-    """(log, out folder) of a run of 4 steps, checkpointed at 2 and 4."""
-    out = tmp_path_factory.mktemp("whole")
-    return distill(config(tiny, out), progress=False), out
+def trained(tiny, tmp_path_factory):
+    """method -> (log, out folder) of a run of 4 steps with RUNS' settings, checkpointed at 2 and 4 (made once)."""
+    made = {}
+
+    def run(method):
+        if method not in made:
+            out = tmp_path_factory.mktemp(f"whole-{method}")
+            made[method] = distill(config(tiny, out, **RUNS[method]), progress=False), out
+        return made[method]
+    return run
+
+
+@pytest.fixture(scope="module")
+def whole(trained):
+    return trained("holokv")
 
 
 def test_loss_decreases_on_a_fixed_batch(tiny):
@@ -66,7 +83,9 @@ class Killed(Exception):
     pass
 
 
-def test_resume_continues_as_if_uninterrupted(tiny, whole, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", RUNS)
+def test_resume_continues_as_if_uninterrupted(tiny, trained, method, tmp_path, monkeypatch):
+    whole = trained(method)
     real_save = train._save
 
     def save_then_die(path, state):
@@ -75,12 +94,13 @@ def test_resume_continues_as_if_uninterrupted(tiny, whole, tmp_path, monkeypatch
 
     monkeypatch.setattr(train, "_save", save_then_die)
     with pytest.raises(Killed):
-        distill(config(tiny, tmp_path / "cut"), progress=False)
+        distill(config(tiny, tmp_path / "cut", **RUNS[method]), progress=False)
     monkeypatch.setattr(train, "_save", real_save)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt")["step"] == 2
-    resumed = distill(config(tiny, tmp_path / "cut", resume=True), progress=False)
+    resumed = distill(config(tiny, tmp_path / "cut", resume=True, **RUNS[method]), progress=False)
 
     assert resumed["losses"] == whole[0]["losses"] and resumed["held_out"] == whole[0]["held_out"]
+    assert resumed["held_out"][-1]["kl"] != resumed["held_out"][0]["kl"]  # the student learned something
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (whole[1], tmp_path / "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     states = [torch.load(run / "checkpoint.pt") for run in (whole[1], tmp_path / "cut")]
@@ -124,6 +144,22 @@ def test_adapter_loads_with_peft_and_decodes_through_holokv(tiny, whole, tmp_pat
         (whole[1].name, "holokv:k=2:prefill=superposed")]
 
 
+def test_src_adapter_evaluates_with_its_cache_and_pairs_with_it(tiny, trained, tmp_path):
+    """holokv eval reads the SRC student's adapter through SRC's cache at its ratio; the report's equal-bytes row
+    of that cache holds it as the cache's own adapter, beside the untrained row."""
+    log, out = trained("src")
+    assert log["config"]["method"] == "src" and log["held_out"][0]["kl"] > 0  # the prompt really is compacted
+    shutil.copytree(out, tmp_path / "src-x2")
+    for adapter, folder in ((None, "before"), (str(tmp_path / "src-x2" / "adapter"), "src-x2/eval")):
+        run_eval(EvalConfig(model=tiny[0], methods=["src"], ratios=[2], context=80, continuation=16, windows=1,
+                            tasks=["ppl"], text=tiny[2], adapter=adapter, out=str(tmp_path / folder)))
+    summarize(tmp_path)
+    rows = {(r["spec"], r["ratio"]): r for r in json.loads((tmp_path / "summary.json").read_text())["equal_bytes"]}
+    assert set(rows) == {("full", 1.0), ("src", 2.0)} and rows["src", 2.0]["own"] == "src-x2"
+    src, full = rows["src", 2.0], rows["full", 1.0]
+    assert src["ppl_own"] != src["ppl"] and src["own_vs_full"] == pytest.approx(src["ppl_own"] / full["ppl"] - 1)
+
+
 def test_default_text_split_is_disjoint_and_documented():
     from pydoc_data.topics import topics
 
@@ -157,6 +193,11 @@ def fail(*args, **kwargs):
     (["--device", "bogus"], ["--device 'bogus'"]),
     (["--train-text", "missing.txt"], ["--train-text missing.txt", "No such file"]),
     (["--resume"], ["--resume: no checkpoint"]),
+    (["--method", "snapkv"], ["--method snapkv needs --ratio"]),
+    (["--method", "src", "--ratio", "0.5"], ["--ratio"]),
+    (["--method", "src", "--ratio", "2", "--continuation", "0"], ["--continuation"]),
+    (["--method", "src", "--ratio", "2", "--continuation", "512"], ["--continuation 512 leaves no prompt"]),
+    (["--continuation", "8"], ["--continuation is for", "--method holokv"]),
 ])
 def test_cli_errors_before_model_work(monkeypatch, capsys, tmp_path, args, names):
     monkeypatch.setattr(train, "load_config", fail)
@@ -177,6 +218,8 @@ def test_errors_against_the_config_and_the_checkpoint_before_weights(tiny, whole
         distill(config(tiny, whole[1]), progress=False)
     with pytest.raises(ValueError, match=r"--resume: .* --k 2 \(now 4\)"):
         distill(config(tiny, whole[1], k=4, resume=True), progress=False)
+    with pytest.raises(ValueError, match="--method must be one of .* got 'h2o'"):  # evicts while decoding
+        distill(config(tiny, tmp_path, method="h2o", ratio=2), progress=False)
 
 
 def test_eval_adapter_must_be_a_peft_folder(monkeypatch, capsys, tmp_path):

@@ -1,7 +1,9 @@
-"""holokv distill: LoRA adapters trained so that the model reads a HoloKV cache. The teacher is the model with
-exact attention, the student the same weights with adapters, attending through the cache; the loss is the KL
-between their next-token distributions on real text. Writes OUT/adapter (peft), OUT/distill.json and
-OUT/checkpoint.pt (--resume). The arguments are DistillConfig's fields, all checked before any model work."""
+"""holokv distill: LoRA adapters trained so that the model reads a compressed cache (HoloKV, or one that
+compresses the prompt once: SnapKV, Top-K, Expected Attention, SRC). The teacher is the model with exact
+attention, the student the same weights with adapters, attending through the cache; the loss is the KL between
+their next-token distributions on real text (for a prompt-compressing cache, of the continuation's tokens).
+Writes OUT/adapter (peft), OUT/distill.json and OUT/checkpoint.pt (--resume). The arguments are
+DistillConfig's fields, all checked before any model work."""
 from __future__ import annotations
 
 import argparse
@@ -22,9 +24,14 @@ def add_parser(sub) -> None:
     a = p.add_argument
     a("--model", default=d.model, help="causal LM: the bundled default, a local path or hub id, or a .gguf file")
     a("--method", default=d.method, choices=METHODS,
-      help="cache the student reads: holokv, or full (the control: the same LoRA, the exact cache)")
+      help="cache the student reads: holokv; full (the control: the same LoRA, the exact cache); or a cache that "
+           "compresses the prompt, its continuation read after it")
     a("--k", type=int, default=d.k, help="tokens per slot (1: no superposition, as --method full)")
-    a("--ratio", type=float, default=d.ratio, help="bytes budget of the student's cache (default: k)")
+    a("--ratio", type=float, default=d.ratio,
+      help="bytes budget of the student's cache (holokv's default: k; required for the prompt-compressing methods)")
+    a("--continuation", type=int, default=d.continuation,
+      help="prompt-compressing methods: tokens of each sequence read after its compressed prompt, the ones scored "
+           "(default: holokv eval's continuation)")
     a("--mode", default=d.mode, help="HoloKV read mode: aligned or full")
     a("--sinks", type=int, default=d.sinks)
     a("--slot-gain", type=float, default=d.slot_gain)

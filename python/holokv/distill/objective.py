@@ -26,30 +26,32 @@ def _pair(model, ids, read, record: bool):
     return teacher, student, teacher_out, student_out
 
 
-def loss(model, ids, read, temperature: float, mse_weight: float) -> tuple[torch.Tensor, dict]:
-    """(the loss to minimize, its parts as tensors): the mean KL per position, scaled by T^2 so that the
-    gradients keep their size across temperatures, plus ``mse_weight`` times the attention outputs' MSE
-    (each layer's output against the teacher's, averaged over layers)."""
+def loss(model, ids, read, temperature: float, mse_weight: float, first: int = 0) -> tuple[torch.Tensor, dict]:
+    """(the loss to minimize, its parts as tensors): the mean KL per position from ``first`` on (the positions
+    scored: DistillConfig.first_scored), scaled by T^2 so that the gradients keep their size across
+    temperatures, plus ``mse_weight`` times the attention outputs' MSE at those positions (each layer's output
+    against the teacher's, averaged over layers)."""
     teacher, student, teacher_out, student_out = _pair(model, ids, read, mse_weight > 0)
-    kl = kl_sum(teacher, student, temperature) / ids.numel() * temperature ** 2
+    kl = kl_sum(teacher[:, first:], student[:, first:], temperature) / ids[:, first:].numel() * temperature ** 2
     if mse_weight == 0:
         return kl, dict(kl=kl)
-    mse = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_out, teacher_out)]).mean()
+    mse = torch.stack([F.mse_loss(s[:, first:].float(), t[:, first:].float())
+                       for s, t in zip(student_out, teacher_out)]).mean()
     return kl + mse_weight * mse, dict(kl=kl, mse=mse)
 
 
 @torch.no_grad()
-def held_out(model, seqs: torch.Tensor, read, batch: int, device) -> dict:
-    """Over the held-out sequences: the student's KL from the teacher per position (T=1) and both perplexities
-    of the next tokens."""
+def held_out(model, seqs: torch.Tensor, read, batch: int, device, first: int = 0) -> dict:
+    """Over the held-out sequences, from position ``first`` on (as :func:`loss`): the student's KL from the
+    teacher per position (T=1) and both perplexities of the next tokens."""
     kl = nll_student = nll_teacher = 0.0
     for chunk in seqs.split(batch):
         ids = chunk.to(device)
         teacher, student, _, _ = _pair(model, ids, read, False)
-        kl += kl_sum(teacher, student).item()
-        target = ids[:, 1:].flatten()
-        nll_student += F.cross_entropy(student[:, :-1].flatten(0, 1).float(), target, reduction="sum").item()
-        nll_teacher += F.cross_entropy(teacher[:, :-1].flatten(0, 1).float(), target, reduction="sum").item()
-    predicted = seqs.shape[0] * (seqs.shape[1] - 1)
-    return dict(kl=kl / seqs.numel(), ppl=math.exp(nll_student / predicted),
+        kl += kl_sum(teacher[:, first:], student[:, first:]).item()
+        target = ids[:, first + 1:].flatten()
+        nll_student += F.cross_entropy(student[:, first:-1].flatten(0, 1).float(), target, reduction="sum").item()
+        nll_teacher += F.cross_entropy(teacher[:, first:-1].flatten(0, 1).float(), target, reduction="sum").item()
+    predicted = seqs.shape[0] * (seqs.shape[1] - 1 - first)
+    return dict(kl=kl / seqs[:, first:].numel(), ppl=math.exp(nll_student / predicted),
                 ppl_teacher=math.exp(nll_teacher / predicted))

@@ -2,9 +2,10 @@
 
 The model runs the ``"holokv_distill"`` attention implementation, which reads whatever :func:`attending`
 set for the current forward: a :class:`SuperposedReader` (the student: every prompt position attends to
-what a HoloKV cache would serve it at decode) or nothing (exact SDPA: the teacher, with the LoRA adapters
-disabled, and the full-cache control's student). Training sequences are never padded, but a padding mask
-is honoured as the caches' prefill honours it.
+what a HoloKV cache would serve it at decode), a :class:`~.prompt_cache.PromptCacheReader` (the student of
+a cache that compresses the prompt once: continuation positions read the compressed prompt) or nothing
+(exact SDPA: the teacher, with the LoRA adapters disabled, and the full-cache control's student). Training
+sequences are never padded, but a padding mask is honoured as the caches' prefill honours it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..caches import HoloSpec, check_model
 from ..caches.model_check import head_dim
 from ..caches.prefill_attention import holo_prefill_attention
+from .prompt_cache import PROMPT_METHODS, PromptCacheReader
 
 NAME = "holokv_distill"
 _state = threading.local()
@@ -33,22 +35,24 @@ class SuperposedReader:
         self.spec = spec
         self.phase = torch.ops.holokv.phase_keys(spec.k, head_dim(config), check_model(config))
 
-    def __call__(self, q, k, v, pads, scale):
+    def __call__(self, module, q, k, v, mask, scale):
+        n = q.shape[2]
+        pads = (torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if mask is None
+                else (~mask[:, 0, -1, :n]).sum(-1))
         if self.phase.device != k.device or self.phase.dtype != k.dtype:  # once, not per layer and step
             self.phase = self.phase.to(k)
         return holo_prefill_attention(q, k, v, self.phase, self.spec, pads, scale)
 
 
 def distill_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """A reader is called with the layer's attention module (a cache reader reads that layer's cache), q, k, v
+    after RoPE, transformers' boolean mask (None when plainly causal) and the scale."""
     read, outputs = getattr(_state, "read", None), getattr(_state, "outputs", None)
     if read is None:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                         **kwargs)
     else:
-        n = query.shape[2]
-        pads = (torch.zeros(query.shape[0], dtype=torch.long, device=query.device) if attention_mask is None
-                else (~attention_mask[:, 0, -1, :n]).sum(-1))
-        out = read(query, key, value, pads, module.head_dim ** -0.5 if scaling is None else scaling)
+        out = read(module, query, key, value, attention_mask, module.head_dim ** -0.5 if scaling is None else scaling)
     if outputs is not None:
         outputs.append(out)
     return out, None
@@ -56,6 +60,15 @@ def distill_attention(module, query, key, value, attention_mask, dropout: float 
 
 AttentionInterface.register(NAME, distill_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean masks, None when plainly causal (as for "holokv")
+
+
+def reader(cfg, config):
+    """What the student of the distillation run ``cfg`` (a DistillConfig) reads through: None for the exact
+    cache."""
+    if cfg.method in PROMPT_METHODS:
+        return PromptCacheReader(cfg.method, cfg.ratio, cfg.prompt_len(), config)
+    spec = cfg.spec()
+    return None if spec is None else SuperposedReader(spec, config)
 
 
 @contextmanager

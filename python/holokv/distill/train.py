@@ -2,7 +2,8 @@
 measures and a checkpoint every ``save_every`` steps; the adapter saved in peft's format at the end.
 
 Writes to ``out``: ``adapter/`` (``PeftModel.from_pretrained(base, out/adapter)``), ``distill.json`` (config,
-provenance, data, per-step losses, held-out KL and perplexity from step 0 on, throughput) and ``checkpoint.pt``
+provenance, data with the prompt length and the first position scored (prompt-compressing students), per-step
+losses, held-out KL and perplexity from step 0 on, throughput) and ``checkpoint.pt``
 (what ``resume`` restores: adapter, optimizer, scheduler, step, RNG; the data position is the step). By default
 the held-out text is the evaluation side of the pydoc topics, which ``holokv eval`` scores.
 """
@@ -25,7 +26,7 @@ from ..provenance import provenance
 from . import objective
 from .config import RESUMABLE, DistillConfig, check, check_against, flag
 from .data import Batches, sequences, texts
-from .student import SuperposedReader, with_lora
+from .student import reader, with_lora
 
 
 def _restore_point(cfg: DistillConfig) -> dict:
@@ -69,8 +70,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     held = sequences(tokenizer, eval_text, cfg.seq_len, flag("eval_text") if cfg.eval_text else "the held-out text")
     held = held[: cfg.eval_seqs]
     batches = Batches(len(train), cfg.batch, cfg.seed)
-    spec = cfg.spec()
-    read = SuperposedReader(spec, config) if spec is not None else None
+    read, first = reader(cfg, config), cfg.first_scored()
     model = with_lora(model, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -78,14 +78,15 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
 
     def measure(step):
         model.eval()
-        log["held_out"].append(dict(step=step, **objective.held_out(model, held, read, cfg.batch, cfg.device)))
+        log["held_out"].append(dict(step=step, **objective.held_out(model, held, read, cfg.batch, cfg.device, first)))
         model.train()
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if restored is None:
         step = 0
-        log = dict(config=asdict(cfg), data=dict(**data_info, seq_len=cfg.seq_len, train_sequences=len(train),
+        log = dict(config=asdict(cfg), data=dict(**data_info, seq_len=cfg.seq_len, prompt=cfg.prompt_len(),
+                                                 scored_from=first, train_sequences=len(train),
                                                  eval_sequences=len(held)),
                    provenance=dict(**provenance(cfg.device), dtype=cfg.dtype, model=model_shape(config),
                                    trainable_parameters=sum(p.numel() for p in params)),
@@ -113,7 +114,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     while step < cfg.steps:
         tick = time.perf_counter()
         ids = train[batches(step)].to(cfg.device)
-        total, parts = objective.loss(model, ids, read, cfg.temperature, cfg.mse_weight)
+        total, parts = objective.loss(model, ids, read, cfg.temperature, cfg.mse_weight, first)
         opt.zero_grad(set_to_none=True)
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)

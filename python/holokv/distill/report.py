@@ -1,5 +1,7 @@
-"""One table of a distillation experiment folder (``scripts/distill_experiment.sh``): every training run's
-``distill.json`` and every ``holokv eval`` below it, labelled by the adapter each row read.
+"""The tables of a distillation experiment folder (``scripts/distill_experiment.sh``): every training run's
+``distill.json``, every ``holokv eval`` below it labelled by the adapter each row read, and the rows that answer
+issue 12: at equal bytes, each cache untrained, with the control's adapter and with the adapter trained through
+that cache itself, against the full cache.
 
     python -m holokv.distill.report FOLDER      # writes FOLDER/summary.txt and FOLDER/summary.json
 """
@@ -10,11 +12,34 @@ import sys
 from pathlib import Path
 
 from ..eval.report import COLUMNS, table
+from ..eval.runner import parse_method
 
 TRAINING = [("run", "run", "{}"), ("method", "method", "{}"), ("k", "k", "{}"), ("mode", "mode", "{}"),
-            ("steps", "steps", "{}"), ("tokens/s", "tokens_per_s", "{:.0f}"), ("KL start", "kl_start", "{:.4f}"),
-            ("KL end", "kl_end", "{:.4f}"), ("ppl start", "ppl_start", "{:.3f}"), ("ppl end", "ppl_end", "{:.3f}"),
-            ("teacher ppl", "ppl_teacher", "{:.3f}")]
+            ("ratio", "ratio", "{:g}"), ("steps", "steps", "{}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
+            ("KL start", "kl_start", "{:.4f}"), ("KL end", "kl_end", "{:.4f}"), ("ppl start", "ppl_start", "{:.3f}"),
+            ("ppl end", "ppl_end", "{:.3f}"), ("teacher ppl", "ppl_teacher", "{:.3f}")]
+
+EQUAL_BYTES = [("ratio", "ratio", "{:g}"), ("cache", "spec", "{}"), ("ppl untrained", "ppl", "{:.3f}"),
+               ("ppl + control LoRA", "ppl_control", "{:.3f}"), ("ppl + own LoRA", "ppl_own", "{:.3f}"),
+               ("own vs full", "own_vs_full", "{:+.1%}"), ("own LoRA", "own", "{}"),
+               ("passkey untrained", "passkey", "{:.2f}"), ("passkey + own LoRA", "passkey_own", "{:.2f}")]
+
+
+def trained_cache(cfg: dict) -> tuple:
+    """(method, ratio, k, mode) of the cache a training run's student read (k and mode: HoloKV's only)."""
+    if cfg["method"] == "full":
+        return "full", 1.0, None, None
+    if cfg["method"] == "holokv":
+        return "holokv", float(cfg["ratio"] or cfg["k"]), cfg["k"], cfg["mode"]
+    return cfg["method"], float(cfg["ratio"]), None, None
+
+
+def evaluated_cache(row: dict) -> tuple:
+    """The same for an evaluated row (HoloKV's mode defaults to aligned)."""
+    name, options = parse_method(row["spec"])
+    if name != "holokv":
+        return name, float(row["ratio"]), None, None
+    return name, float(row["ratio"]), options.get("k"), options.get("mode", "aligned")
 
 
 def training_rows(folder: Path) -> list[dict]:
@@ -22,10 +47,10 @@ def training_rows(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("*/distill.json")):
         log = json.loads(path.read_text())
         cfg, first, last = log["config"], log["held_out"][0], log["held_out"][-1]
-        rows.append(dict(run=path.parent.name, method=cfg["method"], k=cfg["k"], mode=cfg["mode"],
-                         steps=log["steps_done"], tokens_per_s=log["tokens_per_s"] or 0.0, kl_start=first["kl"],
-                         kl_end=last["kl"], ppl_start=first["ppl"], ppl_end=last["ppl"],
-                         ppl_teacher=last["ppl_teacher"]))
+        method, ratio, k, mode = trained_cache(cfg)
+        rows.append(dict(run=path.parent.name, method=method, k=k, mode=mode, ratio=ratio, steps=log["steps_done"],
+                         tokens_per_s=log["tokens_per_s"] or 0.0, kl_start=first["kl"], kl_end=last["kl"],
+                         ppl_start=first["ppl"], ppl_end=last["ppl"], ppl_teacher=last["ppl_teacher"]))
     return rows
 
 
@@ -43,17 +68,54 @@ def eval_rows(folder: Path) -> list[dict]:
     return [rows[key] for key in sorted(rows)]
 
 
+def equal_bytes_rows(training: list[dict], evals: list[dict]) -> list[dict]:
+    """Per cache evaluated untrained (by ratio): its perplexity untrained, with the control's adapter (trained
+    through the exact cache) and with its own (trained through this very cache: method, ratio, HoloKV's k and
+    mode), the last relative to the untrained full cache's; passkey untrained and with its own adapter."""
+    caches = {row["run"]: (row["method"], row["ratio"], row["k"], row["mode"]) for row in training}
+    control = [run for run, cache in caches.items() if cache[0] == "full"]
+    full = next((r["ppl"] for r in evals if r["adapter"] == "none" and r["spec"] == "full" and "ppl" in r), None)
+    rows = []
+    for base in (r for r in evals if r["adapter"] == "none"):
+        row = {key: base[key] for key in ("ratio", "spec", "ppl", "passkey") if key in base}
+        for r in evals:
+            if r["spec"] != base["spec"] or r["ratio"] != base["ratio"] or r["adapter"] not in caches:
+                continue
+            if r["adapter"] in control:
+                row["ppl_control"] = r.get("ppl")
+            elif caches[r["adapter"]] == evaluated_cache(r):
+                row.update(own=r["adapter"], ppl_own=r.get("ppl"), passkey_own=r.get("passkey"))
+                if full and r.get("ppl") is not None:
+                    row["own_vs_full"] = r["ppl"] / full - 1
+        rows.append(row)
+    return rows
+
+
+def shown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """table() of the ``columns`` some row has, formatted beforehand: "-" where a row has no value."""
+    columns = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
+    text = [{key: "-" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in columns} for r in rows]
+    return table(text, [(title, key, "{}") for title, key, _ in columns])
+
+
 def summarize(folder) -> str:
     folder = Path(folder)
     training, evals = training_rows(folder), eval_rows(folder)
+    equal = equal_bytes_rows(training, evals)
     text = ""
     if training:
-        text += "training (held-out KL and perplexity through the student's cache, at the first and last step)\n"
-        text += table(training, TRAINING) + "\n"
+        text += "training (held-out KL and perplexity through the student's cache, at the first and last step;\n"
+        text += "prompt-compressing methods: over the continuation's predictions)\n"
+        text += shown(training, TRAINING) + "\n"
+    if equal:
+        text += "at equal bytes (ratio): each cache untrained, with the control's LoRA (trained through the exact\n"
+        text += "cache) and with its own (trained through that cache); own vs full: against the untrained full cache\n"
+        text += shown(equal, EQUAL_BYTES) + "\n"
     if evals:
         text += "evaluation (adapter: the training run merged into the model; none: the base model)\n"
         text += table(evals, [("adapter", "adapter", "{}"), *COLUMNS])
-    (folder / "summary.json").write_text(json.dumps(dict(training=training, evaluation=evals), indent=1))
+    (folder / "summary.json").write_text(json.dumps(dict(training=training, equal_bytes=equal, evaluation=evals),
+                                                    indent=1))
     (folder / "summary.txt").write_text(text)
     return text
 

@@ -34,6 +34,10 @@ from .select import INF, head_budgets
 # Attention's expected scores or KVzip's reconstruction scores (the last two at the prompt only: steps use "mass")
 SCORES = ("mass", "seed", "expected", "recon")
 SHRINK_TO = ("window", "mean")  # what ridge shrinks the centroid values toward (summarize.softmax_ls_centroids)
+# The value fit's ridge, relative to mean diag(AᵀA): on the tuning text less shrinkage fits better at every ratio
+# (8 > 1 > 0.125 > 0.03 ≈ 0.01 in perplexity), while the floor alone (0) breaks down at 2x
+# (bench/results/eval_cpu_src_reference_tune*, eval_cpu_src_ridge_tune); 0.03 keeps a margin from that edge.
+RIDGE = 0.03
 CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of the budget (bench/src_quality.py)
 # every="auto": a compression step per this share of the prompt's budget in generated tokens, at least every
 # MIN_EVERY. A step reads the whole cache, so its cost grows with the budget: spacing the steps alike keeps their
@@ -86,9 +90,9 @@ class SRCLayer(ReadsBack, FullLayer):
     steps score by "mass"), ``rank`` centroids per bin of ``bin_size`` tokens evicted from the prompt
     (default: centroids take about 1/8 of the budget) or of ``decode_bin`` tokens evicted while decoding
     (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
-    exact, stays small against it), ``ridge`` of the value fit and ``shrink_to`` what it shrinks the values toward
-    ("window": each bin's output averaged over the reference queries, or "mean": its plain mass-weighted mean
-    value, which does not depend on them), ``window`` observation queries, ``sinks`` and ``recent`` tokens always
+    exact, stays small against it), ``ridge`` of the value fit (default RIDGE) and ``shrink_to`` what it shrinks
+    the values toward ("window": each bin's output averaged over the reference queries, or "mean": its plain
+    mass-weighted mean value, which does not depend on them), ``window`` observation queries, ``sinks`` and ``recent`` tokens always
     kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the prompt that the prompt's
     summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`: "replay", prompt queries moved
     to positions spread over the next ``future``; "gaussian", draws from Expected Attention's query model placed
@@ -135,7 +139,7 @@ class SRCLayer(ReadsBack, FullLayer):
     """
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
-                 ridge: float = 1.0, window: int = 32, bin_size: int | None = None, sinks: int = 4,
+                 ridge: float = RIDGE, window: int = 32, bin_size: int | None = None, sinks: int = 4,
                  recent: int = 32, lam: float = 0.5, every: int | str | None = "auto", decode_bin: int | None = None,
                  future_queries: int = 0, future: int = 512, future_source: str = "replay", shrink_to: str = "window",
                  adaptive: float | None = None, rotary=None):

@@ -92,8 +92,8 @@ class SRCLayer(ReadsBack, FullLayer):
     (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
     exact, stays small against it), ``ridge`` of the value fit (default RIDGE) and ``shrink_to`` what it shrinks
     the values toward ("window": each bin's output averaged over the reference queries, or "mean": its plain
-    mass-weighted mean value, which does not depend on them), ``window`` observation queries, ``sinks`` and ``recent`` tokens always
-    kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the prompt that the prompt's
+    mass-weighted mean value, which does not depend on them), ``window`` observation queries, ``sinks`` and
+    ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the prompt that the prompt's
     summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`: "replay", prompt queries moved
     to positions spread over the next ``future``; "gaussian", draws from Expected Attention's query model placed
     there; "recon", queries of KVzip's reconstruction pass), ``every``: generated tokens (counted per layer)

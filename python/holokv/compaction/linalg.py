@@ -165,7 +165,7 @@ def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 
     x = aᵀ (a aᵀ + λ I)⁻¹ b, so the factorization costs m³ instead of n³. Its
     rounding error grows like eps·‖a‖²/λ times the part of b outside a's column
     space: none for a of full row rank (the usual underdetermined fit), but a
-    rank-deficient wide a needs a real ``ridge`` (softmax_ls uses 1) to stay accurate;
+    rank-deficient wide a needs a real ``ridge`` (SRC's default is 0.03) to stay accurate;
     with the floor alone it is only finite.
     """
     m, n = a.shape[-2:]

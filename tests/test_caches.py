@@ -14,7 +14,7 @@ from holokv.caches.future_queries import replayed
 from holokv.caches.src import COMPACT, SRCLayer
 from holokv.caches.superposed import HoloSpec
 from holokv.compaction.graph import GRAPHLESS
-from holokv.runtime import Decoder
+from holokv.runtime import Decoder, generate
 from conftest import needs_cuda
 
 COMPRESSED = [m for m in METHODS if m != "full"]
@@ -304,6 +304,19 @@ def test_src_every_none_runtime_reserves_its_slots(model, batch):
         tokens.append(dec.step(tokens[-1]).argmax(-1))
     assert torch.equal(torch.stack(tokens, 1), want[:, ids.shape[1]:]) and store.slot_lens.tolist() == [9, 9]
     assert [x.data_ptr() for x in (store.k, store.k_slots, store.v_slots)] == buffers
+
+
+@needs_cuda
+def test_src_every_none_cuda_decode_never_syncs():
+    """every=None's slot appends: eager decode steps under sync debug mode 'error', and a CUDA graph replays them."""
+    from test_runtime import eager_steps_without_sync, prompt, tiny
+
+    model = tiny(head_dim=64, device="cuda", dtype=torch.bfloat16)
+    ids, mask = prompt("cuda")
+    new = lambda: make_cache("src", model.config, ratio=4, every=None)
+    eager_steps_without_sync(model, new(), ids, mask)
+    runs = [generate(model, new(), ids, mask, max_new_tokens=24, graph=graph) for graph in (False, True)]
+    assert torch.equal(*runs)
 
 
 def kv_bytes(cache) -> int:

@@ -30,7 +30,7 @@ VALID = {
     "snapkv": dict(window=1, kernel=1, adaptive=None, pyramid=20),
     "expected": dict(sinks=0, future=1, epsilon=0.5, adaptive=1.0, pyramid=3),
     "tova": dict(pyramid=2),
-    "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words(), pyramid=4),
+    "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words(), pyramid=4, across="layer"),
     "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
                 decode_bin=None, every=None, lam=-1.0, future_queries=3, future=8, future_source="gaussian",
                 shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5, adaptive=0.3),
@@ -68,6 +68,9 @@ BAD = [  # (method, ratio, options, the option named)
     ("kvzip", 2, dict(sinks=-1), "sinks"),
     *[("kvzip", 2, dict(chunk=c), "chunk") for c in (0, 2.0)],
     ("kvzip", 2, dict(tokenizer="gpt2"), "tokenizer"),
+    ("kvzip", 2, dict(across="global"), "across"),
+    ("kvzip", 2, dict(across="model"), "across"),  # pools head-adaptive budgets: needs adaptive
+    ("kvzip", 2, dict(across="model", adaptive=0.0, pyramid=3), "pyramid"),
     ("src", 2, dict(method="evict"), "method"),
     ("src", 2, dict(score="h2o"), "score"),
     ("src", 2, dict(rank=0), "rank"),

@@ -154,3 +154,33 @@ def test_kvzip_without_its_pass_says_so(model):
         model.model(prompt(20), past_key_values=cache)
         with pytest.raises(RuntimeError, match="not scored"):
             model(prompt(1), past_key_values=cache)
+
+
+def test_kvzip_pools_budgets_across_the_model(model, monkeypatch):
+    """across="model": every head of every layer ranked together, each keeping what it wins of the model's total
+    (the uniform split's), by the same scores; across="layer" pools a layer's heads only."""
+    recorded = []
+    scores = KVzipLayer.prompt_scores
+    monkeypatch.setattr(KVzipLayer, "prompt_scores", lambda *a: recorded.append(scores(*a)) or recorded[-1])
+    ids, n, keep = prompt(40), 40, 10
+    lens = {}
+    for across in ("layer", "model"):
+        cache = make_cache("kvzip", model.config, ratio=4, sinks=0, tokenizer=Words(), adaptive=0.0, across=across)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        lens[across] = torch.cat([layer.store.lens for layer in cache.layers], 1)[0]  # [L·Hkv]
+    every = torch.cat(recorded[-2:], 1)[0]  # the model run's scores [L·Hkv, n]
+    best = every.flatten().topk(every.shape[0] * keep).indices // n
+    assert lens["model"].tolist() == torch.bincount(best, minlength=every.shape[0]).tolist()
+    assert lens["model"].sum() == lens["layer"].sum() == every.shape[0] * keep
+    assert lens["model"].tolist() != lens["layer"].tolist()
+    assert (lens["layer"].view(2, -1).sum(1) == 2 * keep).all()  # pooled within each layer only
+
+
+def test_kvzip_model_pooling_padded_batch_matches_alone(model):
+    ids = torch.cat([prompt(52, seed=3), prompt(52, seed=4)])
+    mask = torch.ones_like(ids)
+    mask[0, :13] = 0
+    assert_batched_as_alone(
+        model, lambda: make_cache("kvzip", model.config, ratio=3, chunk=16, tokenizer=Words(), adaptive=0.2,
+                                  across="model"), ids, mask, 13, 6)

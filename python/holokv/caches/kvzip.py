@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from ..compaction.softmax import logits, pool_gqa
 from .base import CompressedCache, FullLayer
 from .hf_attention import CACHE_KWARG
-from .select import INF, SelectionLayer
+from .select import INF, SelectionLayer, budget, head_budgets
 
 FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP = 8  # tokens of the previous chunk a later chunk's request quotes, so the model knows where to resume
 QUERIES = 256  # reconstruction queries scored at a time: memory O(QUERIES · G · prompt)
+ACROSS = ("layer", "model")  # what head-adaptive budgets pool over
 UNSCORED = ("the prompt was not scored: its reconstruction pass (KVzip's) runs after the prompt's forward through "
             "the hook holokv.caches.use_holokv_attention(model) installs; call the model it was given to")
 
@@ -46,6 +47,7 @@ class ReadsBack:
     ``compress``. A layer still holding its prompt must not decode (:meth:`check_scored`)."""
 
     scores = None  # [B, Hkv, n] fp32 while the held prompt waits for its reconstruction pass
+    across = "layer"  # KVzip's option: where head-adaptive budgets pool (SRC's layers pool nothing)
     recon = None  # [B] left pads of the reconstruction input while a pass runs
 
     def hold(self, q, k, v, mask, scale, pads) -> None:
@@ -88,11 +90,19 @@ class ReadsBack:
 class KVzipLayer(ReadsBack, SelectionLayer):
     """KVzip (Kim et al. 2025), query-agnostic: a prompt entry's score is the largest weight any query of its GQA
     group pays it while the model reconstructs the context (:class:`KVzipCache`); the first ``sinks`` tokens are
-    kept. One-shot, like SnapKV; ``adaptive`` gives head-adaptive budgets (the paper's budgets are per head)."""
+    kept. One-shot, like SnapKV; ``adaptive`` gives head-adaptive budgets, pooled over the layer's heads
+    (``across="layer"``) or, as in the paper, over every head of every layer (``across="model"``: the cache ranks
+    all the layers' scores together once the pass has run, so a layer holds what its heads win)."""
 
-    def __init__(self, ratio: float = 1.0, sinks: int = 4, adaptive: float | None = None):
+    def __init__(self, ratio: float = 1.0, sinks: int = 4, adaptive: float | None = None, across: str = "layer"):
         super().__init__(ratio, adaptive)
-        self.sinks = sinks
+        if across not in ACROSS:
+            raise ValueError(f"across must be one of {ACROSS}, got {across!r}")
+        if across == "model" and adaptive is None:
+            raise ValueError("across='model' pools head-adaptive budgets: it needs adaptive (the share each head "
+                             "keeps at least, 0 for none)")
+        self.sinks, self.across = sinks, across
+        self.pooled = None  # [B, Hkv] entries per head, from the model-wide ranking (across="model")
 
     compress_prompt = ReadsBack.hold
 
@@ -106,7 +116,17 @@ class KVzipLayer(ReadsBack, SelectionLayer):
 
     def prompt_scores(self, q, k, v, mask, scale, pos):
         scores, self.scores = self.scores, None
+        return self.ranked_scores(scores, pos)
+
+    def ranked_scores(self, scores, pos) -> torch.Tensor:
+        """KVzip's scores with the sinks first and pads (``pos`` past the valid tokens) last."""
         return scores.masked_fill(pos >= self.n_valid.view(-1, 1, 1), -INF).masked_fill(pos < self.sinks, INF)
+
+    def head_lens(self, ranked, keep):
+        if self.pooled is None:
+            return super().head_lens(ranked, keep)
+        lens, self.pooled = self.pooled, None
+        return lens
 
     def bound(self, seen: int) -> int:
         if self.scores is not None:  # not scored yet: the prompt and nothing more (a reconstruction stores nothing)
@@ -141,8 +161,22 @@ class KVzipCache(CompressedCache):
         contexts = [ids[p:] for ids, p in zip(input_ids, head.pads)]
         for c in range(-(-max(len(t) for t in contexts) // self.chunk)):
             self.reconstruct(model, [self.request(t, c) for t in contexts])
+        if head.across == "model":
+            self.pool_budgets()
         for layer in self.layers:
             layer.compress()
+
+    def pool_budgets(self) -> None:
+        """across="model": the budgets of every head of every layer pooled (:func:`~.select.head_budgets` over the
+        layers' heads side by side), each layer's share handed to it for its compression."""
+        head = self.layers[0]
+        n, H = head.scores.shape[2], head.scores.shape[1]
+        pos = torch.arange(n, device=head.scores.device).view(1, 1, n)
+        ranked = torch.cat([layer.ranked_scores(layer.scores, pos).sort(-1, descending=True).values
+                            for layer in self.layers], 1)  # [B, L·Hkv, n]
+        lens = head_budgets(ranked, budget(head.n_valid, self.ratio), head.adaptive)
+        for i, layer in enumerate(self.layers):
+            layer.pooled = lens[:, i * H: (i + 1) * H]
 
     def request(self, tokens: torch.Tensor, c: int) -> torch.Tensor:
         """A sequence's reconstruction input for chunk ``c``: the request, then the chunk (empty past its end)."""

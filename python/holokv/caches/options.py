@@ -89,7 +89,7 @@ OPTIONS = {
     "expected": {"sinks": integer(0), "future": integer(1), "epsilon": real(0), "adaptive": real(0, 1, none_ok=True),
                  **PYRAMID},
     "tova": {**PYRAMID},
-    "kvzip": {"sinks": integer(0), "adaptive": real(0, 1, none_ok=True),
+    "kvzip": {"sinks": integer(0), "adaptive": real(0, 1, none_ok=True), "across": choice("layer", "model"),
               "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder, **PYRAMID},
     "src": {"method": choice("softmax_ls", "seed"), "score": choice(*SCORES), "rank": integer(1),
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
@@ -120,6 +120,8 @@ def validate(method: str, ratio, options: dict, config) -> None:
         known[name](name, value)
     if method == "full" and ratio != 1:
         raise ValueError(f"ratio must be 1 for the full cache (it keeps every token), got {ratio!r}")
+    if options.get("across") == "model" and options.get("pyramid") not in (None, 1):
+        raise ValueError("pyramid sets each layer's budget, across='model' pools them all: give one of the two")
     if method == "holokv":
         k = options.get("k")
         reach = k or PHASE_COUNTS[-1]  # without k, the layer picks one for the ratio, up to 16

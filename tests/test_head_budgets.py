@@ -4,22 +4,18 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from holokv.caches import make_cache, use_holokv_attention
+from holokv.caches import make_cache
 from holokv.caches.hf_attention import CACHE_KWARG
 from holokv.runtime import generate
-from conftest import needs_cuda
+from conftest import needs_cuda, tiny_llama
 
 SRC = dict(every=None, window=8)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
-    return use_holokv_attention(LlamaForCausalLM(config).eval())
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +76,7 @@ def test_needs_every_none(model):
 @needs_cuda
 def test_cuda_matches_cpu(batch):
     """Per-head lengths read by the CUDA holo_decode (head_dim 64: a size it supports), runtime replays included."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
-    model = use_holokv_attention(LlamaForCausalLM(config).eval())
+    model = tiny_llama(head_dim=64)
     runs = []
     for dev in ("cpu", "cuda"):
         m = copy.deepcopy(model).to(dev)

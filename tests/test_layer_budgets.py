@@ -2,21 +2,18 @@
 more than every token per layer; the option is checked by name."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from holokv.caches import make_cache, use_holokv_attention
+from holokv.caches import make_cache
 from holokv.caches.hf_attention import CACHE_KWARG
 from holokv.caches.layer_budgets import layer_ratios
+from conftest import tiny_llama
 
 METHODS = ["streaming", "snapkv", "tova", "src"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    return use_holokv_attention(LlamaForCausalLM(config).eval())
+    return tiny_llama(layers=6, head_dim=16)
 
 
 def test_ratios_fall_linearly_around_the_mean_budget():

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 from test_caches import assert_batched_as_alone
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from holokv.caches import make_cache, use_holokv_attention
 from holokv.caches.kvzip import FIRST, LATER, OVERLAP, KVzipLayer
 from holokv.caches.tova import TOVALayer
 from holokv.runtime import generate
+from conftest import tiny_llama
 
 
 class Words:
@@ -25,10 +25,7 @@ class Words:
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
-    return use_holokv_attention(LlamaForCausalLM(config).eval())
+    return tiny_llama()
 
 
 def prompt(n, seed=1):

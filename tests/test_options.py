@@ -69,7 +69,8 @@ BAD = [  # (method, ratio, options, the option named)
     *[("kvzip", 2, dict(chunk=c), "chunk") for c in (0, 2.0)],
     ("kvzip", 2, dict(tokenizer="gpt2"), "tokenizer"),
     ("kvzip", 2, dict(across="global"), "across"),
-    ("kvzip", 2, dict(across="model"), "across"),  # pools head-adaptive budgets: needs adaptive
+    ("kvzip", 2, dict(adaptive=None), "across"),  # the default pools head-adaptive budgets: it needs adaptive
+    ("kvzip", 2, dict(pyramid=3), "pyramid"),  # the default pools every layer's budget
     ("kvzip", 2, dict(across="model", adaptive=0.0, pyramid=3), "pyramid"),
     ("src", 2, dict(method="evict"), "method"),
     ("src", 2, dict(score="h2o"), "score"),

@@ -21,7 +21,8 @@ FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP = 8  # tokens of the previous chunk a later chunk's request quotes, so the model knows where to resume
 QUERIES = 256  # reconstruction queries scored at a time: memory O(QUERIES · G · prompt)
-ACROSS = ("layer", "model")  # what head-adaptive budgets pool over
+ACROSS = ("model", "layer")  # what head-adaptive budgets pool over, the default first
+ADAPTIVE = 0.2  # KVzip's default floor: the share of its budget a head keeps whatever it scores
 UNSCORED = ("the prompt was not scored: its reconstruction pass (KVzip's) runs after the prompt's forward through "
             "the hook holokv.caches.use_holokv_attention(model) installs; call the model it was given to")
 
@@ -91,16 +92,18 @@ class KVzipLayer(ReadsBack, SelectionLayer):
     """KVzip (Kim et al. 2025), query-agnostic: a prompt entry's score is the largest weight any query of its GQA
     group pays it while the model reconstructs the context (:class:`KVzipCache`); the first ``sinks`` tokens are
     kept. One-shot, like SnapKV; ``adaptive`` gives head-adaptive budgets, pooled over the layer's heads
-    (``across="layer"``) or, as in the paper, over every head of every layer (``across="model"``: the cache ranks
-    all the layers' scores together once the pass has run, so a layer holds what its heads win)."""
+    (``across="layer"``) or, as in the paper, over every head of every layer (``across="model"``, the default: the
+    cache ranks all the layers' scores together once the pass has run, so a layer holds what its heads win).
+    The defaults (model-wide, each head at least ADAPTIVE of its share) were chosen on the tuning text
+    (bench/results/eval_cpu_kvzip_pooled_tune/: per-layer budgets were far behind at every ratio)."""
 
-    def __init__(self, ratio: float = 1.0, sinks: int = 4, adaptive: float | None = None, across: str = "layer"):
+    def __init__(self, ratio: float = 1.0, sinks: int = 4, adaptive: float | None = ADAPTIVE, across: str = ACROSS[0]):
         super().__init__(ratio, adaptive)
         if across not in ACROSS:
             raise ValueError(f"across must be one of {ACROSS}, got {across!r}")
         if across == "model" and adaptive is None:
             raise ValueError("across='model' pools head-adaptive budgets: it needs adaptive (the share each head "
-                             "keeps at least, 0 for none)")
+                             "keeps at least, 0 for none); with adaptive=None give across='layer'")
         self.sinks, self.across = sinks, across
         self.pooled = None  # [B, Hkv] entries per head, from the model-wide ranking (across="model")
 

@@ -9,6 +9,7 @@ from numbers import Integral, Real
 from ..checks import PHASE_COUNTS
 from ..reference import MODES
 from .holo import PREFILLS
+from .kvzip import ACROSS
 from .model_check import head_dim
 from .future_queries import SOURCES
 from .src import SCORES, SHRINK_TO
@@ -89,7 +90,7 @@ OPTIONS = {
     "expected": {"sinks": integer(0), "future": integer(1), "epsilon": real(0), "adaptive": real(0, 1, none_ok=True),
                  **PYRAMID},
     "tova": {**PYRAMID},
-    "kvzip": {"sinks": integer(0), "adaptive": real(0, 1, none_ok=True), "across": choice("layer", "model"),
+    "kvzip": {"sinks": integer(0), "adaptive": real(0, 1, none_ok=True), "across": choice(*ACROSS),
               "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder, **PYRAMID},
     "src": {"method": choice("softmax_ls", "seed"), "score": choice(*SCORES), "rank": integer(1),
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
@@ -120,7 +121,7 @@ def validate(method: str, ratio, options: dict, config) -> None:
         known[name](name, value)
     if method == "full" and ratio != 1:
         raise ValueError(f"ratio must be 1 for the full cache (it keeps every token), got {ratio!r}")
-    if options.get("across") == "model" and options.get("pyramid") not in (None, 1):
+    if method == "kvzip" and options.get("across", ACROSS[0]) == "model" and options.get("pyramid") not in (None, 1):
         raise ValueError("pyramid sets each layer's budget, across='model' pools them all: give one of the two")
     if method == "holokv":
         k = options.get("k")

@@ -102,7 +102,7 @@ def test_src_counts_its_scoring_queries(model):
     ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(2))
     held = {}
     for window in (4, 32):
-        cache = make_cache("src", model.config, ratio=4, window=window)
+        cache = make_cache("src", model.config, ratio=4, window=window, every="auto")
         with torch.no_grad():
             model(ids, past_key_values=cache)
         held[window] = cache.nbytes()
@@ -659,10 +659,10 @@ def test_reordered_batch_decodes_as_reordered(model, batch, method):
 
 
 def test_src_auto_every_spaces_steps_with_the_budget(model):
-    """every="auto" (the default): a step per 1/64 of the prompt's budget, at least every 16 tokens; an int or None
+    """every="auto": a step per 1/64 of the prompt's budget, at least every 16 tokens; an int or None (the default)
     is taken as given; anything else is refused by name."""
-    layer = make_cache("src", model.config, ratio=4).layers[0]
-    assert layer.every_option == "auto"
+    assert make_cache("src", model.config, ratio=4).layers[0].every_option is None
+    layer = make_cache("src", model.config, ratio=4, every="auto").layers[0]
     assert [layer.steps_every(n) for n in (100, 4096, 4097 * 4, 16384 * 4)] == [16, 16, 65, 256]
     assert make_cache("src", model.config, ratio=4, every=5).layers[0].steps_every(10 ** 6) == 5
     assert make_cache("src", model.config, ratio=4, every=None).layers[0].steps_every(10 ** 6) is None

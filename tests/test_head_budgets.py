@@ -68,7 +68,7 @@ def test_graphless_runtime_decodes_what_generate_does(model, batch):
 
 def test_needs_every_none(model):
     with pytest.raises(ValueError, match="adaptive.*every=None"):
-        make_cache("src", model.config, ratio=4, adaptive=0.2)
+        make_cache("src", model.config, ratio=4, adaptive=0.2, every="auto")
     with pytest.raises(ValueError, match="adaptive"):
         make_cache("src", model.config, ratio=4, every=None, adaptive=1.5)
 

@@ -97,8 +97,10 @@ class SRCLayer(ReadsBack, FullLayer):
     summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`: "replay", prompt queries moved
     to positions spread over the next ``future``; "gaussian", draws from Expected Attention's query model placed
     there; "recon", queries of KVzip's reconstruction pass), ``every``: generated tokens (counted per layer)
-    between decode-time compression steps, None for none (decoded tokens then stay exact), "auto" (the default) for
-    max(16, ceil(budget / 64)), budget = ceil(longest prompt / ratio) entries (see STEP_SHARE). A prompt fed in several chunks is
+    between decode-time compression steps: None (the default) for none, decoded tokens then staying exact (with
+    256-token continuations on the tuning text every step cost quality: bench/results/
+    eval_cpu_src_decode_policy_tune/), "auto" for max(16, ceil(budget / 64)), budget = ceil(longest prompt /
+    ratio) entries (see STEP_SHARE). A prompt fed in several chunks is
     compacted after its first one; the later chunks are decoded (and compressed) token by token. Where an option
     uses the reconstruction pass (score="recon", future_source="recon") the prompt is held whole until the pass
     (:class:`~.kvzip.KVzipCache` runs it after the prompt's forward, worded with its ``tokenizer``) and compacted
@@ -140,7 +142,7 @@ class SRCLayer(ReadsBack, FullLayer):
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
                  ridge: float = RIDGE, window: int = 32, bin_size: int | None = None, sinks: int = 4,
-                 recent: int = 32, lam: float = 0.5, every: int | str | None = "auto", decode_bin: int | None = None,
+                 recent: int = 32, lam: float = 0.5, every: int | str | None = None, decode_bin: int | None = None,
                  future_queries: int = 0, future: int = 512, future_source: str = "replay", shrink_to: str = "window",
                  adaptive: float | None = None, rotary=None):
         FullLayer.__init__(self)

@@ -93,14 +93,14 @@ class SRCLayer(ReadsBack, FullLayer):
     exact, stays small against it), ``ridge`` of the value fit (default RIDGE) and ``shrink_to`` what it shrinks
     the values toward ("window": each bin's output averaged over the reference queries, or "mean": its plain
     mass-weighted mean value, which does not depend on them), ``window`` observation queries, ``sinks`` and
-    ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the prompt that the prompt's
-    summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`: "replay", prompt queries moved
-    to positions spread over the next ``future``; "gaussian", draws from Expected Attention's query model placed
-    there; "recon", queries of KVzip's reconstruction pass), ``every``: generated tokens (counted per layer)
-    between decode-time compression steps: None (the default) for none, decoded tokens then staying exact (with
-    256-token continuations on the tuning text every step cost quality: bench/results/
-    eval_cpu_src_decode_policy_tune/), "auto" for max(16, ceil(budget / 64)), budget = ceil(longest prompt /
-    ratio) entries (see STEP_SHARE). A prompt fed in several chunks is
+    ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the
+    prompt that the prompt's summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`:
+    "replay", prompt queries moved to positions spread over the next ``future``; "gaussian", draws from Expected
+    Attention's query model placed there; "recon", queries of KVzip's reconstruction pass), ``every``: generated
+    tokens (counted per layer) between decode-time compression steps: None (the default) for none, decoded tokens
+    then staying exact (with 256-token continuations on the tuning text every step cost quality:
+    bench/results/eval_cpu_src_decode_policy_tune/), "auto" for max(16, ceil(budget / 64)), budget =
+    ceil(longest prompt / ratio) entries (see STEP_SHARE). A prompt fed in several chunks is
     compacted after its first one; the later chunks are decoded (and compressed) token by token. Where an option
     uses the reconstruction pass (score="recon", future_source="recon") the prompt is held whole until the pass
     (:class:`~.kvzip.KVzipCache` runs it after the prompt's forward, worded with its ``tokenizer``) and compacted
@@ -401,8 +401,8 @@ class SRCLayer(ReadsBack, FullLayer):
     def compacts(self, n: int, every: int | None, heads: int, kv_heads: int, head_dim: int) -> bool:
         """Whether compacting an n-token prompt to ceil(n / ratio) token-equivalents saves the bytes the layer
         then holds besides its tokens' K and V, so that it never holds more than the full cache would: the scoring
-        queries (up to :meth:`query_cap`, heads·head_dim elements each, a token being kv_heads·2·head_dim) and the log-mass
-        (one element) of each decoded token it holds before its steps catch up. The steps hold at most their
+        queries (up to :meth:`query_cap`, heads·head_dim elements each, a token being kv_heads·2·head_dim) and the
+        log-mass (one element) of each decoded token it holds before its steps catch up. The steps hold at most their
         budget plus C = recent + decode_bin + every entries (the tail, a filling bin, a step's tokens), so the
         decoded tokens all stay only while t <= C·ratio / (ratio − 1). (With every=None the decoded tokens hold no
         log-mass, see exact_slots: any saving pays.) If it does not pay (ratio 1, short prompts) the layer holds the
@@ -450,17 +450,13 @@ class SRCLayer(ReadsBack, FullLayer):
         check_info(info)  # once per prompt and layer: the host sync is affordable
         return *(torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)), n_keep
 
-    def head_shares(self, qb, kb, budget: int, score, row_entropy) -> list[int]:
+    def head_shares(self, score: torch.Tensor, budget: int) -> list[int]:
         """``adaptive``: each KV head's budget, AdaKV's shares (:func:`~.select.head_budgets`) of the sequence's
-        Hkv·budget by the scores that pick the exact tokens (the sinks and the recent window first)."""
-        if isinstance(score, str):
-            mass = attention_mass(qb[:, :, -self.window:], kb, self.scale)
-            score = seed_score(mass, row_entropy, self.lam) if score == "seed" else mass
-        n = kb.shape[2]
-        pos = torch.arange(n, device=kb.device)
-        score = score.masked_fill(protect_mask(pos, self.sinks, n - self.recent), INF)
-        ranked = score.sort(-1, descending=True).values
-        return head_budgets(ranked, torch.tensor([budget], device=kb.device), self.adaptive)[0].tolist()
+        Hkv·budget by the scores [1, Hkv, n] that pick the exact tokens (the sinks and the recent window first)."""
+        n = score.shape[2]
+        pos = torch.arange(n, device=score.device)
+        ranked = score.masked_fill(protect_mask(pos, self.sinks, n - self.recent), INF).sort(-1, descending=True)
+        return head_budgets(ranked.values, torch.tensor([budget], device=score.device), self.adaptive)[0].tolist()
 
     def reconstruct(self, q, k, v, scale) -> torch.Tensor:
         """The pass's queries read the held prompt (:class:`ReadsBack`); some are kept (:class:`Heard`)."""
@@ -519,10 +515,13 @@ class SRCLayer(ReadsBack, FullLayer):
                 # all of the sinks and the recent window kept (the split keeps protected tokens first)
                 tails.append(min(self.recent, n) if n_keep >= min(n, self.sinks + self.recent) else 0)
                 continue
+            if isinstance(score, str):  # computed once: it both shares the budget and picks each head's tokens
+                mass = attention_mass(qb[:, :, -self.window:], kb, scale)
+                score = seed_score(mass, row_entropy, self.lam) if score == "seed" else mass
             G, heads = qb.shape[1] // kb.shape[1], []
-            for h, share in enumerate(self.head_shares(qb, kb, budget, score, row_entropy)):
-                one = lambda x, g=1: x if x is None or isinstance(x, str) else x[:, h * g: (h + 1) * g]
-                heads.append(self.compact_heads(one(qb, G), one(kb), one(vb), share, one(score), one(row_entropy),
+            for h, share in enumerate(self.head_shares(score, budget)):
+                one = lambda x, g=1: x if x is None else x[:, h * g: (h + 1) * g]
+                heads.append(self.compact_heads(one(qb, G), one(kb), one(vb), share, one(score), None,
                                                 one(q_future, G))[:3])
             parts.append([ragged([x.transpose(0, 1) for x in head]).transpose(0, 1) for head in zip(*heads)])
             parts[-1].append(torch.tensor([[x[0].shape[2] for x in heads]], device=self.device))

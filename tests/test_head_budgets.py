@@ -1,5 +1,6 @@
 """Head-adaptive budgets (AdaKV) for SRC: each KV head compacted to its share of the sequence's budget, lengths
-per KV head in the store, the layer's bytes unchanged; a share of 1 is the uniform split exactly."""
+per KV head in the store, the layer's bytes unchanged; a share of 1 is the uniform split exactly; pooled over the
+whole model (KVzip's), the model's bytes unchanged."""
 import copy
 
 import pytest
@@ -64,6 +65,31 @@ def test_graphless_runtime_decodes_what_generate_does(model, batch):
     out, _ = scored(model, *batch, adaptive=0.2)
     cache = make_cache("src", model.config, ratio=4, adaptive=0.2, **SRC)
     assert torch.equal(generate(model, cache, *batch, max_new_tokens=8, graph=False), out.sequences)
+
+
+def test_model_wide_budgets_move_bytes_between_layers(model, batch):
+    """across="model": every head of every layer ranked together by KVzip's scores, so layers hold different
+    bytes while the model holds what the per-layer split holds."""
+    caches = {across: scored(model, *batch, score="recon", adaptive=0.0, across=across)[1]
+              for across in ("layer", "model")}
+    per_layer = {a: [layer.nbytes() for layer in c.layers] for a, c in caches.items()}
+    assert per_layer["layer"][0] == pytest.approx(per_layer["layer"][1], rel=0.02)
+    assert per_layer["model"][0] != per_layer["model"][1]
+    assert sum(per_layer["model"]) == pytest.approx(sum(per_layer["layer"]), rel=0.03)
+
+
+def test_model_wide_padded_sequence_reads_what_it_reads_alone(model, batch):
+    ids, mask = batch
+    both, _ = scored(model, ids, mask, score="recon", adaptive=0.2, across="model")
+    alone, _ = scored(model, ids[:1, 30:], mask[:1, 30:], score="recon", adaptive=0.2, across="model")
+    for s, s0 in zip(both.scores, alone.scores):
+        torch.testing.assert_close(s[:1], s0, atol=1e-4, rtol=1e-4)
+
+
+def test_model_wide_needs_recon_scores_and_adaptive(model):
+    for options in (dict(adaptive=0.2), dict(score="recon")):
+        with pytest.raises(ValueError, match="across='model'"):
+            make_cache("src", model.config, ratio=4, across="model", **SRC, **options)
 
 
 def test_needs_every_none(model):

@@ -100,7 +100,7 @@ OPTIONS = {
             "future": integer(1, doc="positions ahead the stand-ins are spread over"),
             "future_source": choice(*SOURCES), "shrink_to": choice(*SHRINK_TO),
             "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder,
-            "adaptive": real(0, 1, none_ok=True), **PYRAMID},
+            "adaptive": real(0, 1, none_ok=True), "across": choice(*ACROSS), **PYRAMID},
 }
 
 
@@ -121,7 +121,8 @@ def validate(method: str, ratio, options: dict, config) -> None:
         known[name](name, value)
     if method == "full" and ratio != 1:
         raise ValueError(f"ratio must be 1 for the full cache (it keeps every token), got {ratio!r}")
-    if method == "kvzip" and options.get("across", ACROSS[0]) == "model" and options.get("pyramid") not in (None, 1):
+    pooled = options.get("across", ACROSS[0] if method == "kvzip" else None) == "model"
+    if method in ("kvzip", "src") and pooled and options.get("pyramid") not in (None, 1):
         raise ValueError("pyramid sets each layer's budget, across='model' pools them all: give one of the two")
     if method == "holokv":
         k = options.get("k")

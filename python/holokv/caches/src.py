@@ -27,7 +27,7 @@ from ..compaction.scores import attention_mass, entropy, protect_mask
 from .base import FullLayer, take
 from .expected import carried, expected_scores, prompt_gaussian
 from .future_queries import SOURCES, Heard, gaussian, replayed
-from .kvzip import ReadsBack
+from .kvzip import ACROSS, ReadsBack
 from .select import INF, head_budgets
 
 # what decides which prompt tokens stay exact: the window's attention mass, the seed's mass − λ·entropy, Expected
@@ -104,7 +104,9 @@ class SRCLayer(ReadsBack, FullLayer):
     compacted after its first one; the later chunks are decoded (and compressed) token by token. Where an option
     uses the reconstruction pass (score="recon", future_source="recon") the prompt is held whole until the pass
     (:class:`~.kvzip.KVzipCache` runs it after the prompt's forward, worded with its ``tokenizer``) and compacted
-    after it (:meth:`compress`).
+    after it (:meth:`compress`). ``adaptive`` (with every=None) shares each sequence's budget among its KV heads
+    (AdaKV); ``across="model"`` (with score="recon") pools the shares over every head of every layer, as KVzip does
+    (:meth:`~.kvzip.KVzipCache.pool_budgets`), so a layer holds what its heads win of the model's budget.
 
     While decoding, each sequence's entries are [settled | bin | tail]: settled holds the compacted prompt
     and what earlier steps kept or summarized, the bin exact tokens waiting for summary (first in, first
@@ -144,7 +146,7 @@ class SRCLayer(ReadsBack, FullLayer):
                  ridge: float = RIDGE, window: int = 32, bin_size: int | None = None, sinks: int = 4,
                  recent: int = 32, lam: float = 0.5, every: int | str | None = None, decode_bin: int | None = None,
                  future_queries: int = 0, future: int = 512, future_source: str = "replay", shrink_to: str = "window",
-                 adaptive: float | None = None, rotary=None):
+                 adaptive: float | None = None, across: str = "layer", rotary=None):
         FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -173,7 +175,14 @@ class SRCLayer(ReadsBack, FullLayer):
         if adaptive is not None and every is not None:
             raise ValueError(f"adaptive (head-adaptive budgets) needs every=None: decode-time compression steps keep "
                              f"one count per sequence, got every={every!r}")
-        self.adaptive = adaptive
+        if across not in ACROSS:
+            raise ValueError(f"across must be one of {ACROSS}, got {across!r}")
+        if across == "model" and (score != "recon" or adaptive is None):
+            raise ValueError(f"across='model' pools the head budgets of every layer by KVzip's scores: it needs "
+                             f"score='recon' and adaptive (the share each head keeps at least), got score={score!r}, "
+                             f"adaptive={adaptive!r}")
+        self.adaptive, self.across = adaptive, across
+        self.pooled = None  # [B, Hkv] token-equivalents per head, from the model-wide ranking (across="model")
         needs = self.rotary_for(score, future_queries, future_source)
         if needs and rotary is None:
             raise ValueError(f"SRC's {needs} moves prompt queries to future positions: it needs the model's rotary "
@@ -458,6 +467,13 @@ class SRCLayer(ReadsBack, FullLayer):
         ranked = score.masked_fill(protect_mask(pos, self.sinks, n - self.recent), INF).sort(-1, descending=True)
         return head_budgets(ranked.values, torch.tensor([budget], device=score.device), self.adaptive)[0].tolist()
 
+    def ranked_scores(self, scores, pos) -> torch.Tensor:
+        """KVzip's scores [B, Hkv, n] (left-aligned, ``pos`` an entry's index from the first real token) as
+        across="model" ranks them: the sinks and the recent window, which stay exact, first; pads last."""
+        valid = self.n_valid.view(-1, 1, 1)
+        return scores.masked_fill(protect_mask(pos, self.sinks, valid - self.recent), INF).masked_fill(pos >= valid,
+                                                                                                       -INF)
+
     def reconstruct(self, q, k, v, scale) -> torch.Tensor:
         """The pass's queries read the held prompt (:class:`ReadsBack`); some are kept (:class:`Heard`)."""
         if self.heard is not None:
@@ -519,12 +535,14 @@ class SRCLayer(ReadsBack, FullLayer):
                 mass = attention_mass(qb[:, :, -self.window:], kb, scale)
                 score = seed_score(mass, row_entropy, self.lam) if score == "seed" else mass
             G, heads = qb.shape[1] // kb.shape[1], []
-            for h, share in enumerate(self.head_shares(score, budget)):
+            shares = self.head_shares(score, budget) if self.pooled is None else self.pooled[b].tolist()
+            for h, share in enumerate(shares):
                 one = lambda x, g=1: x if x is None else x[:, h * g: (h + 1) * g]
                 heads.append(self.compact_heads(one(qb, G), one(kb), one(vb), share, one(score), None,
                                                 one(q_future, G))[:3])
             parts.append([ragged([x.transpose(0, 1) for x in head]).transpose(0, 1) for head in zip(*heads)])
             parts[-1].append(torch.tensor([[x[0].shape[2] for x in heads]], device=self.device))
+        self.pooled = None
         keys, values, bias = (ragged([p[i] for p in parts]).to(k.dtype) for i in range(3))
         lens = (torch.tensor([p[0].shape[2] for p in parts], device=self.device) if self.adaptive is None
                 else torch.cat([p[3] for p in parts]))

@@ -102,6 +102,27 @@ def spawn(spec: dict) -> dict:
         return dict(error=f"exit status {proc.returncode}: " + "\n".join(tail))
 
 
+def payload(args, config, bandwidth, rows) -> dict:
+    """The results file: provenance, the configuration, the copy bandwidth and the rows so far."""
+    ok = [r for r in rows if "error" not in r]
+    return {"bench": "e2e", **provenance(torch.device("cpu" if args.smoke else "cuda")),
+            "transformers": transformers.__version__,
+            "config": {"model": args.model or "random weights", "shape": dict(
+                model_shape(config), hidden=config.hidden_size, intermediate=config.intermediate_size),
+                       "dtype": args.dtype, "ratio": args.ratio, "compile": args.compile, "steps": args.steps,
+                       "warmup": f"{args.warmup}, or one compression interval + 1 where longer (each row's)",
+                       "sync_check_steps": f"each row's, at least {SYNC_STEPS}",
+                       "points": points(args.batch, args.context),
+                       "methods": args.methods, "baselines": args.baselines, "smoke": args.smoke},
+            "copy_bandwidth_Bps": bandwidth and bandwidth.get("copy_bandwidth_Bps"),
+            "bandwidth_error": bandwidth and bandwidth.get("error"),
+            "weights_bytes": ok[0]["weights_bytes"] if ok else None,
+            "weights_read_bytes": ok[0]["weights_read_bytes"] if ok else None,
+            "timing": "prefill: one run; step: median (and mean) of the timed steps, each between CUDA "
+                      "events (host clock on the CPU), greedy argmax included",
+            "rows": rows}
+
+
 def run(args) -> int:
     for key, value in (SMOKE if args.smoke else FULL).items():
         if getattr(args, key) is None and not (key == "layers" and args.model):  # --model: all its layers
@@ -115,33 +136,18 @@ def run(args) -> int:
         print(f"holokv bench e2e: error: {e}", file=sys.stderr)
         return 2
     bandwidth = None if args.smoke else spawn(dict(kind="bandwidth"))
-    rows = []
+    bw = bandwidth and bandwidth.get("copy_bandwidth_Bps")
+    rows, path = [], None
     for spec in specs:
         print(f"B={spec['batch']} N={spec['context']} {spec['method']} ...", end=" ", flush=True)
         rows.append(dict(spec, **spawn(spec)))
         error = rows[-1].get("error")
         print(error.splitlines()[-1] if error else f"{rows[-1]['step_ms']:.2f} ms/step", flush=True)
-    bw = bandwidth and bandwidth.get("copy_bandwidth_Bps")
-    derive(rows, bw)
-    ok = [r for r in rows if "error" not in r]
-    payload = {"bench": "e2e", **provenance(torch.device("cpu" if args.smoke else "cuda")),
-               "transformers": transformers.__version__,
-               "config": {"model": args.model or "random weights", "shape": dict(
-                   model_shape(config), hidden=config.hidden_size, intermediate=config.intermediate_size),
-                          "dtype": args.dtype, "ratio": args.ratio, "compile": args.compile, "steps": args.steps,
-                          "warmup": f"{args.warmup}, or one compression interval + 1 where longer (each row's)",
-                          "sync_check_steps": f"each row's, at least {SYNC_STEPS}",
-                          "points": points(args.batch, args.context),
-                          "methods": args.methods, "baselines": args.baselines, "smoke": args.smoke},
-               "copy_bandwidth_Bps": bw, "bandwidth_error": bandwidth and bandwidth.get("error"),
-               "weights_bytes": ok[0]["weights_bytes"] if ok else None,
-               "weights_read_bytes": ok[0]["weights_read_bytes"] if ok else None,
-               "timing": "prefill: one run; step: median (and mean) of the timed steps, each between CUDA "
-                         "events (host clock on the CPU), greedy argmax included",
-               "rows": rows}
+        derive(rows, bw)
+        if not args.smoke or args.out:  # after every row: a run cut short keeps what it measured
+            path = save(args.name, payload(args, config, bandwidth, rows), args.out)
     print(table(rows), end="")
-    if not args.smoke or args.out:
-        path = save(args.name, payload, args.out)
+    if path is not None:
         plot_path = Path(args.plot) if args.plot else path.with_suffix(".png")
         plot(rows, plot_path)
         print(f"wrote {path} and {plot_path}")

@@ -33,7 +33,7 @@ VALID = {
     "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words(), pyramid=4, across="layer"),
     "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
                 decode_bin=None, every=None, lam=-1.0, future_queries=3, future=8, future_source="gaussian",
-                shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5, adaptive=0.3, across="layer"),
+                shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5, adaptive=0.3, across="layer", bin_order="key"),
 }
 COMPRESSED = [m for m in LAYERS if m != "full"]
 
@@ -73,6 +73,7 @@ BAD = [  # (method, ratio, options, the option named)
     ("kvzip", 2, dict(pyramid=3), "pyramid"),  # the default pools every layer's budget
     ("kvzip", 2, dict(across="model", adaptive=0.0, pyramid=3), "pyramid"),
     ("src", 2, dict(across="global"), "across"),
+    ("src", 2, dict(bin_order="random"), "bin_order"),
     ("src", 2, dict(across="model", score="recon", adaptive=0.2, pyramid=3), "pyramid"),
     ("src", 2, dict(method="evict"), "method"),
     ("src", 2, dict(score="h2o"), "score"),

@@ -66,6 +66,27 @@ def test_softmax_ls_exact_with_enough_centroids():
     torch.testing.assert_close(got, exact, atol=1e-8, rtol=1e-8)
 
 
+def test_key_bin_order_bins_similar_keys():
+    """Keys of two clusters, alternating by position, the first 48 evicted: bins in position order mix them (a
+    one-point centroid, the bin's mean, falls between), bins in key order do not (each centroid sits on a
+    cluster); the same entries either way."""
+    n, budget, rank = 64, 23, 1
+    n_kept, n_bins = plan(n, budget, method="softmax_ls", head_dim=D, bin_size=8, rank=rank)
+    assert (n_kept, n_bins) == (16, 6)
+    q, k, v = qkv(n)
+    c = torch.zeros(D, dtype=k.dtype)
+    c[0] = 8.0
+    k = 0.1 * k + torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).view(1, 1, n, 1).to(k.dtype) * c
+    score = torch.arange(n, dtype=k.dtype).expand(B, HKV, n)  # the last 16 kept, the first 48 binned
+    runs = {order: compact(q[:, :, -4:], k, v, budget=budget, method="softmax_ls", score=score, bin_size=8,
+                           rank=rank, n_sink=0, n_recent=4, bin_order=order)[0] for order in ("position", "key")}
+    assert torch.equal(runs["position"].k[..., :n_kept, :], runs["key"].k[..., :n_kept, :])
+    first = {order: r.k[..., n_kept:, 0].abs() for order, r in runs.items()}  # the centroids' cluster coordinate
+    assert (first["position"] < 1).all() and (first["key"] > 7).all()
+    with pytest.raises(ValueError, match="bin_order"):
+        compact(q[:, :, -4:], k, v, budget=budget, bin_order="random")
+
+
 def test_sigma_points_match_mean_and_covariance():
     g = torch.Generator().manual_seed(0)
     k = torch.randn(3, 40, 2, generator=g, dtype=torch.float64) @ torch.randn(2, D, generator=g, dtype=torch.float64)

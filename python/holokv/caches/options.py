@@ -12,6 +12,7 @@ from .holo import PREFILLS
 from .kvzip import ACROSS
 from .model_check import head_dim
 from .future_queries import SOURCES
+from ..compaction.compact import BIN_ORDERS
 from .src import SCORES, SHRINK_TO
 
 
@@ -100,7 +101,8 @@ OPTIONS = {
             "future": integer(1, doc="positions ahead the stand-ins are spread over"),
             "future_source": choice(*SOURCES), "shrink_to": choice(*SHRINK_TO),
             "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder,
-            "adaptive": real(0, 1, none_ok=True), "across": choice(*ACROSS), **PYRAMID},
+            "adaptive": real(0, 1, none_ok=True), "across": choice(*ACROSS),
+            "bin_order": choice(*BIN_ORDERS), **PYRAMID},
 }
 
 

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score, split
 from ..compaction.softmax import attend_window, logits
-from ..compaction.compact import entry_elems, fit
+from ..compaction.compact import BIN_ORDERS, entry_elems, fit
 from ..compaction.summarize import summarize_bins
 from ..compaction.scores import attention_mass, entropy, protect_mask
 from .base import FullLayer, take
@@ -107,6 +107,8 @@ class SRCLayer(ReadsBack, FullLayer):
     after it (:meth:`compress`). ``adaptive`` (with every=None) shares each sequence's budget among its KV heads
     (AdaKV); ``across="model"`` (with score="recon") pools the shares over every head of every layer, as KVzip does
     (:meth:`~.kvzip.KVzipCache.pool_budgets`), so a layer holds what its heads win of the model's budget.
+    ``bin_order`` ("position" or "key", :func:`~holokv.compaction.compact`) is what puts evicted prompt tokens
+    side by side in a bin.
 
     While decoding, each sequence's entries are [settled | bin | tail]: settled holds the compacted prompt
     and what earlier steps kept or summarized, the bin exact tokens waiting for summary (first in, first
@@ -146,7 +148,7 @@ class SRCLayer(ReadsBack, FullLayer):
                  ridge: float = RIDGE, window: int = 32, bin_size: int | None = None, sinks: int = 4,
                  recent: int = 32, lam: float = 0.5, every: int | str | None = None, decode_bin: int | None = None,
                  future_queries: int = 0, future: int = 512, future_source: str = "replay", shrink_to: str = "window",
-                 adaptive: float | None = None, across: str = "layer", rotary=None):
+                 adaptive: float | None = None, across: str = "layer", bin_order: str = "position", rotary=None):
         FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -181,7 +183,9 @@ class SRCLayer(ReadsBack, FullLayer):
             raise ValueError(f"across='model' pools the head budgets of every layer by KVzip's scores: it needs "
                              f"score='recon' and adaptive (the share each head keeps at least), got score={score!r}, "
                              f"adaptive={adaptive!r}")
-        self.adaptive, self.across = adaptive, across
+        if bin_order not in BIN_ORDERS:
+            raise ValueError(f"bin_order must be one of {BIN_ORDERS}, got {bin_order!r}")
+        self.adaptive, self.across, self.bin_order = adaptive, across, bin_order
         self.pooled = None  # [B, Hkv] token-equivalents per head, from the model-wide ranking (across="model")
         needs = self.rotary_for(score, future_queries, future_source)
         if needs and rotary is None:
@@ -455,7 +459,7 @@ class SRCLayer(ReadsBack, FullLayer):
         c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=score,
                           row_entropy=row_entropy, lam=self.lam, bin_size=self.bin_size, rank=self.rank,
                           n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, shrink_to=self.shrink_to,
-                          scale=self.scale, q_future=q_future)
+                          scale=self.scale, q_future=q_future, bin_order=self.bin_order)
         check_info(info)  # once per prompt and layer: the host sync is affordable
         return *(torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)), n_keep
 

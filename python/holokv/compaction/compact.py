@@ -5,9 +5,11 @@ import torch
 
 from .softmax import CompactKV, attend_chunked, pool_gqa
 from .scores import attention_mass, protect_mask, seed_score, split
+from .linalg import top_subspace
 from .summarize import summarize_bins
 
 METHODS = ("evict", "seed", "softmax_ls")
+BIN_ORDERS = ("position", "key")  # what puts evicted tokens side by side in a bin
 
 
 def entry_elems(method: str, head_dim: int) -> int:
@@ -49,7 +51,7 @@ def fit(n: int, cap: int, *, bin_size: int, rank: int):
 def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,
             lam: float = 0.5, bin_size: int = 64, rank: int = 4, n_sink: int = 4, n_recent: int = 32,
             ridge: float = 1.0, shrink_to: str = "window", scale=None, subspace: str = "iter",
-            q_future=None) -> tuple[CompactKV, torch.Tensor]:
+            q_future=None, bin_order: str = "position") -> tuple[CompactKV, torch.Tensor]:
     """Compress a prompt's keys/values to ``budget`` token-equivalents of storage.
 
     q_obs [B, Hq, w, d]: queries of the last w prompt tokens (observation window,
@@ -58,8 +60,9 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     :func:`~holokv.compaction.selection.causal_stats`), "mass" (SnapKV window mass) or a
     precomputed [B, Hkv, N] tensor (e.g. H2O accumulated mass). Sinks and the
     recent window are always kept. ``method``: "evict" drops the rest, "seed" and
-    "softmax_ls" summarize the evicted tokens, in position order, into bins of
-    ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
+    "softmax_ls" summarize the evicted tokens, in position order (``bin_order="position"``) or ordered by
+    their keys' projection on the evicted keys' top principal direction (``"key"``: similar keys share a bin,
+    where a summary's second-order fit holds better), into bins of ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
     see :func:`~holokv.compaction.summarize.sigma_point_keys`; ``ridge`` and ``shrink_to``: the value fit's, see
     :func:`~holokv.compaction.summarize.softmax_ls_centroids`).
 
@@ -71,6 +74,8 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
+    if bin_order not in BIN_ORDERS:
+        raise ValueError(f"bin_order must be one of {BIN_ORDERS}, got {bin_order!r}")
     B, Hkv, N, d = k.shape
     w = q_obs.shape[2]
     n_keep, n_bins = plan(N, budget, method=method, head_dim=d, bin_size=bin_size, rank=rank)
@@ -86,6 +91,10 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     if n_bins == 0:
         return CompactKV(k_keep, v_keep, k.new_zeros(B, Hkv, n_keep), lens), info
 
+    if bin_order == "key":
+        centered = take(k, evict).float()
+        centered = centered - centered.mean(-2, keepdim=True)
+        evict = evict.gather(-1, (centered @ top_subspace(centered, 1, method=subspace)[0]).squeeze(-1).argsort(-1))
     pad = n_bins * bin_size - evict.shape[-1]  # last bin is partial: pad with zero-mass entries
     bins = lambda x: torch.cat([take(x, evict), x.new_zeros(B, Hkv, pad, d)], 2).view(B, Hkv, n_bins, bin_size, d)
     k_bins, v_bins = bins(k), bins(v)

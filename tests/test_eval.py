@@ -1,6 +1,7 @@
 """Evaluation and CLI on a tiny random Llama with a byte-level tokenizer, saved locally (no network)."""
 import json
 import random
+import subprocess
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from holokv.cli import main
 from holokv.eval import EvalConfig, run_eval
 from holokv.eval import data
 from holokv.eval.runner import parse_method
-from holokv.provenance import commit
+from holokv import provenance
+from holokv.provenance import commit, dirty
 
 
 def byte_tokenizer():
@@ -145,7 +147,25 @@ def test_text_too_short(tiny_model, tmp_path, capsys):
 
 def test_commit_from_environment(monkeypatch):
     monkeypatch.setenv("HOLOKV_COMMIT", "abc123")
-    assert commit() == "abc123"
+    assert commit() == "abc123" and dirty() is None  # a travelled tree: whether it was dirty is not known here
+
+
+def test_dirty_tree_is_recorded(tmp_path, monkeypatch):
+    """A measurement from a tree whose tracked files differ from HEAD says so (outside a checkout: None)."""
+    monkeypatch.delenv("HOLOKV_COMMIT", raising=False)
+    monkeypatch.setattr(provenance, "__file__", str(tmp_path / "holokv" / "provenance.py"))  # not this checkout
+    monkeypatch.chdir(tmp_path)
+    assert dirty() is None and commit() == "unknown"
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], check=True,  # noqa: E731
+                                    capture_output=True)
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("commit", "-qm", "one")
+    (tmp_path / "new.txt").write_text("untracked files do not count")
+    assert dirty() is False and len(commit()) == 40
+    (tmp_path / "f.txt").write_text("b")
+    assert dirty() is True
 
 
 def test_parse_method():

@@ -9,26 +9,40 @@ from pathlib import Path
 import torch
 
 
-def commit() -> str:
-    """The measured commit: HOLOKV_COMMIT when the tree travelled without .git, else git's HEAD of the
-    source tree this package runs from or, for an installed (copied) package, of the working directory."""
-    if os.environ.get("HOLOKV_COMMIT"):
-        return os.environ["HOLOKV_COMMIT"]
+def _git(*args: str) -> str | None:
+    """git's output in the source tree this package runs from or, for an installed (copied) package, in the
+    working directory; None where neither is a git checkout."""
     for where in (Path(__file__).parent, Path.cwd()):
         try:
-            return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                  cwd=where).stdout.strip()
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=where).stdout
         except (OSError, subprocess.CalledProcessError):
             pass
-    return "unknown"
+    return None
+
+
+def commit() -> str:
+    """The measured commit: HOLOKV_COMMIT when the tree travelled without .git, else git's HEAD (see _git)."""
+    if os.environ.get("HOLOKV_COMMIT"):
+        return os.environ["HOLOKV_COMMIT"]
+    head = _git("rev-parse", "HEAD")
+    return head.strip() if head else "unknown"
+
+
+def dirty() -> bool | None:
+    """Whether tracked files differ from the commit (the measured code is then not the commit's alone); None
+    where that cannot be told (no git, or a tree that travelled as HOLOKV_COMMIT)."""
+    if os.environ.get("HOLOKV_COMMIT"):
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
 
 
 def provenance(device: str | torch.device | None = None) -> dict:
-    """Commit, torch version, ``holokv.build_info()``, host and ``device`` (default: the GPU if there is one)."""
+    """Commit (and whether the tree was dirty), torch version, ``holokv.build_info()``, host and ``device`` (default: the GPU if there is one)."""
     import holokv
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    info = {"commit": commit(), "torch": torch.__version__, "holokv": holokv.build_info(),
+    info = {"commit": commit(), "dirty": dirty(), "torch": torch.__version__, "holokv": holokv.build_info(),
             "host": platform.machine()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

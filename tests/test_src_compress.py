@@ -87,6 +87,26 @@ def test_key_bin_order_bins_similar_keys():
         compact(q[:, :, -4:], k, v, budget=budget, bin_order="random")
 
 
+def test_tree_bin_order_bins_by_cells():
+    """Keys of four clusters at (±8, ±4) in two coordinates, cycling by position, the first 48 evicted into 4 bins:
+    key order (one split along the wide coordinate) bins two clusters together (a one-point centroid falls between
+    them in the narrow coordinate), tree order splits each half again and bins one cluster a bin."""
+    n, budget, rank = 64, 21, 1
+    assert plan(n, budget, method="softmax_ls", head_dim=D, bin_size=12, rank=rank) == (16, 4)
+    q, k, v = qkv(n)
+    sign = lambda period: torch.where(torch.arange(n) % period < period // 2, 1.0, -1.0).view(1, 1, n).to(k.dtype)
+    k = 0.1 * k
+    k[..., 0] += 8 * sign(2)
+    k[..., 1] += 4 * sign(4)
+    score = torch.arange(n, dtype=k.dtype).expand(B, HKV, n)  # the last 16 kept, the first 48 binned
+    runs = {order: compact(q[:, :, -4:], k, v, budget=budget, method="softmax_ls", score=score, bin_size=12,
+                           rank=rank, n_sink=0, n_recent=4, bin_order=order)[0] for order in ("key", "tree")}
+    assert torch.equal(runs["key"].k[..., :16, :], runs["tree"].k[..., :16, :])
+    cent = {order: r.k[..., 16:, :2].abs() for order, r in runs.items()}  # the centroids' cluster coordinates
+    assert (cent["key"][..., 0] > 7).all() and cent["key"][..., 1].mean() < 1  # the halves mix in their bins
+    assert (cent["tree"][..., 0] > 7).all() and (cent["tree"][..., 1] > 3).all()
+
+
 def test_sigma_points_match_mean_and_covariance():
     g = torch.Generator().manual_seed(0)
     k = torch.randn(3, 40, 2, generator=g, dtype=torch.float64) @ torch.randn(2, D, generator=g, dtype=torch.float64)

@@ -107,7 +107,7 @@ class SRCLayer(ReadsBack, FullLayer):
     after it (:meth:`compress`). ``adaptive`` (with every=None) shares each sequence's budget among its KV heads
     (AdaKV); ``across="model"`` (with score="recon") pools the shares over every head of every layer, as KVzip does
     (:meth:`~.kvzip.KVzipCache.pool_budgets`), so a layer holds what its heads win of the model's budget.
-    ``bin_order`` ("position" or "key", :func:`~holokv.compaction.compact`) is what puts evicted prompt tokens
+    ``bin_order`` ("position", "key" or "tree", :func:`~holokv.compaction.compact`) is what puts evicted prompt tokens
     side by side in a bin.
 
     While decoding, each sequence's entries are [settled | bin | tail]: settled holds the compacted prompt

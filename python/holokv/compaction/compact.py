@@ -9,7 +9,7 @@ from .linalg import top_subspace
 from .summarize import summarize_bins
 
 METHODS = ("evict", "seed", "softmax_ls")
-BIN_ORDERS = ("position", "key")  # what puts evicted tokens side by side in a bin
+BIN_ORDERS = ("position", "key", "tree")  # what puts evicted tokens side by side in a bin
 
 
 def entry_elems(method: str, head_dim: int) -> int:
@@ -48,6 +48,22 @@ def fit(n: int, cap: int, *, bin_size: int, rank: int):
     return n_keep, -(-(n - n_keep) // bin_size)
 
 
+def by_keys(k, evict, n_bins: int, bin_size: int, depth: int, subspace: str = "iter") -> torch.Tensor:
+    """``evict`` [B, Hkv, E] reordered so that alike keys share bins: sorted by their keys' projection on the
+    top principal direction of the (centered) keys, then each half, in whole bins, sorted the same way on its own
+    direction, ``depth`` levels down (balanced PCA bisection: a bin ends up a cell of the keys' space rather
+    than a slab along one direction). Static shapes: every split is a Python int."""
+    if depth == 0 or n_bins <= 1:
+        return evict
+    x = k.gather(2, evict.unsqueeze(-1).expand(*evict.shape, k.shape[-1])).float()
+    x = x - x.mean(-2, keepdim=True)
+    evict = evict.gather(-1, (x @ top_subspace(x, 1, method=subspace)[0]).squeeze(-1).argsort(-1))
+    half = n_bins // 2
+    cut = half * bin_size
+    return torch.cat([by_keys(k, evict[..., :cut], half, bin_size, depth - 1, subspace),
+                      by_keys(k, evict[..., cut:], n_bins - half, bin_size, depth - 1, subspace)], -1)
+
+
 def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,
             lam: float = 0.5, bin_size: int = 64, rank: int = 4, n_sink: int = 4, n_recent: int = 32,
             ridge: float = 1.0, shrink_to: str = "window", scale=None, subspace: str = "iter",
@@ -61,8 +77,9 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     precomputed [B, Hkv, N] tensor (e.g. H2O accumulated mass). Sinks and the
     recent window are always kept. ``method``: "evict" drops the rest, "seed" and
     "softmax_ls" summarize the evicted tokens, in position order (``bin_order="position"``) or ordered by
-    their keys' projection on the evicted keys' top principal direction (``"key"``: similar keys share a bin,
-    where a summary's second-order fit holds better), into bins of ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
+    their keys (:func:`by_keys`; ``"key"``: by the projection on the evicted keys' top principal direction,
+    ``"tree"``: then each half on its own, down to single bins: similar keys share a bin, where a summary's
+    second-order fit holds better), into bins of ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
     see :func:`~holokv.compaction.summarize.sigma_point_keys`; ``ridge`` and ``shrink_to``: the value fit's, see
     :func:`~holokv.compaction.summarize.softmax_ls_centroids`).
 
@@ -91,10 +108,8 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     if n_bins == 0:
         return CompactKV(k_keep, v_keep, k.new_zeros(B, Hkv, n_keep), lens), info
 
-    if bin_order == "key":
-        centered = take(k, evict).float()
-        centered = centered - centered.mean(-2, keepdim=True)
-        evict = evict.gather(-1, (centered @ top_subspace(centered, 1, method=subspace)[0]).squeeze(-1).argsort(-1))
+    if bin_order != "position":
+        evict = by_keys(k, evict, n_bins, bin_size, 1 if bin_order == "key" else n_bins, subspace)
     pad = n_bins * bin_size - evict.shape[-1]  # last bin is partial: pad with zero-mass entries
     bins = lambda x: torch.cat([take(x, evict), x.new_zeros(B, Hkv, pad, d)], 2).view(B, Hkv, n_bins, bin_size, d)
     k_bins, v_bins = bins(k), bins(v)

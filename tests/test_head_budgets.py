@@ -110,3 +110,30 @@ def test_cuda_matches_cpu(batch):
         runs.append(generate(m, cache, *(x.to(dev) for x in batch), max_new_tokens=16, graph=dev == "cuda").cpu())
     # fp32 on both, two eigensolvers: the tokens agree
     assert torch.equal(runs[0], runs[1])
+
+
+def centroids(layer) -> torch.Tensor:
+    """[B, Hkv] centroid entries of a layer (the entries with a log-mass)."""
+    store = layer.store
+    held = torch.arange(store.bias.shape[2]) < store.lens.unsqueeze(-1)
+    return ((store.bias != 0) & held).sum(-1)
+
+
+def test_bins_per_head_budget(model, batch):
+    """bin_size="head": the default's bins at each head's own ratio. Under the uniform split that is the default;
+    with model-wide shares a head below the sequence's per-head budget gets no more centroids (larger bins), one
+    above it no fewer, and some head a different count."""
+    a, _ = scored(model, *batch, adaptive=1.0, rank=1)
+    b, _ = scored(model, *batch, adaptive=1.0, rank=1, bin_size="head")
+    assert torch.equal(a.sequences, b.sequences)
+    pooled = dict(score="recon", adaptive=0.0, across="model", rank=1)  # shares far apart
+    _, default = scored(model, *batch, **pooled)
+    _, head = scored(model, *batch, **pooled, bin_size="head")
+    budget = (batch[1].sum(-1, keepdim=True) / 4).ceil()  # [B, 1] token-equivalents per head, evenly split
+    changed = False
+    for x, y in zip(default.layers, head.layers):
+        assert torch.equal(x.store.lens, y.store.lens)  # the same bytes per head
+        below, above = x.store.lens < budget, x.store.lens > budget
+        assert (centroids(y)[below] <= centroids(x)[below]).all() and (centroids(y)[above] >= centroids(x)[above]).all()
+        changed |= bool((centroids(y) != centroids(x)).any())
+    assert changed

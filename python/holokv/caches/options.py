@@ -95,7 +95,7 @@ OPTIONS = {
               "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder, **PYRAMID},
     "src": {"method": choice("softmax_ls", "seed"), "score": choice(*SCORES), "rank": integer(1),
             "ridge": real(0), "window": integer(1), "recent": integer(1), "sinks": integer(0),
-            "bin_size": integer(1, none_ok=True), "decode_bin": integer(1, none_ok=True),
+            "bin_size": integer(1, none_ok=True, words=("head",), doc="prompt tokens a bin; head: per head's budget"), "decode_bin": integer(1, none_ok=True),
             "every": integer(1, none_ok=True, words=("auto",), doc="generated tokens between compression steps"),
             "lam": real(), "future_queries": integer(0, doc="stand-ins for the queries after the prompt"),
             "future": integer(1, doc="positions ahead the stand-ins are spread over"),

@@ -47,6 +47,11 @@ STEP_SHARE, MIN_EVERY = 64, 16
 COMPACT = Graphed(compact)  # one graph per prompt shape, replayed by every layer
 
 
+def default_bin(rank: int, ratio: float) -> int:
+    """The default bin size: centroids take about CENTROID_SHARE of a budget of 1/ratio of the tokens."""
+    return max(2 * rank, math.ceil(rank * ratio / CENTROID_SHARE))
+
+
 def ragged(parts: list[torch.Tensor]) -> torch.Tensor:
     """Per-sequence [1, H, n_b, ...] tensors -> [B, H, max n_b, ...], zero-filled past each n_b."""
     return pad_sequence([p[0].transpose(0, 1) for p in parts], batch_first=True).transpose(1, 2).contiguous()
@@ -88,7 +93,8 @@ class SRCLayer(ReadsBack, FullLayer):
     mass − ``lam``·row entropy, "expected": Expected Attention's scores with RoPE averaged over the next ``future``
     positions, "recon": KVzip's scores from its reconstruction pass; the last two at the prompt only, decode-time
     steps score by "mass"), ``rank`` centroids per bin of ``bin_size`` tokens evicted from the prompt
-    (default: centroids take about 1/8 of the budget) or of ``decode_bin`` tokens evicted while decoding
+    (default: centroids take about 1/8 of the budget; "head", with adaptive budgets: of each head's own) or of
+    ``decode_bin`` tokens evicted while decoding
     (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
     exact, stays small against it), ``ridge`` of the value fit (default RIDGE) and ``shrink_to`` what it shrinks
     the values toward ("window": each bin's output averaged over the reference queries, or "mean": its plain
@@ -145,7 +151,7 @@ class SRCLayer(ReadsBack, FullLayer):
     """
 
     def __init__(self, ratio: float = 1.0, method: str = "softmax_ls", score: str = "mass", rank: int = 4,
-                 ridge: float = RIDGE, window: int = 32, bin_size: int | None = None, sinks: int = 4,
+                 ridge: float = RIDGE, window: int = 32, bin_size: int | str | None = None, sinks: int = 4,
                  recent: int = 32, lam: float = 0.5, every: int | str | None = None, decode_bin: int | None = None,
                  future_queries: int = 0, future: int = 512, future_source: str = "replay", shrink_to: str = "window",
                  adaptive: float | None = None, across: str = "layer", bin_order: str = "position", rotary=None):
@@ -156,9 +162,10 @@ class SRCLayer(ReadsBack, FullLayer):
             raise ValueError(f"method must be 'softmax_ls' or 'seed', got {method!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        bin_size = bin_size or max(2 * rank, math.ceil(rank * ratio / CENTROID_SHARE))
+        bin_size = bin_size or default_bin(rank, ratio)
         decode_bin = decode_bin or max(2 * rank, math.ceil(2 * rank * ratio))
-        for name, size in (("bin_size", bin_size), ("decode_bin", decode_bin)):
+        for name, size in (("bin_size", default_bin(rank, ratio) if bin_size == "head" else bin_size),
+                           ("decode_bin", decode_bin)):
             if not 0 < rank < size:
                 raise ValueError(f"need 0 < rank < {name}, got rank={rank}, {name}={size}")
         if not 0 < window <= recent:
@@ -447,17 +454,25 @@ class SRCLayer(ReadsBack, FullLayer):
             return
         self.compact_prompt(q, k, v, every)
 
-    def compact_heads(self, qb, kb, vb, budget: int, score, row_entropy, q_future):
+    def prompt_bin(self, share: int, budget: int) -> int:
+        """Tokens a bin for a head whose ``share`` of the sequence's ``budget`` it compacts to: bin_size, or for
+        "head" the default's rule at the head's own ratio, so that centroids take their share of its budget."""
+        if self.bin_size != "head":
+            return self.bin_size
+        return default_bin(self.rank, self.ratio * budget / max(share, 1))
+
+    def compact_heads(self, qb, kb, vb, budget: int, score, row_entropy, q_future, bin_size: int):
         """One sequence's prompt (or one KV head's, with its query heads) compacted to ``budget`` token-equivalents
-        -> (keys, values, log-masses) [1, H, m, ...] with the centroids first, and the count kept exact."""
+        in bins of ``bin_size`` -> (keys, values, log-masses) [1, H, m, ...] with the centroids first, and the count
+        kept exact."""
         n, d, method = kb.shape[2], kb.shape[3], self.method
         try:
-            n_keep = plan(n, budget, method=method, head_dim=d, bin_size=self.bin_size, rank=self.rank)[0]
+            n_keep = plan(n, budget, method=method, head_dim=d, bin_size=bin_size, rank=self.rank)[0]
         except ValueError:  # too short a prompt for one bin's centroids: keep what the bytes allow
             budget, method = budget * 2 * d // entry_elems(method, d), "evict"
             n_keep = min(n, budget)
         c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=score,
-                          row_entropy=row_entropy, lam=self.lam, bin_size=self.bin_size, rank=self.rank,
+                          row_entropy=row_entropy, lam=self.lam, bin_size=bin_size, rank=self.rank,
                           n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, shrink_to=self.shrink_to,
                           scale=self.scale, q_future=q_future, bin_order=self.bin_order)
         check_info(info)  # once per prompt and layer: the host sync is affordable
@@ -530,7 +545,8 @@ class SRCLayer(ReadsBack, FullLayer):
             score, q_future = self.prompt_score(b, qb, kb, vb, scale), self.stand_ins(b, qb)
             row_entropy = causal_stats(qb, kb, scale)[1] if self.score == "seed" else None
             if self.adaptive is None:
-                *entries, n_keep = self.compact_heads(qb, kb, vb, budget, score, row_entropy, q_future)
+                *entries, n_keep = self.compact_heads(qb, kb, vb, budget, score, row_entropy, q_future,
+                                                      self.prompt_bin(budget, budget))
                 parts.append(entries)
                 # all of the sinks and the recent window kept (the split keeps protected tokens first)
                 tails.append(min(self.recent, n) if n_keep >= min(n, self.sinks + self.recent) else 0)
@@ -543,7 +559,7 @@ class SRCLayer(ReadsBack, FullLayer):
             for h, share in enumerate(shares):
                 one = lambda x, g=1: x if x is None else x[:, h * g: (h + 1) * g]
                 heads.append(self.compact_heads(one(qb, G), one(kb), one(vb), share, one(score), None,
-                                                one(q_future, G))[:3])
+                                                one(q_future, G), self.prompt_bin(share, budget))[:3])
             parts.append([ragged([x.transpose(0, 1) for x in head]).transpose(0, 1) for head in zip(*heads)])
             parts[-1].append(torch.tensor([[x[0].shape[2] for x in heads]], device=self.device))
         self.pooled = None

@@ -27,13 +27,18 @@ def default_tasks(device: str) -> list[str]:
     return list(CPU_TASKS if torch.device(device).type == "cpu" else TASKS)
 
 
+# SRC as tuned on the tuning text (README, "SRC on KVzip's model-wide budgets"): KVzip's scores and model-wide budgets
+# with a 0.4 floor, summaries fitted for the last 8 prompt queries and 64 stand-ins of later ones, bins of alike keys
+SRC_TUNED = "src:score=recon:across=model:adaptive=0.4:recent=8:window=8:rank=2:future_queries=64:bin_order=key"
+
+
 @dataclass
 class EvalConfig:
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     dtype: str = "float32"
     methods: list[str] = field(default_factory=lambda: ["holokv", "holokv:mode=full", "streaming", "topk", "h2o",
-                                                        "snapkv", "expected", "src"])
+                                                        "snapkv", "expected", "tova", "kvzip", "src", SRC_TUNED])
     ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     context: int = 512  # tokens prefilled (and compressed) before scoring
     continuation: int = 32  # tokens scored after the context

@@ -33,7 +33,8 @@ VALID = {
     "kvzip": dict(sinks=0, adaptive=0.5, chunk=64, tokenizer=Words(), pyramid=4, across="layer"),
     "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
                 decode_bin=None, every=None, lam=-1.0, future_queries=3, future=8, future_source="gaussian",
-                shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5, adaptive=0.3, across="layer", bin_order="key"),
+                shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5, adaptive=0.3, across="layer",
+                bin_order="key"),
 }
 COMPRESSED = [m for m in LAYERS if m != "full"]
 

@@ -38,7 +38,8 @@ def dirty() -> bool | None:
 
 
 def provenance(device: str | torch.device | None = None) -> dict:
-    """Commit (and whether the tree was dirty), torch version, ``holokv.build_info()``, host and ``device`` (default: the GPU if there is one)."""
+    """Commit (and whether the tree was dirty), torch version, ``holokv.build_info()``, host and ``device``
+    (default: the GPU if there is one)."""
     import holokv
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

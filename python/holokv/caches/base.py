@@ -18,18 +18,12 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..compaction.scores import take
 from .hf_attention import hand_over
 from .store import Store
 
 NOT_READ = ("{} was not read by its attention: the model must use attn_implementation='holokv' "
             "(call holokv.caches.use_holokv_attention(model) first)")
-
-
-def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, ...] gathered along N with a per-sequence [B, M] or per-head [B, H, M] index."""
-    if index.dim() == 2:
-        index = index[:, None].expand(-1, x.shape[1], -1)
-    return x.gather(2, index.view(*index.shape, *[1] * (x.dim() - 3)).expand(*index.shape, *x.shape[3:]))
 
 
 def left_aligned(pads: torch.Tensor, n: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from .base import FullLayer, exact_attention, left_aligned, take
+from ..compaction.scores import take
+from .base import FullLayer, exact_attention, left_aligned
 from .prefill_attention import holo_prefill_attention
 from .store import Store
 from .superposed import HoloSpec

@@ -13,8 +13,9 @@ import math
 
 import torch
 
+from ..compaction.scores import take
 from ..compaction.softmax import logits, pool_gqa
-from .base import FullLayer, take
+from .base import FullLayer
 
 INF = float("inf")
 

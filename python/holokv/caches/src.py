@@ -23,8 +23,8 @@ from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_
 from ..compaction.softmax import attend_window, logits
 from ..compaction.compact import BIN_ORDERS, entry_elems, fit
 from ..compaction.summarize import summarize_bins
-from ..compaction.scores import attention_mass, entropy, protect_mask
-from .base import FullLayer, take
+from ..compaction.scores import attention_mass, entropy, protect_mask, take
+from .base import FullLayer
 from .expected import carried, expected_scores, prompt_gaussian
 from .future_queries import SOURCES, Heard, gaussian, replayed
 from .kvzip import ACROSS, ReadsBack

@@ -25,7 +25,8 @@ from functools import cached_property
 import torch
 
 from ..reference import MODES, closed_tokens_ref, demodulate_ref
-from .base import left_aligned, take
+from ..compaction.scores import take
+from .base import left_aligned
 
 
 @dataclass(frozen=True)

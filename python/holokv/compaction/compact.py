@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .softmax import CompactKV, attend_chunked, pool_gqa
-from .scores import attention_mass, protect_mask, seed_score, split
+from .scores import attention_mass, protect_mask, seed_score, split, take
 from .linalg import top_subspace
 from .summarize import summarize_bins
 
@@ -55,7 +55,7 @@ def by_keys(k, evict, n_bins: int, bin_size: int, depth: int, subspace: str = "i
     than a slab along one direction). Static shapes: every split is a Python int."""
     if depth == 0 or n_bins <= 1:
         return evict
-    x = k.gather(2, evict.unsqueeze(-1).expand(*evict.shape, k.shape[-1])).float()
+    x = take(k, evict).float()
     x = x - x.mean(-2, keepdim=True)
     evict = evict.gather(-1, (x @ top_subspace(x, 1, method=subspace)[0]).squeeze(-1).argsort(-1))
     half = n_bins // 2
@@ -79,7 +79,8 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     "softmax_ls" summarize the evicted tokens, in position order (``bin_order="position"``) or ordered by
     their keys (:func:`by_keys`; ``"key"``: by the projection on the evicted keys' top principal direction,
     ``"tree"``: then each half on its own, down to single bins: similar keys share a bin, where a summary's
-    second-order fit holds better), into bins of ``bin_size`` with ``rank`` centroids each (softmax_ls: sigma-point PCA by ``subspace``,
+    second-order fit holds better), into bins of ``bin_size`` with ``rank`` centroids each (softmax_ls:
+    sigma-point PCA by ``subspace``,
     see :func:`~holokv.compaction.summarize.sigma_point_keys`; ``ridge`` and ``shrink_to``: the value fit's, see
     :func:`~holokv.compaction.summarize.softmax_ls_centroids`).
 
@@ -101,7 +102,6 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
         score = seed_score(mass, row_entropy, lam) if score == "seed" else mass
     pos = torch.arange(N, device=k.device)
     keep, evict = split(score, n_keep, protect_mask(pos, n_sink, N - n_recent))
-    take = lambda x, idx: x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, d))
     k_keep, v_keep = take(k, keep), take(v, keep)
     info = torch.zeros(B, Hkv, dtype=torch.int32, device=k.device)
     lens = torch.full((B,), n_keep + n_bins * rank, device=k.device)

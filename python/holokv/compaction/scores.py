@@ -85,3 +85,10 @@ def split(score, n_keep: int, protect=None):
     keep = torch.zeros_like(score, dtype=torch.int8).scatter_(-1, score.topk(n_keep, -1).indices, 1)
     perm = torch.argsort(keep, dim=-1, stable=True)  # evicted (0) first, then kept, both in order
     return perm[..., N - n_keep:], perm[..., :N - n_keep]
+
+
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, ...] gathered along N with a per-sequence [B, M] or per-head [B, H, M] index."""
+    if index.dim() == 2:
+        index = index[:, None].expand(-1, x.shape[1], -1)
+    return x.gather(2, index.view(*index.shape, *[1] * (x.dim() - 3)).expand(*index.shape, *x.shape[3:]))

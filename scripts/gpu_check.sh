@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine, in phases that each fit one short job:
 #   gpu_check.sh build          build holokv in place against the local torch
-#   gpu_check.sh tests OUT      the CUDA tests, in parallel shards (each test file a process)
-#   gpu_check.sh memcheck OUT   compute-sanitizer memcheck over the CUDA tests of the ops and caches, sharded
+#   gpu_check.sh tests OUT      the CUDA tests, spread over JOBS workers (default: one per core; needs pytest-xdist)
+#   gpu_check.sh memcheck OUT   compute-sanitizer memcheck over the CUDA tests of the ops and caches, spread
 #                               alike (FlexAttention's compiled tests left out: the sanitizer slows its
 #                               compilation past any limit; a tenth of the fuzz examples)
 #   gpu_check.sh e2e OUT        holokv bench e2e at B=16/N=16K and B=1/N=32K, then the uncompiled step, alone
@@ -10,7 +10,7 @@
 #   gpu_check.sh kernels OUT    holokv bench decode, src and stream
 #   gpu_check.sh ncu OUT        Nsight Compute on holo_decode's split kernels at the e2e shape (B=16, N=16K,
 #                               Llama-3-8B heads): throughput, memory, warp stalls, occupancy
-# A shard or run cut by LIMIT seconds (default 480) says so at the end of its log; the phase's exit status is
+# A run cut by LIMIT seconds (default 480) says so at the end of its log; the phase's exit status is
 # nonzero if any failed or was cut. Logs and results go to OUT (default bench/results). PY: the interpreter
 # (default python3).
 set -uo pipefail
@@ -20,9 +20,10 @@ LIMIT=${LIMIT:-480}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
-# every test file that mentions CUDA, a process each: memcheck is bound by the host's cores (the sanitizer's
-# instrumentation), not by the GPU
-mapfile -t SHARDS < <(grep -l -i cuda tests/test_*.py)
+JOBS=${JOBS:-$(nproc)}
+# every test file that mentions CUDA; one pytest run spreads their tests over JOBS worker processes, since
+# memcheck is bound by the host's cores (the sanitizer's instrumentation), not by the GPU
+mapfile -t FILES < <(grep -l -i cuda tests/test_*.py)
 
 limited() {  # LOG COMMAND...: run with the time limit, output in LOG, a note there when cut
   local log=$1
@@ -30,20 +31,19 @@ limited() {  # LOG COMMAND...: run with the time limit, output in LOG, a note th
   timeout "$LIMIT" "$@" >"$log" 2>&1
   local rc=$?
   [ $rc = 124 ] && echo "CUT at the ${LIMIT} s limit" >>"$log"
-  [ $rc = 5 ] && return 0  # pytest: no CUDA test in this file
   return $rc
 }
 
-sharded() {  # NAME PREFIX...: every shard's CUDA tests under PREFIX, in parallel
-  local name=$1 status=0 pids=()
+spread() {  # NAME PREFIX...: the CUDA tests of every file, under PREFIX, over JOBS workers; log in OUT/NAME.log
+  local name=$1 files=() status
   shift
-  for shard in "${SHARDS[@]}"; do
-    [ "$name" = memcheck ] && [[ $shard == *prefill_attention* ]] && continue
-    limited "$out/${name}_$(basename "$shard" .py).log" "$@" "$PY" -m pytest -q -ra -k cuda "$shard" &
-    pids+=("$!")
+  for file in "${FILES[@]}"; do
+    [ "$name" = memcheck ] && [[ $file == *prefill_attention* ]] && continue
+    files+=("$file")
   done
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  for log in "$out/${name}"_*.log; do echo "== $log"; tail -4 "$log"; done
+  limited "$out/$name.log" "$@" "$PY" -m pytest -q -ra -n "$JOBS" -k cuda "${files[@]}"
+  status=$?
+  tail -6 "$out/$name.log"
   return $status
 }
 
@@ -56,11 +56,11 @@ case $phase in
     "$PY" -c "import holokv, json; print(json.dumps(holokv.build_info()))"
     ;;
   tests)
-    sharded pytest
+    spread pytest
     ;;
   memcheck)
     export HOLOKV_FUZZ_SCALE=0.1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
-    sharded memcheck compute-sanitizer --tool memcheck --error-exitcode 9
+    spread memcheck compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9
     ;;
   e2e)
     status=0

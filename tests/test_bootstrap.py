@@ -71,3 +71,22 @@ def test_runs_must_score_the_same_units():
     runs = [ppl_run("full", FULL, TOKENS), ppl_run("short", FULL[:8], TOKENS[:8])]
     with pytest.raises(ValueError, match="8 ppl units, the full cache 16"):
         bootstrap.intervals(runs, seed=0)
+
+
+def test_versus_the_best_at_each_ratio():
+    """Each run's paired difference to the lowest perplexity at its ratio; the lowest's to the runner-up."""
+    runs = [ppl_run("full", FULL, TOKENS), ppl_run("a", [s + 0.10 * t for s, t in zip(FULL, TOKENS)], TOKENS),
+            ppl_run("b", [s + 0.02 * t for s, t in zip(FULL, TOKENS)], TOKENS),
+            ppl_run("c", [s + 0.021 * t + 0.5 * (-1) ** i for i, (s, t) in enumerate(zip(FULL, TOKENS))], TOKENS),
+            dict(ppl_run("alone", FULL, TOKENS), ratio=8.0)]
+    for run in runs[1:4]:
+        run["ratio"] = 4.0
+    bootstrap.intervals(runs, seed=0)
+    full, a, b, c, alone = runs
+    assert "ppl_vs_best" not in full and "ppl_vs_best" not in alone  # nothing to compare with at its ratio
+    assert b["ppl"] < c["ppl"] < a["ppl"]
+    assert a["ppl_vs_best"]["other"] == "b" and a["ppl_vs_best"]["lo"] > 0  # a is worse, told apart
+    assert a["ppl_vs_best"]["diff"] == pytest.approx(a["ppl"] - b["ppl"])
+    assert c["ppl_vs_best"]["other"] == "b" and c["ppl_vs_best"]["diff"] > 0
+    margin = b["ppl_vs_best"]  # the winner against the runner-up, c: within c's noise
+    assert margin["other"] == "c" and margin["diff"] < 0 < margin["hi"] and margin["lo"] < 0

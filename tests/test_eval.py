@@ -194,3 +194,30 @@ def test_split_is_disjoint_and_deterministic():
     assert 0.2 <= len(eval_text) / (len(tune_text) + len(eval_text)) < 0.3
     assert not any(topics[n] in tune_text for n in held if len(topics[n]) > 200) and "Python" in eval_text
     assert data.synthetic_seed(0, "eval") != data.synthetic_seed(0, "tune")
+
+
+def test_merge_is_one_process_running_every_method(tiny_model, tmp_path, capsys):
+    """Two processes' grids merged equal the grid of one process that ran both groups of methods, intervals
+    included; parts that do not pair are refused, naming the part."""
+    kw = dict(ratios=[2], tasks=["ppl", "passkey"])
+    whole = run_eval(small(tiny_model, tmp_path / "whole", methods=["snapkv", "h2o"], **kw))
+    for name, methods in (("a", ["snapkv"]), ("b", ["h2o"]), ("c", ["h2o"])):
+        run_eval(small(tiny_model, tmp_path / name, methods=methods, **kw))
+    assert main(["eval", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    timed = lambda runs: [{k: v for k, v in r.items() if k != "prefill_s"} for r in runs]  # noqa: E731
+    assert timed(merged["runs"]) == timed(whole["runs"]) and "ppl_vs_best" in merged["runs"][1]
+    assert merged["config"]["methods"] == ["snapkv", "h2o"] and len(merged["parts"]) == 2
+    assert "h2o" in capsys.readouterr().out and (tmp_path / "m" / "table.txt").read_text().count("\n") == 5
+
+    run_eval(small(tiny_model, tmp_path / "d", methods=["h2o"], ratios=[2], tasks=["ppl"]))  # other tasks
+    tampered = json.loads((tmp_path / "b" / "results.json").read_text())
+    tampered["runs"][0]["ppl_windows"]["nll_sum"][0] += 1e-3
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.json").write_text(json.dumps(tampered))
+    for parts, match in (([tmp_path / "a", tmp_path / "d"], "d: another configuration"),
+                         ([tmp_path / "a", tmp_path / "e"], "e: its full cache scored otherwise"),
+                         ([tmp_path / "b", tmp_path / "c"], "c: h2o x2 is in two parts"),
+                         ([tmp_path / "a"], "two or more"), ([tmp_path / "a", tmp_path / "none"], "none: no readable")):
+        assert main(["eval", "--merge", *map(str, parts), "--out", str(tmp_path / "x")]) == 2
+        assert match in capsys.readouterr().err

@@ -53,6 +53,9 @@ def _eval_parser(sub):
                         "method, the full cache included")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="output folder for results.json, results.png, table.txt")
+    p.add_argument("--merge", nargs="+", metavar="FOLDER",
+                   help="instead of evaluating, merge the results of runs made with the same settings but other "
+                        "--methods (say side by side on one GPU) into --out, intervals recomputed")
 
 
 def _check(args) -> None:
@@ -83,17 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("bench", "distill"):
         return args.run(args)
     from .eval import EvalConfig, run_eval
+    from .eval.merge import merge
     from .eval.report import table
 
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "merge")})
     try:
-        _check(args)
-        result = run_eval(cfg)
+        if args.merge:
+            result = merge(args.merge, args.out)
+        else:
+            _check(args)
+            result = run_eval(cfg)
     except ValueError as e:
         print(f"holokv eval: error: {e}", file=sys.stderr)
         return 2
     print(table(result["runs"]), end="")
-    print(f"{len(result['runs'])} runs in {result['runtime_s']:.0f} s; results in {cfg.out}/")
+    print(f"{len(result['runs'])} runs in {result['runtime_s']:.0f} s; results in {args.out}/")
     return 0
 
 

@@ -52,18 +52,39 @@ def _statistic(run: dict, metric: str):
 
 def intervals(runs: list[dict], seed: int, count: int = DRAWS, level: float = LEVEL) -> None:
     """Adds, to every run and metric it has, ``{metric}_ci`` (lo, hi) and ``{metric}_vs_full`` (diff, lo, hi:
-    the run's value minus the full cache's, ``runs[0]``, paired over the same resamples)."""
+    the run's value minus the full cache's, ``runs[0]``, paired over the same resamples). Where two or more
+    compressed runs share a ratio, each also gets ``ppl_vs_best`` (diff, lo, hi, other): its perplexity minus
+    the lowest at that ratio, paired; the lowest's is its own minus the runner-up's (negative), so an
+    interval that holds 0 says the winner is not told apart from noise."""
     full = runs[0]
     for metric in METRICS:
         if metric not in full:
             continue
         base, n = _statistic(full, metric)
         idx = draws(n, seed, count)
-        base_draws = base(idx)
+        stats = []
         for run in runs:
             stat, n_run = _statistic(run, metric)
             if n_run != n:
                 raise ValueError(f"{run['spec']} x{run['ratio']:g} has {n_run} {metric} units, the full cache {n}")
-            values = stat(idx)
+            stats.append((stat(), stat(idx)))
+        for run, (value, values) in zip(runs, stats):
             run[f"{metric}_ci"] = interval(values, level)
-            run[f"{metric}_vs_full"] = dict(diff=float(stat() - base()), **interval(values - base_draws, level))
+            run[f"{metric}_vs_full"] = _paired(value, values, *stats[0], level)
+        if metric == "ppl":
+            _versus_best(runs[1:], stats[1:], level)
+
+
+def _paired(value, values, other, others, level) -> dict:
+    return dict(diff=float(value - other), **interval(values - others, level))
+
+
+def _versus_best(runs: list[dict], stats: list[tuple], level: float) -> None:
+    for ratio in dict.fromkeys(run["ratio"] for run in runs):
+        group = sorted((s[0], i) for i, s in enumerate(stats) if runs[i]["ratio"] == ratio)
+        if len(group) < 2:
+            continue
+        best, next_ = group[0][1], group[1][1]
+        for _, i in group:
+            other = next_ if i == best else best
+            runs[i]["ppl_vs_best"] = dict(**_paired(*stats[i], *stats[other], level), other=runs[other]["spec"])

@@ -5,6 +5,8 @@ COLUMNS = [("method", "spec", "{}"), ("ratio", "ratio", "{:g}"), ("bytes/tok", "
            ("achieved", "achieved_ratio", "{:.2f}x"), ("end bytes/tok", "end_bytes_per_token", "{:.0f}"),
            ("ppl", "ppl", "{:.3f}"), ("ppl 95% CI", "ppl_ci", "[{0[lo]:.3f}, {0[hi]:.3f}]"),
            ("ppl - full [95% CI]", "ppl_vs_full", "{0[diff]:+.3f} [{0[lo]:+.3f}, {0[hi]:+.3f}]"),
+           # at the row's ratio: minus the lowest perplexity, or for the lowest, minus the runner-up's
+           ("ppl - best [95% CI]", "ppl_vs_best", "{0[diff]:+.3f} [{0[lo]:+.3f}, {0[hi]:+.3f}]"),
            ("passkey", "passkey", "{:.2f}"),
            ("passkey - full [95% CI]", "passkey_vs_full", "{0[diff]:+.2f} [{0[lo]:+.2f}, {0[hi]:+.2f}]"),
            ("ruler", "ruler", "{:.2f}"),
@@ -18,9 +20,10 @@ PANELS = [("ppl", "continuation perplexity (lower is better)", "log"),  # compre
 
 
 def table(runs: list[dict], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
-    """``columns`` (title, key, format) that the first row has, one line per row."""
-    cols = [(title, key, fmt) for title, key, fmt in columns if key in runs[0]]
-    rows = [[title for title, _, _ in cols]] + [[fmt.format(r[key]) for _, key, fmt in cols] for r in runs]
+    """``columns`` (title, key, format) that any row has, one line per row, blank where a row has none."""
+    cols = [(title, key, fmt) for title, key, fmt in columns if any(key in r for r in runs)]
+    rows = [[title for title, _, _ in cols]] + [[fmt.format(r[key]) if key in r else "" for _, key, fmt in cols]
+                                                for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

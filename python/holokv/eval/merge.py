@@ -1,0 +1,66 @@
+"""One grid from ``holokv eval`` runs that separate processes made over the same windows and prompts (groups of
+methods side by side on one GPU, whose step is bound by the host): the full cache once, every other run once, and
+the intervals recomputed over one set of resamples, so the result is what one process running every method
+would have written. It refuses inputs that do not pair: another configuration (methods and output folder aside),
+another provenance (commit, device, model, windows...), or a full cache that scored differently."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import bootstrap
+from .report import plot, table
+from .runner import EvalConfig
+
+FREE = ("methods", "out")  # the configuration's fields that may differ between the parts
+MEASURED = ("ppl_windows", "passkey_detail", "ruler_detail", "bytes_per_token", "cosine")  # the full cache's
+DERIVED = ("_ci", "_vs_full", "_vs_best")  # keys that bootstrap.intervals recomputes over the merged grid
+
+
+def merge(parts: list[str], out: str) -> dict:
+    """Reads ``results.json`` of every folder in ``parts``, writes the merged grid's files to ``out``."""
+    if len(parts) < 2:
+        raise ValueError("--merge needs two or more result folders")
+    results = []
+    for part in parts:
+        try:
+            results.append(json.loads(Path(part, "results.json").read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--merge {part}: no readable results.json ({e})") from e
+    first = results[0]
+    runs, seen = [_clean(first["runs"][0])], set()
+    for part, result in zip(parts, results):
+        if _fixed(result["config"]) != _fixed(first["config"]):
+            raise ValueError(f"--merge {part}: another configuration than {parts[0]}'s (methods aside)")
+        if result["provenance"] != first["provenance"]:
+            raise ValueError(f"--merge {part}: another provenance than {parts[0]}'s (commit, device, windows...)")
+        full, *rest = result["runs"]
+        if any(full.get(k) != first["runs"][0].get(k) for k in MEASURED):
+            raise ValueError(f"--merge {part}: its full cache scored otherwise than {parts[0]}'s (nondeterministic "
+                             "kernels?); the runs do not pair: run them in one process")
+        for run in rest:
+            key = (run["spec"], run["ratio"])
+            if key in seen:
+                raise ValueError(f"--merge {part}: {run['spec']} x{run['ratio']:g} is in two parts")
+            seen.add(key)
+            runs.append(_clean(run))
+    bootstrap.intervals(runs, first["config"]["seed"])
+    config = dict(first["config"], methods=[m for r in results for m in r["config"]["methods"]], out=out)
+    merged = dict(config=config, provenance=first["provenance"],
+                  runtime_s=max(r["runtime_s"] for r in results),  # the parts ran side by side
+                  parts=[dict(folder=p, methods=r["config"]["methods"], runtime_s=r["runtime_s"])
+                         for p, r in zip(parts, results)], runs=runs)
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(merged, indent=1))
+    plot(runs, path / "results.png", EvalConfig(**config))
+    (path / "table.txt").write_text(table(runs))
+    return merged
+
+
+def _fixed(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in FREE}
+
+
+def _clean(run: dict) -> dict:
+    return {k: v for k, v in run.items() if not k.endswith(DERIVED)}

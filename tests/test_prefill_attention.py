@@ -98,8 +98,13 @@ def values_and_grads(attend, spec, phase, q, k, v, pads):
 
 
 def assert_near(fast, ref, tol):
+    """Errors relative to each reference's norm; the input gradients' on at least dv's scale, since dq (and
+    dk) is exactly 0 where every query reads a single entry (a softmax of one score has no slope: N = 1),
+    and rounding leaves the fast path a tiny nonzero value there."""
+    dv = ref[3].float().norm()
     for name, a, b in zip(["out", "dq", "dk", "dv"], fast, ref):
-        err = (a.float() - b.float()).norm() / b.float().norm()
+        scale = b.float().norm() if name == "out" else max(b.float().norm(), dv)
+        err = (a.float() - b.float()).norm() / scale
         assert err < tol, f"{name}: relative error {err:.2e}"
 
 

@@ -34,7 +34,7 @@ VALID = {
     "src": dict(method="seed", score="seed", rank=2, ridge=0.0, window=4, recent=8, sinks=0, bin_size=8,
                 decode_bin=None, every=None, lam=-1.0, future_queries=3, future=8, future_source="gaussian",
                 shrink_to="mean", chunk=64, tokenizer=Words(), pyramid=1.5, adaptive=0.3, across="layer",
-                bin_order="key"),
+                bin_order="key", mass="prior"),
 }
 COMPRESSED = [m for m in LAYERS if m != "full"]
 
@@ -92,6 +92,7 @@ BAD = [  # (method, ratio, options, the option named)
     ("src", 2, dict(future_source="past"), "future_source"),
     ("src", 2, dict(future_source="recon"), "future_source"),  # no future_queries to take from the pass
     ("src", 2, dict(shrink_to="zero"), "shrink_to"),
+    ("src", 2, dict(mass="fitted"), "mass"),
     ("src", 2, dict(chunk=0), "chunk"),
     ("src", 2, dict(lam=NAN), "lam"),
 ]

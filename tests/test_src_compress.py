@@ -133,6 +133,21 @@ def test_ridge_shrinks_values_toward(shrink_to):
     assert max(gaps) < 1e-6 if shrink_to == "mean" else min(gaps) > 0.1, gaps
 
 
+def test_prior_mass_is_the_bins_own():
+    """mass="prior": each centroid's log-mass is its bin's, logsumexp(b) − log n_c, whatever the reference
+    queries; "fit" shifts it per bin to their log-partitions (another value, so the option is not a no-op)."""
+    g = torch.Generator().manual_seed(4)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    q, kb, vb, bb, n_c = rand(1, HKV, 5, D), rand(1, HKV, 3, 8, D), rand(1, HKV, 3, 8, D), rand(1, HKV, 3, 8), 2
+    context = (rand(1, HKV, 5, D), rand(1, HKV, 5))
+    prior = (bb.logsumexp(-1, keepdim=True) - math.log(n_c)).expand(1, HKV, 3, n_c).flatten(2)
+    biases = {mass: [softmax_ls_centroids(q * s, context, kb, vb, bb, n_c, mass=mass)[2] for s in (1, 3)]
+              for mass in ("prior", "fit")}
+    for bias in biases["prior"]:
+        torch.testing.assert_close(bias, prior)
+    assert min(float((bias - prior).abs().max()) for bias in biases["fit"]) > 0.1
+
+
 def test_seed_linear_readout_is_rank_r_fit():
     """Σ_c (q·k_c) v_c equals q W_r, W_r the rank-r truncation of the OLS map from queries to bin outputs."""
     q, k, v = qkv(24)

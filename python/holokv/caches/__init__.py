@@ -50,8 +50,9 @@ def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> Compres
     ``mode``, ``prefill``, ``slot_gain``, ``window_slots``; StreamingLLM's ``sinks``; SnapKV's ``window``; Expected
     Attention's ``sinks``, ``future``, ``epsilon`` (its ``rotary`` comes from the config); KVzip's ``sinks``;
     ``adaptive`` (head-adaptive budgets) for Top-K, SnapKV, Expected Attention, KVzip and SRC (with every=None);
-    SRC's ``method``, ``score``, ``rank``, ``ridge``, ``shrink_to``, ``window``, ``bin_size``, ``sinks``, ``recent``,
-    ``every``, ``decode_bin``, ``future_queries``, ``future``, ``future_source``, ``across``, ``bin_order``; TOVA
+    SRC's ``method``, ``score``, ``rank``, ``ridge``, ``shrink_to``, ``mass``, ``window``, ``bin_size``, ``sinks``,
+    ``recent``, ``every``, ``decode_bin``, ``future_queries``, ``future``, ``future_source``, ``across``,
+    ``bin_order``; TOVA
     has none; ``pyramid`` for every method that compresses the prompt: layer-adaptive budgets, see
     :mod:`.layer_budgets`), or to the cache where it takes them itself (KVzip's, and SRC's, ``chunk`` and
     ``tokenizer``, which words the request to repeat the context: the reconstruction pass runs after the prompt's

@@ -13,7 +13,7 @@ from .kvzip import ACROSS
 from .model_check import head_dim
 from .future_queries import SOURCES
 from ..compaction.compact import BIN_ORDERS
-from .src import SCORES, SHRINK_TO
+from .src import MASSES, SCORES, SHRINK_TO
 
 
 def _is_int(value) -> bool:
@@ -100,7 +100,7 @@ OPTIONS = {
             "every": integer(1, none_ok=True, words=("auto",), doc="generated tokens between compression steps"),
             "lam": real(), "future_queries": integer(0, doc="stand-ins for the queries after the prompt"),
             "future": integer(1, doc="positions ahead the stand-ins are spread over"),
-            "future_source": choice(*SOURCES), "shrink_to": choice(*SHRINK_TO),
+            "future_source": choice(*SOURCES), "shrink_to": choice(*SHRINK_TO), "mass": choice(*MASSES),
             "chunk": integer(1, doc="context tokens reconstructed per forward"), "tokenizer": encoder,
             "adaptive": real(0, 1, none_ok=True), "across": choice(*ACROSS),
             "bin_order": choice(*BIN_ORDERS), **PYRAMID},

@@ -34,6 +34,7 @@ from .select import INF, head_budgets
 # Attention's expected scores or KVzip's reconstruction scores (the last two at the prompt only: steps use "mass")
 SCORES = ("mass", "seed", "expected", "recon")
 SHRINK_TO = ("window", "mean")  # what ridge shrinks the centroid values toward (summarize.softmax_ls_centroids)
+MASSES = ("fit", "prior")  # the centroids' log-masses: fitted to the reference queries, or the bins' own
 # The value fit's ridge, relative to mean diag(AᵀA): on the tuning text less shrinkage fits better at every ratio
 # (8 > 1 > 0.125 > 0.03 ≈ 0.01 in perplexity), while the floor alone (0) breaks down at 2x
 # (bench/results/eval_cpu_src_reference_tune*, eval_cpu_src_ridge_tune); 0.03 keeps a margin from that edge.
@@ -98,7 +99,9 @@ class SRCLayer(ReadsBack, FullLayer):
     (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
     exact, stays small against it), ``ridge`` of the value fit (default RIDGE) and ``shrink_to`` what it shrinks
     the values toward ("window": each bin's output averaged over the reference queries, or "mean": its plain
-    mass-weighted mean value, which does not depend on them), ``window`` observation queries, ``sinks`` and
+    mass-weighted mean value, which does not depend on them), ``mass`` the centroids' log-masses ("fit": shifted
+    to the reference queries' log-partitions, or "prior": the bin's mass alone), ``window`` observation queries,
+    ``sinks`` and
     ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the
     prompt that the prompt's summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`:
     "replay", prompt queries moved to positions spread over the next ``future``; "gaussian", draws from Expected
@@ -154,7 +157,8 @@ class SRCLayer(ReadsBack, FullLayer):
                  ridge: float = RIDGE, window: int = 32, bin_size: int | str | None = None, sinks: int = 4,
                  recent: int = 32, lam: float = 0.5, every: int | str | None = None, decode_bin: int | None = None,
                  future_queries: int = 0, future: int = 512, future_source: str = "replay", shrink_to: str = "window",
-                 adaptive: float | None = None, across: str = "layer", bin_order: str = "position", rotary=None):
+                 adaptive: float | None = None, across: str = "layer", bin_order: str = "position", mass: str = "fit",
+                 rotary=None):
         FullLayer.__init__(self)
         if ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {ratio}")
@@ -181,6 +185,8 @@ class SRCLayer(ReadsBack, FullLayer):
                              f"needs future_queries > 0")
         if shrink_to not in SHRINK_TO:
             raise ValueError(f"shrink_to must be one of {SHRINK_TO}, got {shrink_to!r}")
+        if mass not in MASSES:
+            raise ValueError(f"mass must be one of {MASSES}, got {mass!r}")
         if adaptive is not None and every is not None:
             raise ValueError(f"adaptive (head-adaptive budgets) needs every=None: decode-time compression steps keep "
                              f"one count per sequence, got every={every!r}")
@@ -199,7 +205,7 @@ class SRCLayer(ReadsBack, FullLayer):
             raise ValueError(f"SRC's {needs} moves prompt queries to future positions: it needs the model's rotary "
                              f"embedding (make_cache passes it)")
         self.future_queries, self.future, self.future_source = future_queries, future, future_source
-        self.rotary, self.shrink_to = rotary, shrink_to
+        self.rotary, self.shrink_to, self.mass = rotary, shrink_to, mass
         self.reads_back = score == "recon" or (future_queries > 0 and future_source == "recon")
         # while the prompt waits for the reconstruction pass: its queries, and the pass's (future_source="recon")
         self.prompt_q = self.heard = None
@@ -381,7 +387,7 @@ class SRCLayer(ReadsBack, FullLayer):
         bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.decode_bin, d) for b in binned]
         bias = self.store.bias
         kc, vc, bc, info = summarize_bins(self.method, obs, context, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
-                                          self.rank, self.ridge, scale, shrink_to=self.shrink_to)
+                                          self.rank, self.ridge, scale, shrink_to=self.shrink_to, mass=self.mass)
         self.late_check(info)
         at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
         self.store.k.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.store.k.dtype))
@@ -474,7 +480,7 @@ class SRCLayer(ReadsBack, FullLayer):
         c, info = COMPACT(qb[:, :, -self.window:], kb, vb, budget=budget, method=method, score=score,
                           row_entropy=row_entropy, lam=self.lam, bin_size=bin_size, rank=self.rank,
                           n_sink=self.sinks, n_recent=self.recent, ridge=self.ridge, shrink_to=self.shrink_to,
-                          scale=self.scale, q_future=q_future, bin_order=self.bin_order)
+                          mass=self.mass, scale=self.scale, q_future=q_future, bin_order=self.bin_order)
         check_info(info)  # once per prompt and layer: the host sync is affordable
         return *(torch.cat([x[:, :, n_keep:], x[:, :, :n_keep]], 2) for x in (c.k, c.v, c.bias)), n_keep
 

@@ -67,7 +67,7 @@ def by_keys(k, evict, n_bins: int, bin_size: int, depth: int, subspace: str = "i
 def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed", row_entropy=None,
             lam: float = 0.5, bin_size: int = 64, rank: int = 4, n_sink: int = 4, n_recent: int = 32,
             ridge: float = 1.0, shrink_to: str = "window", scale=None, subspace: str = "iter",
-            q_future=None, bin_order: str = "position") -> tuple[CompactKV, torch.Tensor]:
+            q_future=None, bin_order: str = "position", mass: str = "fit") -> tuple[CompactKV, torch.Tensor]:
     """Compress a prompt's keys/values to ``budget`` token-equivalents of storage.
 
     q_obs [B, Hq, w, d]: queries of the last w prompt tokens (observation window,
@@ -81,8 +81,8 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     ``"tree"``: then each half on its own, down to single bins: similar keys share a bin, where a summary's
     second-order fit holds better), into bins of ``bin_size`` with ``rank`` centroids each (softmax_ls:
     sigma-point PCA by ``subspace``,
-    see :func:`~holokv.compaction.summarize.sigma_point_keys`; ``ridge`` and ``shrink_to``: the value fit's, see
-    :func:`~holokv.compaction.summarize.softmax_ls_centroids`).
+    see :func:`~holokv.compaction.summarize.sigma_point_keys`; ``ridge`` and ``shrink_to``: the value fit's,
+    ``mass`` the log-masses', see :func:`~holokv.compaction.summarize.softmax_ls_centroids`).
 
     q_future [B, Hq, m, d] (optional): queries standing for ones asked after the prompt; they join the window's
     as rows the summaries are fitted for (not the scores), seeing every entry.
@@ -124,6 +124,6 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
         mask = torch.cat([mask, mask.new_ones(B, Hkv, q_ref.shape[2] - mask.shape[2], n_keep)], 2)
     context = attend_chunked(q_ref, k_keep, v_keep, None, mask, scale) if method == "softmax_ls" else None
     kc, vc, bc, info = summarize_bins(method, q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace,
-                                      shrink_to)
+                                      shrink_to, mass)
     return CompactKV(torch.cat([k_keep, kc], 2), torch.cat([v_keep, vc], 2),
                      torch.cat([k.new_zeros(B, Hkv, n_keep), bc], 2), lens), info

@@ -60,7 +60,7 @@ def sigma_point_keys(k_bin, b_bin, n_c: int, subspace: str = "iter"):
 
 
 def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge: float = 1.0, scale=None,
-                         subspace: str = "iter", shrink_to: str = "window"):
+                         subspace: str = "iter", shrink_to: str = "window", mass: str = "fit"):
     """Summaries fitted to what softmax attention computes.
 
     Shapes: q_ref [B, H, m, d]; the kept context (every entry the reference queries see besides the bins)
@@ -71,10 +71,12 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
     than every reference query, so all of them are visible to all rows.
 
     1. Keys: :func:`sigma_point_keys` per bin, n_c per bin (PCA by ``subspace``).
-    2. Log-mass: prior logsumexp(b_bin) − log n_c, then one shift per bin,
+    2. Log-mass: prior logsumexp(b_bin) − log n_c, then (``mass="fit"``) one shift per bin,
        δ_b = Σ_q ρ_qb (LSE_bin(q) − LSE_centroids(q)) / Σ_q ρ_qb, the least-squares
        fit of the log-partition error weighted by ρ_qb = the bin's share of query
-       q's full attention (where the bin matters).
+       q's full attention (where the bin matters). ``mass="prior"`` keeps the prior: the shift fits the
+       reference queries and can make a bin claim more than its share from a query unlike them (a question
+       asked after compression: bench/results/eval_cpu_src_mass_tune/).
     3. Values: with A = softmax(logits over [kept ∪ centroids]) for the reference
        queries and O = exact softmax attention over [kept ∪ all bins],
 
@@ -99,6 +101,8 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
     lse_all = torch.cat([lse_ctx.unsqueeze(2), lse_bin], 2).logsumexp(2)  # [B, H, m]
     rho = (lse_bin - lse_all.unsqueeze(2)).exp()
     shift = (rho * (lse_bin - lse_c)).sum(-1) / rho.sum(-1).clamp_min(torch.finfo(rho.dtype).tiny)
+    if mass == "prior":
+        shift = torch.zeros_like(shift)
     bc = bc + shift.unsqueeze(-1)
     l_c = (l_c + shift[..., None, None]).transpose(2, 3).flatten(3)  # [B, H, m, nb·n_c]
 
@@ -121,10 +125,11 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
 
 
 def summarize_bins(method: str, q_ref, context, k_bins, v_bins, b_bins, rank: int, ridge: float = 1.0,
-                   scale=None, subspace: str = "iter", shrink_to: str = "window"):
+                   scale=None, subspace: str = "iter", shrink_to: str = "window", mass: str = "fit"):
     """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, ``context`` unused:
     None will do) or "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context's
-    (o_ctx, lse_ctx) = ``context``, sigma-point PCA by ``subspace``, values shrunk toward ``shrink_to``).
+    (o_ctx, lse_ctx) = ``context``, sigma-point PCA by ``subspace``, values shrunk toward ``shrink_to``, log-masses
+    by ``mass``).
 
     q_ref [B, H, m, d] pooled reference queries; bins k/v_bins [B, H, nb, n, d], b_bins [B, H, nb, n].
     Returns (k_c, v_c [B, H, nb·rank, d], bias_c [B, H, nb·rank], info [B, H] int32, 0 = ok).
@@ -133,4 +138,5 @@ def summarize_bins(method: str, q_ref, context, k_bins, v_bins, b_bins, rank: in
         kc, vc, info = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
         return (kc.flatten(2, 3), vc.flatten(2, 3), kc.new_zeros(kc.shape[:2] + (kc.shape[2] * rank,)),
                 (info != 0).sum(-1, dtype=torch.int32))
-    return softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace, shrink_to)
+    return softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace, shrink_to,
+                                mass)

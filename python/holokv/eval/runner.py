@@ -28,8 +28,10 @@ def default_tasks(device: str) -> list[str]:
 
 
 # SRC as tuned on the tuning text (README, "SRC on KVzip's model-wide budgets"): KVzip's scores and model-wide budgets
-# with a 0.4 floor, summaries fitted for the last 8 prompt queries and 64 stand-ins of later ones, bins of alike keys
-SRC_TUNED = "src:score=recon:across=model:adaptive=0.4:recent=8:window=8:rank=2:future_queries=64:bin_order=key"
+# with a 0.4 floor, summaries fitted for the last 8 prompt queries and 64 stand-ins of later ones, bins of alike keys,
+# each summary carrying its bin's own log-mass (not one fitted to those queries, which costs needles)
+SRC_TUNED = ("src:score=recon:across=model:adaptive=0.4:recent=8:window=8:rank=2:future_queries=64:bin_order=key"
+             ":mass=prior")
 
 
 @dataclass

@@ -52,9 +52,8 @@ def make_cache(method: str, config, /, ratio: float = 1.0, **options) -> Compres
     ``adaptive`` (head-adaptive budgets) for Top-K, SnapKV, Expected Attention, KVzip and SRC (with every=None);
     SRC's ``method``, ``score``, ``rank``, ``ridge``, ``shrink_to``, ``mass``, ``window``, ``bin_size``, ``sinks``,
     ``recent``, ``every``, ``decode_bin``, ``future_queries``, ``future``, ``future_source``, ``across``,
-    ``bin_order``; TOVA
-    has none; ``pyramid`` for every method that compresses the prompt: layer-adaptive budgets, see
-    :mod:`.layer_budgets`), or to the cache where it takes them itself (KVzip's, and SRC's, ``chunk`` and
+    ``bin_order``; TOVA has none; ``pyramid`` for every method that compresses the prompt: layer-adaptive budgets,
+    see :mod:`.layer_budgets`), or to the cache where it takes them itself (KVzip's, and SRC's, ``chunk`` and
     ``tokenizer``, which words the request to repeat the context: the reconstruction pass runs after the prompt's
     forward, through the hook that :func:`use_holokv_attention` installs). Positional-only ``method`` leaves that
     name to SRC's option."""

@@ -101,9 +101,8 @@ class SRCLayer(ReadsBack, FullLayer):
     the values toward ("window": each bin's output averaged over the reference queries, or "mean": its plain
     mass-weighted mean value, which does not depend on them), ``mass`` the centroids' log-masses ("fit": shifted
     to the reference queries' log-partitions, or "prior": the bin's mass alone), ``window`` observation queries,
-    ``sinks`` and
-    ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the
-    prompt that the prompt's summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`:
+    ``sinks`` and ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries
+    asked after the prompt that the prompt's summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`:
     "replay", prompt queries moved to positions spread over the next ``future``; "gaussian", draws from Expected
     Attention's query model placed there; "recon", queries of KVzip's reconstruction pass), ``every``: generated
     tokens (counted per layer) between decode-time compression steps: None (the default) for none, decoded tokens

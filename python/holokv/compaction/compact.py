@@ -80,9 +80,9 @@ def compact(q_obs, k, v, *, budget: int, method: str = "softmax_ls", score="seed
     their keys (:func:`by_keys`; ``"key"``: by the projection on the evicted keys' top principal direction,
     ``"tree"``: then each half on its own, down to single bins: similar keys share a bin, where a summary's
     second-order fit holds better), into bins of ``bin_size`` with ``rank`` centroids each (softmax_ls:
-    sigma-point PCA by ``subspace``,
-    see :func:`~holokv.compaction.summarize.sigma_point_keys`; ``ridge`` and ``shrink_to``: the value fit's,
-    ``mass`` the log-masses', see :func:`~holokv.compaction.summarize.softmax_ls_centroids`).
+    sigma-point PCA by ``subspace``, see :func:`~holokv.compaction.summarize.sigma_point_keys`; ``ridge`` and
+    ``shrink_to``: the value fit's, ``mass`` the log-masses', see
+    :func:`~holokv.compaction.summarize.softmax_ls_centroids`).
 
     q_future [B, Hq, m, d] (optional): queries standing for ones asked after the prompt; they join the window's
     as rows the summaries are fitted for (not the scores), seeing every entry.

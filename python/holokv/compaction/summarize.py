@@ -97,14 +97,15 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
     l_bin = logits(q5, k_bins, b_bins, scale=scale)  # [B, H, nb, m, n]
     l_c = logits(q5, kc, bc, scale=scale)  # [B, H, nb, m, n_c]
     o_ctx, lse_ctx = context
-    lse_bin, lse_c = l_bin.logsumexp(-1), l_c.logsumexp(-1)  # [B, H, nb, m]
+    lse_bin = l_bin.logsumexp(-1)  # [B, H, nb, m]
     lse_all = torch.cat([lse_ctx.unsqueeze(2), lse_bin], 2).logsumexp(2)  # [B, H, m]
     rho = (lse_bin - lse_all.unsqueeze(2)).exp()
-    shift = (rho * (lse_bin - lse_c)).sum(-1) / rho.sum(-1).clamp_min(torch.finfo(rho.dtype).tiny)
-    if mass == "prior":
-        shift = torch.zeros_like(shift)
-    bc = bc + shift.unsqueeze(-1)
-    l_c = (l_c + shift[..., None, None]).transpose(2, 3).flatten(3)  # [B, H, m, nb·n_c]
+    if mass == "fit":
+        lse_c = l_c.logsumexp(-1)
+        shift = (rho * (lse_bin - lse_c)).sum(-1) / rho.sum(-1).clamp_min(torch.finfo(rho.dtype).tiny)
+        bc = bc + shift.unsqueeze(-1)
+        l_c = l_c + shift[..., None, None]
+    l_c = l_c.transpose(2, 3).flatten(3)  # [B, H, m, nb·n_c]
 
     # The exact target O is assembled from its parts, each bin's local output weighted by its share ρ,
     # rather than as one softmax over [kept ∪ all bins] (an [m, Nk + nb·n] matrix and a long GEMM).

@@ -60,7 +60,7 @@ def intervals(runs: list[dict], seed: int, count: int = DRAWS, level: float = LE
     for metric in METRICS:
         if metric not in full:
             continue
-        base, n = _statistic(full, metric)
+        n = _statistic(full, metric)[1]
         idx = draws(n, seed, count)
         stats = []
         for run in runs:

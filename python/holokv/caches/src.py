@@ -89,34 +89,32 @@ class LateCheck:
 
 
 class SRCLayer(ReadsBack, FullLayer):
-    """Options: ``method`` of the summary ("softmax_ls": fitted values and log-mass, or "seed": the source
-    method's linear read-out), ``score`` deciding what stays exact ("mass": window attention, "seed":
-    mass − ``lam``·row entropy, "expected": Expected Attention's scores with RoPE averaged over the next ``future``
-    positions, "recon": KVzip's scores from its reconstruction pass; the last two at the prompt only, decode-time
-    steps score by "mass"), ``rank`` centroids per bin of ``bin_size`` tokens evicted from the prompt
-    (default: centroids take about 1/8 of the budget; "head", with adaptive budgets: of each head's own) or of
-    ``decode_bin`` tokens evicted while decoding
-    (default 2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held
-    exact, stays small against it), ``ridge`` of the value fit (default RIDGE) and ``shrink_to`` what it shrinks
-    the values toward ("window": each bin's output averaged over the reference queries, or "mean": its plain
-    mass-weighted mean value, which does not depend on them), ``mass`` the centroids' log-masses ("fit": shifted
-    to the reference queries' log-partitions, or "prior": the bin's mass alone), ``window`` observation queries,
-    ``sinks`` and ``recent`` tokens always kept exact, ``future_queries`` (default 0) stand-ins for the queries
-    asked after the prompt that the prompt's summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`:
-    "replay", prompt queries moved to positions spread over the next ``future``; "gaussian", draws from Expected
-    Attention's query model placed there; "recon", queries of KVzip's reconstruction pass), ``every``: generated
-    tokens (counted per layer) between decode-time compression steps: None (the default) for none, decoded tokens
-    then staying exact (with 256-token continuations on the tuning text every step cost quality:
-    bench/results/eval_cpu_src_decode_policy_tune/), "auto" for max(16, ceil(budget / 64)), budget =
-    ceil(longest prompt / ratio) entries (see STEP_SHARE). A prompt fed in several chunks is
-    compacted after its first one; the later chunks are decoded (and compressed) token by token. Where an option
-    uses the reconstruction pass (score="recon", future_source="recon") the prompt is held whole until the pass
-    (:class:`~.kvzip.KVzipCache` runs it after the prompt's forward, worded with its ``tokenizer``) and compacted
+    """Options: ``method`` of the summary ("softmax_ls": fitted values and log-mass, or "seed": the source method's
+    linear read-out), ``score`` deciding what stays exact ("mass": window attention, "seed": mass − ``lam``·row entropy,
+    "expected": Expected Attention's scores with RoPE averaged over the next ``future`` positions, "recon": KVzip's
+    scores from its reconstruction pass; the last two at the prompt only, decode-time steps score by "mass"), ``rank``
+    centroids per bin of ``bin_size`` tokens evicted from the prompt (default: centroids take about 1/8 of the budget;
+    "head", with adaptive budgets: of each head's own) or of ``decode_bin`` tokens evicted while decoding (default
+    2·rank·ratio: centroids take about half the stream's budget, so that a filling bin, which is held exact, stays small
+    against it), ``ridge`` of the value fit (default RIDGE) and ``shrink_to`` what it shrinks the values toward
+    ("window": each bin's output averaged over the reference queries, or "mean": its plain mass-weighted mean value,
+    which does not depend on them), ``mass`` the centroids' log-masses ("fit": shifted to the reference queries'
+    log-partitions, or "prior": the bin's mass alone), ``window`` observation queries, ``sinks`` and ``recent`` tokens
+    always kept exact, ``future_queries`` (default 0) stand-ins for the queries asked after the prompt that the prompt's
+    summaries are also fitted for, from ``future_source`` (:mod:`~.future_queries`: "replay", prompt queries moved to
+    positions spread over the next ``future``; "gaussian", draws from Expected Attention's query model placed there;
+    "recon", queries of KVzip's reconstruction pass), ``every``: generated tokens (counted per layer) between
+    decode-time compression steps: None (the default) for none, decoded tokens then staying exact (with 256-token
+    continuations on the tuning text every step cost quality: bench/results/eval_cpu_src_decode_policy_tune/), "auto"
+    for max(16, ceil(budget / 64)), budget = ceil(longest prompt / ratio) entries (see STEP_SHARE). A prompt fed in
+    several chunks is compacted after its first one; the later chunks are decoded (and compressed) token by token. Where
+    an option uses the reconstruction pass (score="recon", future_source="recon") the prompt is held whole until the
+    pass (:class:`~.kvzip.KVzipCache` runs it after the prompt's forward, worded with its ``tokenizer``) and compacted
     after it (:meth:`compress`). ``adaptive`` (with every=None) shares each sequence's budget among its KV heads
     (AdaKV); ``across="model"`` (with score="recon") pools the shares over every head of every layer, as KVzip does
-    (:meth:`~.kvzip.KVzipCache.pool_budgets`), so a layer holds what its heads win of the model's budget.
-    ``bin_order`` ("position", "key" or "tree", :func:`~holokv.compaction.compact`) is what puts evicted prompt tokens
-    side by side in a bin.
+    (:meth:`~.kvzip.KVzipCache.pool_budgets`), so a layer holds what its heads win of the model's budget. ``bin_order``
+    ("position", "key" or "tree", :func:`~holokv.compaction.compact`) is what puts evicted prompt tokens side by side in
+    a bin.
 
     While decoding, each sequence's entries are [settled | bin | tail]: settled holds the compacted prompt
     and what earlier steps kept or summarized, the bin exact tokens waiting for summary (first in, first

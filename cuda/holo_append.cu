@@ -1,12 +1,15 @@
 // CUDA kernel of holokv::holo_append (the CPU kernel, holo_append_cpu.cpp, says what it does).
 //
 // One block per sequence serves all its KV heads, K and V, so the sequence's counters are
-// read once and advanced by the block's last step without a race. A slot that closes is
-// summed in registers from the k exact rows of the tail ring and written once (in the row
-// slot_row gives: a window's ring overwrites its oldest); slots are never read back. Capacity
-// cannot be checked on the host without a sync: a sequence that would overflow (or whose
-// counters are not a reachable state) is left unchanged with tail_lens = T + 1, which
-// holo_decode turns into NaN.
+// read once and advanced by the block's last step without a race. Each thread owns columns
+// (K or V, head, dimension) through every row it touches, so its reads and writes of a column
+// keep their order with no barrier. The step is a chain of dependent memory round trips, so
+// it is built to have few: a slot that closes is summed in registers from the k exact rows of
+// the tail ring loaded at once, and written once (in the row slot_row gives: a window's ring
+// overwrites its oldest); the sinks move past it through registers, 8 rows a round trip.
+// Slots are never read back. Capacity cannot be checked on the host without a sync: a
+// sequence that would overflow (or whose counters are not a reachable state) is left
+// unchanged with tail_lens = T + 1, which holo_decode turns into NaN.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,12 +20,15 @@
 namespace holokv {
 namespace {
 
+constexpr int MAX_K = 16;     // phase.size(0), checked
+constexpr int SINK_BATCH = 8;  // sink rows moved per round trip
+
 template <typename T>
-__global__ void holo_append_kernel(const T* __restrict__ k, const T* __restrict__ v, const void* phase,
-                                   Dtype phase_dtype, T* k_slots, T* v_slots, T* k_tail, T* v_tail,
-                                   int64_t* slot_lens, int64_t* tail_lens, int64_t* tail_start, int64_t* evicted,
-                                   int H, int S, int T_, int D, int kk, int64_t sinks, double exact_share,
-                                   int64_t W) {
+__global__ void __launch_bounds__(1024)
+    holo_append_kernel(const T* __restrict__ k, const T* __restrict__ v, const void* phase, Dtype phase_dtype,
+                       T* k_slots, T* v_slots, T* k_tail, T* v_tail, int64_t* slot_lens, int64_t* tail_lens,
+                       int64_t* tail_start, int64_t* evicted, int H, int S, int T_, int D, int kk, int64_t sinks,
+                       double exact_share, int64_t W) {
   using acc_t = at::opmath_type<T>;
   const int b = blockIdx.x;
   const int64_t sl = slot_lens[b], tl = tail_lens[b], start = tail_start[b], ev = evicted ? evicted[b] : 0;
@@ -36,28 +42,40 @@ __global__ void holo_append_kernel(const T* __restrict__ k, const T* __restrict_
     return;
   }
   const int64_t n_sinks = valid < sinks ? valid : sinks;
-  const auto row = [&](int64_t i) { return (start + i) % T_; };
+  // every row offset used is below 2 T (start < T, offsets <= tl <= T): no division
+  const auto row = [&](int64_t i) { return start + i >= T_ ? start + i - T_ : start + i; };
   const acc_t norm = acc_t(1.0 / sqrt(double(kk)));
   const int HD = H * D;
-  for (int kv = 0; kv < 2; ++kv) {
-    T* tail = kv ? v_tail : k_tail;
-    T* slots = kv ? v_slots : k_slots;
-    const int64_t base = int64_t(b) * H;
-    for (int64_t j = 0; j < close / kk; ++j)
-      for (int i = threadIdx.x; i < HD; i += blockDim.x) {
-        const int h = i / D, d = i % D;
-        const T* th = tail + (base + h) * T_ * D + d;
-        acc_t acc = 0;
-        for (int t = 0; t < kk; ++t) acc += acc_t(th[row(n_sinks + j * kk + t) * D]) * acc_t(load_float(phase, t * D + d, phase_dtype));
-        slots[((base + h) * S + slot_row(sl, ev, j, kk, W)) * D + d] = T(acc * norm);
-      }
-    __syncthreads();  // the closed rows are read before the sinks overwrite them
-    for (int i = threadIdx.x; close > 0 && i < HD; i += blockDim.x) {
-      T* th = tail + (base + i / D) * T_ * D + i % D;
-      for (int64_t s = n_sinks - 1; s >= 0; --s) th[row(close + s) * D] = th[row(s) * D];  // last first: a memmove
+  const int64_t base = int64_t(b) * H;
+  for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x) {
+    const int kv = i / HD, h = i % HD / D, d = i % D;
+    const T x = (kv ? v : k)[base * D + i % HD];
+    T* th = (kv ? v_tail : k_tail) + (base + h) * T_ * D + d;
+    T* sh = (kv ? v_slots : k_slots) + (base + h) * S * D + d;
+    for (int64_t j = 0; j < close / kk; ++j) {
+      T r[MAX_K];
+#pragma unroll
+      for (int t = 0; t < MAX_K; ++t)
+        if (t < kk) r[t] = th[row(n_sinks + j * kk + t) * D];
+      acc_t acc = 0;
+#pragma unroll
+      for (int t = 0; t < MAX_K; ++t)
+        if (t < kk) acc += acc_t(r[t]) * acc_t(load_float(phase, t * D + d, phase_dtype));
+      sh[slot_row(sl, ev, j, kk, W) * D] = T(acc * norm);
     }
-    const T* x = (kv ? v : k) + base * D;
-    for (int i = threadIdx.x; i < HD; i += blockDim.x) tail[((base + i / D) * T_ + row(tl)) * D + i % D] = x[i];
+    // rows [0, n_sinks) move to [close, close + n_sinks), the last batch first: a batch is read whole before
+    // it is written, and its targets lie above every row a later (lower) batch reads
+    for (int64_t top = close > 0 ? n_sinks : 0; top > 0; top -= SINK_BATCH) {
+      const int64_t lo = top > SINK_BATCH ? top - SINK_BATCH : 0;
+      T r[SINK_BATCH];
+#pragma unroll
+      for (int s = 0; s < SINK_BATCH; ++s)
+        if (lo + s < top) r[s] = th[row(lo + s) * D];
+#pragma unroll
+      for (int s = 0; s < SINK_BATCH; ++s)
+        if (lo + s < top) th[row(close + lo + s) * D] = r[s];
+    }
+    th[row(tl) * D] = x;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -77,8 +95,8 @@ void holo_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor
                                           tail_start, sinks, exact_share, window_slots, evicted);
   if (ad.B == 0) return;
   c10::cuda::CUDAGuard guard(k.device());
-  // a block per sequence, looping over its heads' elements: few enough threads for the kernel's registers
-  const int threads = int(std::min<int64_t>(256, (ad.H * ad.D + 31) / 32 * 32));
+  // a block per sequence, a thread per column of K and V where they fit in one block
+  const int threads = int(std::min<int64_t>(1024, (2 * ad.H * ad.D + 31) / 32 * 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "holo_append_cuda", [&] {
     holo_append_kernel<scalar_t><<<unsigned(ad.B), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), phase.data_ptr(), dtype_code(phase),

@@ -198,7 +198,7 @@ def test_split_is_disjoint_and_deterministic():
 
 def test_merge_is_one_process_running_every_method(tiny_model, tmp_path, capsys):
     """Two processes' grids merged equal the grid of one process that ran both groups of methods, intervals
-    included; parts that do not pair are refused, naming the part."""
+    included; a part at another ratio joins the grid; parts that do not pair are refused, naming the part."""
     kw = dict(ratios=[2], tasks=["ppl", "passkey"])
     whole = run_eval(small(tiny_model, tmp_path / "whole", methods=["snapkv", "h2o"], **kw))
     for name, methods in (("a", ["snapkv"]), ("b", ["h2o"]), ("c", ["h2o"])):
@@ -209,6 +209,11 @@ def test_merge_is_one_process_running_every_method(tiny_model, tmp_path, capsys)
     assert timed(merged["runs"]) == timed(whole["runs"]) and "ppl_vs_best" in merged["runs"][1]
     assert merged["config"]["methods"] == ["snapkv", "h2o"] and len(merged["parts"]) == 2
     assert "h2o" in capsys.readouterr().out and (tmp_path / "m" / "table.txt").read_text().count("\n") == 5
+    run_eval(small(tiny_model, tmp_path / "f", methods=["snapkv"], ratios=[4], tasks=kw["tasks"]))
+    assert main(["eval", "--merge", *(str(tmp_path / n) for n in "abf"), "--out", str(tmp_path / "r")]) == 0
+    merged = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert [(r["spec"], r["ratio"]) for r in merged["runs"][1:]] == [("snapkv", 2), ("h2o", 2), ("snapkv", 4)]
+    assert merged["config"]["methods"] == ["snapkv", "h2o"] and merged["config"]["ratios"] == [2, 4]
 
     run_eval(small(tiny_model, tmp_path / "d", methods=["h2o"], ratios=[2], tasks=["ppl"]))  # other tasks
     tampered = json.loads((tmp_path / "b" / "results.json").read_text())

@@ -1,7 +1,8 @@
 """One grid from ``holokv eval`` runs that separate processes made over the same windows and prompts (groups of
-methods side by side on one GPU, whose step is bound by the host): the full cache once, every other run once, and
+methods, or of ratios, side by side on one GPU, whose step is bound by the host): the full cache once, every other run once, and
 the intervals recomputed over one set of resamples, so the result is what one process running every method
-would have written. It refuses inputs that do not pair: another configuration (methods and output folder aside),
+would have written. It refuses inputs that do not pair: another configuration (methods, ratios and output folder
+aside),
 another provenance (commit, device, model, windows...), or a full cache that scored differently."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from . import bootstrap
 from .report import plot, table
 from .runner import EvalConfig
 
-FREE = ("methods", "out")  # the configuration's fields that may differ between the parts
+FREE = ("methods", "ratios", "out")  # the configuration's fields that may differ between the parts
 MEASURED = ("ppl_windows", "passkey_detail", "ruler_detail", "bytes_per_token", "cosine")  # the full cache's
 DERIVED = ("_ci", "_vs_full", "_vs_best")  # keys that bootstrap.intervals recomputes over the merged grid
 
@@ -31,7 +32,7 @@ def merge(parts: list[str], out: str) -> dict:
     runs, seen = [_clean(first["runs"][0])], set()
     for part, result in zip(parts, results):
         if _fixed(result["config"]) != _fixed(first["config"]):
-            raise ValueError(f"--merge {part}: another configuration than {parts[0]}'s (methods aside)")
+            raise ValueError(f"--merge {part}: another configuration than {parts[0]}'s (methods and ratios aside)")
         if result["provenance"] != first["provenance"]:
             raise ValueError(f"--merge {part}: another provenance than {parts[0]}'s (commit, device, windows...)")
         full, *rest = result["runs"]
@@ -45,7 +46,8 @@ def merge(parts: list[str], out: str) -> dict:
             seen.add(key)
             runs.append(_clean(run))
     bootstrap.intervals(runs, first["config"]["seed"])
-    config = dict(first["config"], methods=[m for r in results for m in r["config"]["methods"]], out=out)
+    config = dict(first["config"], methods=list(dict.fromkeys(m for r in results for m in r["config"]["methods"])),
+                  ratios=sorted({x for r in results for x in r["config"]["ratios"]}), out=out)
     merged = dict(config=config, provenance=first["provenance"],
                   runtime_s=max(r["runtime_s"] for r in results),  # the parts ran side by side
                   parts=[dict(folder=p, methods=r["config"]["methods"], runtime_s=r["runtime_s"])

@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <climits>
 #include <type_traits>
 
 #include "decode_common.cuh"
@@ -110,17 +111,25 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
 
   // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)).
   const auto tile_end = [&](int e0) { return min(e0 + 32, e0 < n_slots ? min(n_slots, e_end) : e_end); };
+  // A lane copies the same 16-byte column of rows lr, lr + RPP, ...: a tile's rows are consecutive in the
+  // slots, or in the tail's ring up to its wrap, so each copy costs an add and a compare, not an address
+  // computed from its entry (which had cost more instructions than the rest of the tile together).
+  constexpr int RPP = 32 / NC;  // rows a pass of the warp covers
+  const int lc = lane % NC, lr = lane / NC;
   const auto load_tile = [&](int e0, int st) {
     T* kd = tiles + st * 2 * 32 * D;
-    T* vd = kd + 32 * D;
-    const int e1 = tile_end(e0);
-    for (int i = lane; i < 32 * NC; i += 32) {
-      const int t = i / NC, c = i % NC, e = e0 + t;
-      const bool ok = e < e1;
-      const int64_t off = ok ? int64_t(e < n_slots ? e : sl.tail_row(e - n_slots, p.T)) * D + c * 8 : 0;
-      const int sw = (c ^ (t & 7)) * 8;
-      cp_async16(kd + t * D + sw, ok ? (e < n_slots ? ks : kt) + off : p.q, ok);
-      cp_async16(vd + t * D + sw, ok ? (e < n_slots ? vs : vt) + off : p.q, ok);
+    const bool slot = e0 < n_slots;
+    const T *kb = slot ? ks : kt, *vb = slot ? vs : vt;
+    const int first = slot ? e0 : sl.tail_row(e0 - n_slots, p.T), wrap = slot ? INT_MAX : p.T;
+    const int n = tile_end(e0) - e0;
+#pragma unroll
+    for (int it = 0; it < NC; ++it) {
+      const int t = lr + RPP * it, r = first + t;
+      const bool ok = t < n;
+      const int64_t off = ok ? int64_t(r >= wrap ? r - wrap : r) * D + lc * 8 : 0;
+      const int dst = t * D + (lc ^ (t & 7)) * 8;
+      cp_async16(kd + dst, kb + off, ok);
+      cp_async16(kd + 32 * D + dst, vb + off, ok);
     }
     cp_async_commit();
   };
@@ -216,8 +225,9 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
         sc[j][i] = __expf(sc[j][i] - base[i / 2]);
         l[i / 2] += sc[j][i];
       }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))  // past the first tiles the max rarely moves
 #pragma unroll
-    for (int n = 0; n < NN; ++n) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+      for (int n = 0; n < NN; ++n) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
       const uint32_t pa[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),

@@ -198,7 +198,8 @@ def test_split_is_disjoint_and_deterministic():
 
 def test_merge_is_one_process_running_every_method(tiny_model, tmp_path, capsys):
     """Two processes' grids merged equal the grid of one process that ran both groups of methods, intervals
-    included; a part at another ratio joins the grid; parts that do not pair are refused, naming the part."""
+    included; a part at another ratio, or of another commit, joins the grid; parts that do not pair are refused,
+    naming the part."""
     kw = dict(ratios=[2], tasks=["ppl", "passkey"])
     whole = run_eval(small(tiny_model, tmp_path / "whole", methods=["snapkv", "h2o"], **kw))
     for name, methods in (("a", ["snapkv"]), ("b", ["h2o"]), ("c", ["h2o"])):
@@ -216,12 +217,21 @@ def test_merge_is_one_process_running_every_method(tiny_model, tmp_path, capsys)
     assert merged["config"]["methods"] == ["snapkv", "h2o"] and merged["config"]["ratios"] == [2, 4]
 
     run_eval(small(tiny_model, tmp_path / "d", methods=["h2o"], ratios=[2], tasks=["ppl"]))  # other tasks
-    tampered = json.loads((tmp_path / "b" / "results.json").read_text())
-    tampered["runs"][0]["ppl_windows"]["nll_sum"][0] += 1e-3
-    (tmp_path / "e").mkdir()
-    (tmp_path / "e" / "results.json").write_text(json.dumps(tampered))
+    b = (tmp_path / "b" / "results.json").read_text()
+    for name, change in (("e", lambda t: t["runs"][0]["ppl_windows"]["nll_sum"].__setitem__(0, 1.0)),
+                         ("g", lambda t: t["provenance"].__setitem__("commit", "other")),
+                         ("h", lambda t: t["provenance"]["device"].__setitem__("name", "other"))):
+        tampered = json.loads(b)
+        change(tampered)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(tampered))
+    assert main(["eval", "--merge", str(tmp_path / "a"), str(tmp_path / "g"), "--out", str(tmp_path / "o")]) == 0
+    merged = json.loads((tmp_path / "o" / "results.json").read_text())  # another commit pairs, and is recorded
+    assert merged["provenance"]["commit"] == [whole["provenance"]["commit"], "other"]
+    assert [p["commit"] for p in merged["parts"]] == merged["provenance"]["commit"]
     for parts, match in (([tmp_path / "a", tmp_path / "d"], "d: another configuration"),
                          ([tmp_path / "a", tmp_path / "e"], "e: its full cache scored otherwise"),
+                         ([tmp_path / "a", tmp_path / "h"], "h: another provenance"),
                          ([tmp_path / "b", tmp_path / "c"], "c: h2o x2 is in two parts"),
                          ([tmp_path / "a"], "two or more"), ([tmp_path / "a", tmp_path / "none"], "none: no readable")):
         assert main(["eval", "--merge", *map(str, parts), "--out", str(tmp_path / "x")]) == 2

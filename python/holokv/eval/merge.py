@@ -16,6 +16,7 @@ from .runner import EvalConfig
 FREE = ("methods", "ratios", "out")  # the configuration's fields that may differ between the parts
 MEASURED = ("ppl_windows", "passkey_detail", "ruler_detail", "bytes_per_token", "cosine")  # the full cache's
 DERIVED = ("_ci", "_vs_full", "_vs_best")  # keys that bootstrap.intervals recomputes over the merged grid
+CODE = ("commit", "dirty")  # the provenance's fields that may differ between the parts (kept per part)
 
 
 def merge(parts: list[str], out: str) -> dict:
@@ -31,10 +32,10 @@ def merge(parts: list[str], out: str) -> dict:
     first = results[0]
     runs, seen = [_clean(first["runs"][0])], set()
     for part, result in zip(parts, results):
-        if _fixed(result["config"]) != _fixed(first["config"]):
+        if _fixed(result["config"], FREE) != _fixed(first["config"], FREE):
             raise ValueError(f"--merge {part}: another configuration than {parts[0]}'s (methods and ratios aside)")
-        if result["provenance"] != first["provenance"]:
-            raise ValueError(f"--merge {part}: another provenance than {parts[0]}'s (commit, device, windows...)")
+        if _fixed(result["provenance"], CODE) != _fixed(first["provenance"], CODE):
+            raise ValueError(f"--merge {part}: another provenance than {parts[0]}'s (device, build, windows...)")
         full, *rest = result["runs"]
         if any(full.get(k) != first["runs"][0].get(k) for k in MEASURED):
             raise ValueError(f"--merge {part}: its full cache scored otherwise than {parts[0]}'s (nondeterministic "
@@ -48,9 +49,12 @@ def merge(parts: list[str], out: str) -> dict:
     bootstrap.intervals(runs, first["config"]["seed"])
     config = dict(first["config"], methods=list(dict.fromkeys(m for r in results for m in r["config"]["methods"])),
                   ratios=sorted({x for r in results for x in r["config"]["ratios"]}), out=out)
-    merged = dict(config=config, provenance=first["provenance"],
+    commits = list(dict.fromkeys(r["provenance"]["commit"] for r in results))
+    provenance = dict(first["provenance"], **({} if len(commits) == 1 else dict(commit=commits, dirty=None)))
+    merged = dict(config=config, provenance=provenance,
                   runtime_s=max(r["runtime_s"] for r in results),  # the parts ran side by side
-                  parts=[dict(folder=p, methods=r["config"]["methods"], runtime_s=r["runtime_s"])
+                  parts=[dict(folder=p, methods=r["config"]["methods"], ratios=r["config"]["ratios"],
+                              runtime_s=r["runtime_s"], **{k: r["provenance"][k] for k in CODE})
                          for p, r in zip(parts, results)], runs=runs)
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
@@ -60,8 +64,8 @@ def merge(parts: list[str], out: str) -> dict:
     return merged
 
 
-def _fixed(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in FREE}
+def _fixed(fields: dict, free: tuple[str, ...]) -> dict:
+    return {k: v for k, v in fields.items() if k not in free}
 
 
 def _clean(run: dict) -> dict:

@@ -13,7 +13,8 @@
 #                               Llama-3-8B heads): throughput, memory, warp stalls, occupancy
 # A process cut by LIMIT seconds (default 480) says so at the end of its log; the phase's exit status is
 # nonzero if any failed or was cut. Logs and results go to OUT (default bench/results). PY: the interpreter
-# (default python3).
+# (default python3). TESTS: test files for tests and memcheck instead of every one that mentions CUDA (say, the
+# files of a kernel that changed).
 set -uo pipefail
 phase=${1:?phase: build, tests, memcheck, e2e, kernels or ncu}
 out=$(realpath -m "${2:-bench/results}")
@@ -25,7 +26,8 @@ JOBS=${JOBS:-$(nproc)}
 # every test file that mentions CUDA, but the compiled FlexAttention tests: their compilation is bound by the
 # host, so they run in a process of their own (and not under the sanitizer, which slows it past any limit)
 FLEX=tests/test_prefill_attention.py
-mapfile -t FILES < <(grep -l -i cuda tests/test_*.py | grep -v -x "$FLEX")
+mapfile -t FILES < <(if [ -n "${TESTS:-}" ]; then printf '%s\n' $TESTS; else grep -l -i cuda tests/test_*.py; fi |
+  grep -v -x "$FLEX")
 
 limited() {  # LOG COMMAND...: run with the time limit, output in LOG, a note there when cut
   local log=$1
@@ -45,7 +47,7 @@ spread() {  # NAME PREFIX...: the CUDA tests of FILES under PREFIX, in JOBS proc
     limited "$out/${name}_$i.log" "$@" "$PY" -m pytest -q -ra -k cuda --shard "$i/$JOBS" "${FILES[@]}" &
     pids+=("$!")
   done
-  if [ "$name" = pytest ]; then
+  if [ "$name" = pytest ] && [[ -z "${TESTS:-}" || " $TESTS " == *" $FLEX "* ]]; then
     limited "$out/pytest_flex.log" "$PY" -m pytest -q -ra -k cuda "$FLEX" &
     pids+=("$!")
   fi

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from holokv.caches import METHODS, make_cache, superposed_attention, use_holokv_attention
 from holokv.caches.expected import ExpectedAttentionLayer
 from holokv.caches.future_queries import replayed
-from holokv.caches.src import COMPACT, SRCLayer
+from holokv.caches.src import COMPACT, SUMMARIZE, SRCLayer
 from holokv.caches.superposed import HoloSpec
 from holokv.compaction.graph import GRAPHLESS
 from holokv.runtime import Decoder, generate
@@ -491,6 +491,28 @@ def test_src_cuda_matches_cpu(batch):
     # fp32 on both, but two eigensolvers and Cholesky paths: centroids differ at ~1e-4, logits up to ~1e-3
     for a, b in zip(outs[0].scores, outs[1].scores):
         torch.testing.assert_close(b.cpu(), a, atol=1e-2, rtol=1e-2)
+
+
+@needs_cuda
+def test_src_cuda_steps_replay_their_summaries(batch, monkeypatch):
+    """The decode-time steps' summaries replay a CUDA graph captured once per bin count and shared by the layers
+    and steps: the generation equals the eager steps' on the same device."""
+    ids, mask = (x.cuda() for x in batch)
+    torch.manual_seed(0)
+    model = use_holokv_attention(LlamaForCausalLM(tiny_config(head_dim=64)).eval()).cuda()
+    outs = []
+    for graphless in (False, True):
+        monkeypatch.setattr("holokv.compaction.graph.GRAPHLESS", graphless or GRAPHLESS)
+        SUMMARIZE.graphs.clear()
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False,
+                                       past_key_values=make_cache("src", model.config, **DECODE),
+                                       output_scores=True, return_dict_in_generate=True))
+        if not graphless:
+            assert len(SUMMARIZE.graphs) == (0 if GRAPHLESS else 1)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].scores, outs[1].scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_expected_attention_models_the_next_query():

@@ -46,6 +46,9 @@ CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of t
 # for the next step stay within 1/STEP_SHARE of the budget.
 STEP_SHARE, MIN_EVERY = 64, 16
 COMPACT = Graphed(compact)  # one graph per prompt shape, replayed by every layer
+# a decode-time step's summaries (a few hundred small kernels): one graph per bin count, replayed by every layer and
+# step; its inputs are the bins and the observation rows, never the cache
+SUMMARIZE = Graphed(summarize_bins)
 
 
 def default_bin(rank: int, ratio: float) -> int:
@@ -295,7 +298,8 @@ class SRCLayer(ReadsBack, FullLayer):
             self.step(self.scale)
 
     def end_prefill(self) -> None:
-        COMPACT.clear()  # the captured compactions hold their own memory pools
+        COMPACT.clear()  # the captured compactions hold their own memory pools (and a past generation's steps')
+        SUMMARIZE.clear()
 
     def bound(self, seen: int) -> int:
         if self.scores is not None:  # the prompt held for the reconstruction pass, which stores nothing
@@ -383,8 +387,8 @@ class SRCLayer(ReadsBack, FullLayer):
                                     (j >= 0) & (j < n_cent), scale)
         bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.decode_bin, d) for b in binned]
         bias = self.store.bias
-        kc, vc, bc, info = summarize_bins(self.method, obs, context, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
-                                          self.rank, self.ridge, scale, shrink_to=self.shrink_to, mass=self.mass)
+        kc, vc, bc, info = SUMMARIZE(self.method, obs, context, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
+                                     self.rank, self.ridge, scale, shrink_to=self.shrink_to, mass=self.mass)
         self.late_check(info)
         at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
         self.store.k.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.store.k.dtype))

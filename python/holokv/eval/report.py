@@ -41,11 +41,12 @@ def _value(run: dict, key: str) -> tuple[float, list[float]]:
 
 def plot(runs: list[dict], path, cfg) -> None:
     """Quality vs bytes per token, one panel per metric, one curve per method, the full cache starred; the error
-    bars are the bootstrap 95% intervals."""
+    bars are the bootstrap 95% intervals. The legend takes a spare panel, or a band under the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     panels = [panel for panel in PANELS if panel[0] in runs[0]]
     if "bytes_per_token" not in runs[0] or not panels:
@@ -59,19 +60,47 @@ def plot(runs: list[dict], path, cfg) -> None:
             pts = sorted((r["bytes_per_token"], *_value(r, key)) for r in runs if r["spec"] == spec)
             x, y, err = zip(*pts)
             style = dict(fmt="k*", markersize=14, label="full cache") if spec == "full" else dict(
-                fmt="-o", label=spec)
+                fmt="-o", label=_wrapped(spec))
             ax.errorbar(x, y, yerr=list(zip(*err)), capsize=3, **style)
         if key.endswith("_vs_full"):
             ax.axhline(0, color="k", linewidth=0.8)  # an interval that crosses it is no difference
         ax.set_xscale("log")
+        # bytes span less than a decade: label 1, 2 and 5 times powers of ten, not every minor tick
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yscale(scale)
+        if scale == "symlog":  # its locator may put ticks at the limits: short labels there
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         ax.set_xlabel("bytes per token held (all layers)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    band = 0.0  # inches under the panels for the legend, where no panel is spare
+    if len(panels) < axes.size:
+        axes.flat[len(panels)].legend(handles, labels, loc="center", fontsize=8)
+    else:
+        ncol = min(3, len(labels))
+        per_col = -(-len(labels) // ncol)  # the legend fills its columns in order
+        lines = max(sum(l.count("\n") + 1 for l in labels[i: i + per_col]) for i in range(0, len(labels), per_col))
+        band = 0.3 + 0.17 * lines
+        fig.set_figheight(fig.get_figheight() + band)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(f"{cfg.model}, context {cfg.context} tokens", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, band / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _wrapped(spec: str, width: int = 48) -> str:
+    """A method's spec on lines of at most ``width`` characters, broken before its option separators."""
+    first, *options = spec.split(":")
+    lines = [first]
+    for piece in (":" + o for o in options):
+        if len(lines[-1]) + len(piece) > width:
+            lines.append(piece)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)

@@ -8,7 +8,7 @@
 #                               any limit; a tenth of the fuzz examples)
 #   gpu_check.sh e2e OUT        holokv bench e2e at B=16/N=16K and B=1/N=32K, then the uncompiled step, alone
 #                               on the GPU (timings)
-#   gpu_check.sh kernels OUT    holokv bench decode, src and stream
+#   gpu_check.sh kernels OUT    holokv bench decode, src, stream and prefill
 #   gpu_check.sh ncu OUT        Nsight Compute on holo_decode's split kernels at the e2e shape (B=16, N=16K,
 #                               Llama-3-8B heads): throughput, memory, warp stalls, occupancy
 # A process cut by LIMIT seconds (default 480) says so at the end of its log; the phase's exit status is
@@ -82,7 +82,7 @@ case $phase in
     ;;
   kernels)
     status=0
-    for bench in decode src stream; do
+    for bench in decode src stream prefill; do
       limited "$out/${bench}_bench.log" "$PY" -m holokv.cli bench "$bench" --out "$out" || status=1
     done
     exit $status

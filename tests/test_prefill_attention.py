@@ -127,6 +127,21 @@ def test_inside_torch_compile_cuda():
                 1e-4)
 
 
+@needs_cuda
+def test_prefill_bench_cuda(tmp_path):
+    """holokv bench prefill: a row per attention, k and mode, SDPA's first, each with its ratio to SDPA's."""
+    import json
+
+    from holokv.cli import main
+
+    assert main(["bench", "prefill", "--batch", "2", "--tokens", "128", "--k", "2", "--modes", "aligned", "--reps",
+                 "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "prefill_bench.json").read_text())["rows"]
+    assert [(r["attention"], r.get("k"), r.get("mode")) for r in rows] == [("sdpa", None, None),
+                                                                           ("holokv", 2, "aligned")]
+    assert rows[0]["fwd_bwd_vs_sdpa"] == 1 and all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > r["fwd_ms"] for r in rows)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_reference_gradcheck(mode):
     spec, phase, q, k, v, pads = problem(9, [0, 3], 1, 2, 16, 4, 2, 2, mode, dtype=torch.float64)

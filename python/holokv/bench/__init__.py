@@ -9,6 +9,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "src": ("src_linalg", "SRC's compaction of one layer and its batched linear algebra against torch.linalg"),
     "stream": ("src_stream", "SRC's decode-time compression: its cost per generated token"),
     "e2e": ("e2e", "a Llama-3-8B-shaped model decoding with each cache against transformers' StaticCache"),
+    "prefill": ("prefill", "HoloKV's training attention, forward and backward, against SDPA's"),
 }
 
 

@@ -112,8 +112,8 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)).
   const auto tile_end = [&](int e0) { return min(e0 + 32, e0 < n_slots ? min(n_slots, e_end) : e_end); };
   // A lane copies the same 16-byte column of rows lr, lr + RPP, ...: a tile's rows are consecutive in the
-  // slots, or in the tail's ring up to its wrap, so each copy costs an add and a compare, not an address
-  // computed from its entry (which had cost more instructions than the rest of the tile together).
+  // slots, or in the tail's ring up to its wrap, so each copy costs an add and a compare. (An address computed
+  // per entry costs more instructions than the rest of the tile together, with few warps to hide them.)
   constexpr int RPP = 32 / NC;  // rows a pass of the warp covers
   const int lc = lane % NC, lr = lane / NC;
   const auto load_tile = [&](int e0, int st) {

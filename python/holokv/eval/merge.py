@@ -1,9 +1,10 @@
 """One grid from ``holokv eval`` runs that separate processes made over the same windows and prompts (groups of
-methods, or of ratios, side by side on one GPU, whose step is bound by the host): the full cache once, every other run once, and
-the intervals recomputed over one set of resamples, so the result is what one process running every method
-would have written. It refuses inputs that do not pair: another configuration (methods, ratios and output folder
-aside),
-another provenance (commit, device, model, windows...), or a full cache that scored differently."""
+methods, or of ratios, side by side on one GPU, whose step is bound by the host): the full cache once, every other
+run once, and the intervals recomputed over one set of resamples, so the result is what one process running every
+method would have written. It refuses inputs that do not pair: another configuration (methods, ratios and output
+folder aside), another provenance (device, build, model, windows...), or a full cache that scored differently.
+Parts of other commits pair when all that holds (a method added later beside runs already made): each part's commit
+is kept in ``parts``, and the merged provenance lists them all."""
 from __future__ import annotations
 
 import json

@@ -19,8 +19,9 @@
 #                                                       seconds; the untrained evaluations run alongside
 #   RESUME=1 scripts/distill_experiment.sh train [OUT]  keeps OUT: every run short of STEPS continues from its
 #                                                       checkpoint (or starts, if it has none)
-#   scripts/distill_experiment.sh eval [OUT]            once every run has STEPS steps: evaluates (and makes the
-#                                                       untrained evaluations a train call left undone),
+#   scripts/distill_experiment.sh eval [OUT]            evaluates every run's adapter (a run short of STEPS as it
+#                                                       stands, noted; SHORT=0 refuses instead), makes the
+#                                                       untrained evaluations a train call left undone,
 #                                                       summarizes, deletes the checkpoints (adapters and
 #                                                       distill.json stay)
 #   scripts/distill_experiment.sh all [OUT]             train, then eval (a CPU smoke run; fails unless STEPS fit)
@@ -126,9 +127,16 @@ train() {
 evaluate() {
   local started=$SECONDS
   for run in "${!TRAINS[@]}"; do
-    if [ "$(steps_done "$OUT/$run")" -lt "$STEPS" ]; then
-      echo "$run has $(steps_done "$OUT/$run") of $STEPS steps: RESUME=1 $0 train $OUT first" >&2
+    local done_steps
+    done_steps=$(steps_done "$OUT/$run")
+    if [ ! -d "$OUT/$run/adapter" ]; then
+      echo "$run has no adapter yet: RESUME=1 $0 train $OUT first" >&2
       exit 1
+    fi
+    # a run cut short is evaluated as it stands (summary.txt's steps column says so); SHORT=0 refuses instead
+    if [ "$done_steps" -lt "$STEPS" ]; then
+      [ "${SHORT:-1}" = 1 ] || { echo "$run has $done_steps of $STEPS steps: RESUME=1 $0 train $OUT first" >&2; exit 1; }
+      echo "note: $run is evaluated after $done_steps of $STEPS steps (its learning rate had not decayed)"
     fi
   done
   untrained

@@ -142,6 +142,10 @@ def test_adapter_loads_with_peft_and_decodes_through_holokv(tiny, whole, tmp_pat
     assert [(r["adapter"], r["spec"]) for r in summary["evaluation"]] == [
         ("none", "full"), (whole[1].name, "full"), ("none", "holokv:k=2:prefill=superposed"),
         (whole[1].name, "holokv:k=2:prefill=superposed")]
+    assert (tmp_path / "summary.png").read_bytes().startswith(b"\x89PNG")  # the training curve and the bars
+    (tmp_path / "empty").mkdir()
+    summarize(tmp_path / "empty")
+    assert not (tmp_path / "empty" / "summary.png").exists()  # nothing to plot
 
 
 def test_src_adapter_evaluates_with_its_cache_and_pairs_with_it(tiny, trained, tmp_path):

@@ -1,14 +1,16 @@
 """The tables of a distillation experiment folder (``scripts/distill_experiment.sh``): every training run's
 ``distill.json``, every ``holokv eval`` below it labelled by the adapter each row read, and the rows that answer
 issue 12: at equal bytes, each cache untrained, with the control's adapter and with the adapter trained through
-that cache itself, against the full cache.
+that cache itself, against the full cache; and summary.png, a plot of the held-out perplexity over training and of
+those equal-bytes rows.
 
-    python -m holokv.distill.report FOLDER      # writes FOLDER/summary.txt and FOLDER/summary.json
+    python -m holokv.distill.report FOLDER      # writes FOLDER/summary.txt, summary.json and summary.png
 """
 from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from ..eval.report import COLUMNS, table
@@ -98,6 +100,74 @@ def shown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return table(text, [(title, key, "{}") for title, key, _ in columns])
 
 
+def plot(curves: dict[str, list[dict]], equal: list[dict], path: Path) -> None:
+    """Left: each run's held-out perplexity (``curves``: run -> its ``held_out``) over training, against its
+    teacher's. Right: each cache of the equal-bytes rows untrained, with the control's LoRA and with its own,
+    against the untrained full cache and 10% above it (issue 12's bar). Log y axes: compressed caches can be off
+    by orders of magnitude. A panel without data is left out (with neither, no file); each panel's legend sits
+    below it, off the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
+
+    bars = [(key, label) for key, label in (("ppl", "untrained"), ("ppl_control", "+ control LoRA"),
+                                            ("ppl_own", "+ own LoRA")) if any(r.get(key) is not None for r in equal)]
+    panels = [panel for panel, data in (("training", curves), ("equal", bars)) if data]
+    if not panels:  # no training run and no perplexity evaluated
+        return
+    widths = dict(training=7.0, equal=max(6.0, 0.6 * len(equal)))
+    fig = plt.figure(figsize=(sum(widths[p] for p in panels), 6.5), layout="constrained")
+    # a subfigure per panel: its legend goes under its own axes, whatever their tick labels take
+    figs = dict(zip(panels, fig.subfigures(1, len(panels), width_ratios=[widths[p] for p in panels],
+                                           squeeze=False)[0]))
+    if curves:
+        ax = figs["training"].subplots()
+        for run, held_out in curves.items():
+            ax.plot([h["step"] for h in held_out], [h["ppl"] for h in held_out], "-o", markersize=3, label=run)
+        teachers = {}  # a prompt-compressing run scores only the continuation: its teacher's perplexity differs
+        for run, held_out in curves.items():
+            teachers.setdefault(f"{held_out[-1]['ppl_teacher']:.4g}", []).append(run)
+        for style, (ppl, runs) in zip(("--", "-.", ":") * len(teachers), teachers.items()):
+            which = f" of {', '.join(runs)}" if len(teachers) > 1 else ""
+            ax.axhline(float(ppl), color="k", linewidth=1, linestyle=style,
+                       label=textwrap.fill(f"teacher (full cache, no adapter){which}", 50))
+        ax.set_xlabel("training step")
+        ax.set_ylabel("held-out perplexity through the student's cache")
+        ax.set_title("held-out perplexity during training", fontsize=10)
+        ax.grid(alpha=0.3)
+        figs["training"].legend(loc="outside lower center", ncol=2, fontsize=8)
+    if bars:
+        ax = figs["equal"].subplots()
+        width = 0.8 / len(bars)
+        for i, (key, label) in enumerate(bars):  # a row without the value lacks the bar
+            at = [(g + (i - (len(bars) - 1) / 2) * width, r[key]) for g, r in enumerate(equal)
+                  if r.get(key) is not None]
+            ax.bar(*zip(*at), width, color=f"C{i}", label=label)
+        full = next((r["ppl"] for r in equal if r["spec"] == "full" and r.get("ppl") is not None), None)
+        if full is not None:
+            ax.axhline(full, color="k", linewidth=1, linestyle="--", label="full cache, untrained")
+            ax.axhline(1.1 * full, color="k", linewidth=1, linestyle=":", label="within 10% of the full cache")
+        ax.set_xticks(range(len(equal)), [f"{_short(r['spec'])} {r['ratio']:g}x" for r in equal], rotation=35,
+                      ha="right", fontsize=8)
+        ax.set_ylabel("perplexity (holokv eval)")
+        ax.set_title("at equal bytes (cache, ratio): untrained and with LoRA", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        figs["equal"].legend(loc="outside lower center", ncol=3, fontsize=8)
+    for sub in figs.values():  # minor ticks in plain numbers: under a decade they are the only labels, else 2.54x10^2
+        sub.axes[0].set_yscale("log")
+        sub.axes[0].yaxis.set_minor_formatter(LogFormatter())
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _short(spec: str) -> str:
+    """A method spec as words: holokv:k=2:mode=aligned:prefill=superposed -> holokv k=2 aligned superposed."""
+    name, options = parse_method(spec)
+    return " ".join([name, *(v if isinstance(v, str) else f"{k}={v}" for k, v in options.items())])
+
+
 def summarize(folder) -> str:
     folder = Path(folder)
     training, evals = training_rows(folder), eval_rows(folder)
@@ -117,6 +187,9 @@ def summarize(folder) -> str:
     (folder / "summary.json").write_text(json.dumps(dict(training=training, equal_bytes=equal, evaluation=evals),
                                                     indent=1))
     (folder / "summary.txt").write_text(text)
+    curves = {path.parent.name: json.loads(path.read_text())["held_out"]
+              for path in sorted(folder.glob("*/distill.json"))}
+    plot(curves, equal, folder / "summary.png")
     return text
 
 

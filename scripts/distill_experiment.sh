@@ -25,6 +25,9 @@
 #                                                       summarizes, deletes the checkpoints (adapters and
 #                                                       distill.json stay)
 #   scripts/distill_experiment.sh all [OUT]             train, then eval (a CPU smoke run; fails unless STEPS fit)
+# RUNS="snapkv-x2 src-x4 ..." limits both phases to those runs (train replaces only their folders unless RESUME=1;
+# the untrained evaluations are made only where missing, the control's only when full-lora is among them), so that
+# runs cut short can be trained again to STEPS and the summary still gathers the whole folder.
 # Each train call ends with the steps every run has done. Time on an H200 (estimated, not measured): about a
 # minute to load and compile, then TRAIN_LIMIT seconds; the eval phase a few minutes. The SRC students are the
 # slowest (each step compacts every sequence's prompt at every layer), so they set how many train calls it takes.
@@ -55,6 +58,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a dozen processes share the host
 
 "$PY" -c "import holokv, peft"
 logs=${LOGS:-$(mktemp -d)}          # each process's output
+mkdir -p "$logs"
 holokv() { "$PY" -m holokv.cli "$@"; }
 pids=()
 launch() {  # NAME COMMAND...: run in the background, its output in the log folder
@@ -89,6 +93,16 @@ for k in 2 4; do
   done
 done
 TRAINS[full-lora]="--method full"
+if [ -n "${RUNS:-}" ]; then  # a subset: say, the slow students of an experiment whose other runs are done
+  declare -A chosen=()
+  for run in $RUNS; do
+    [ -n "${TRAINS[$run]:-}" ] || { echo "RUNS: no run $run (runs: ${!TRAINS[*]})" >&2; exit 2; }
+    chosen[$run]=1
+  done
+  for run in "${!TRAINS[@]}"; do
+    [ -n "${chosen[$run]:-}" ] || unset "TRAINS[$run]" "READS[$run]"
+  done
+fi
 # the evaluation side of the pydoc topics: the side holokv distill holds out
 # shellcheck disable=SC2206  # EVAL_ARGS splits into arguments
 EVAL=(--model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --split eval --tasks "$TASKS" $EVAL_ARGS)
@@ -106,7 +120,11 @@ untrained() {  # the untrained evaluations not made yet (HoloKV also with its us
 train() {
   local started=$SECONDS
   if [ "$RESUME" != 1 ]; then
-    rm -rf "$OUT"
+    if [ -n "${RUNS:-}" ]; then
+      for run in "${!TRAINS[@]}"; do rm -rf "${OUT:?}/$run"; done
+    else
+      rm -rf "$OUT"
+    fi
     mkdir -p "$OUT"
     untrained
   fi
@@ -146,6 +164,7 @@ evaluate() {
       --methods "$method" --out "$OUT/$run/eval"
   done
   for k in 2 4; do
+    [ -n "${TRAINS[full-lora]:-}" ] || break
     launch "control-x$k" holokv eval "${EVAL[@]}" --adapter "$OUT/full-lora/adapter" --ratios "$k" \
       --methods "$(compressed $k)" --out "$OUT/full-lora/eval-x$k"
   done

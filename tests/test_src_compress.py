@@ -231,17 +231,20 @@ def window_reference(q, k, v, bias, lens, m, hidden, scale):
     B, H, rows, d = q.shape
     j = torch.arange(k.shape[2])
     at = (lens - m).view(B, 1, 1) + (torch.arange(rows) % m).view(1, -1, 1)  # each row's own entry
-    see = ((j <= at) & ~hidden[:, None, :])[:, None]
+    hidden = hidden if hidden.dim() == 3 else hidden[:, None]  # per sequence or per head
+    see = (j <= at)[:, None] & ~hidden[:, :, None]
     s = (q.double() @ k.double().mT) * scale + bias.double()[:, :, None]
     s = s.masked_fill(~see, -math.inf)
     return torch.softmax(s, -1) @ v.double(), s.logsumexp(-1)
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["hidden_per_sequence", "hidden_per_head"])
 @pytest.mark.parametrize("device, dtype, tol", [("cpu", torch.float32, 1e-5), pytest.param(
     "cuda", torch.bfloat16, 3e-2, marks=needs_cuda), pytest.param("cuda", torch.float16, 5e-3, marks=needs_cuda)])
-def test_attend_window_matches_dense_attention(device, dtype, tol):
-    """The observation window's causal attention over a ragged cache (a placeholder run hidden): the part before
-    the window fused (CUDA, 16-bit) or chunked, the window's own entries apart, merged by log-partitions."""
+def test_attend_window_matches_dense_attention(device, dtype, tol, per_head):
+    """The observation window's causal attention over a ragged cache (a placeholder run hidden, for every head
+    alike or each head its own, one of them in the window): the part before the window fused (CUDA, 16-bit) or
+    chunked, the window's own entries apart, merged by log-partitions."""
     from holokv.compaction.softmax import attend_window
 
     g = torch.Generator().manual_seed(3)
@@ -252,8 +255,32 @@ def test_attend_window_matches_dense_attention(device, dtype, tol):
     lens = torch.tensor([W, 700, m])  # the last sequence has nothing before its window
     hidden = torch.zeros(B, W, dtype=torch.bool)
     hidden[0, 100:120] = True
+    if per_head:
+        hidden = hidden[:, None].repeat(1, H, 1)
+        hidden[0, 1, 100:110] = False
+        hidden[1, 1, 300:340] = hidden[0, 0, W - 2] = True
     ref_out, ref_lse = window_reference(q, k, v, bias, lens, m, hidden, 0.125)
     out, lse = attend_window(*(x.to(device) for x in (q, k, v, bias, lens)), m, hidden.to(device), 0.125)
     assert out.dtype == lse.dtype == torch.float32
     torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("method", ["softmax_ls", "seed"])
+def test_summaries_of_padded_bins_are_those_of_the_real_ones(method):
+    """A step of static shape pads its bins (entries' log-mass dtype min, ``bins`` the real count): the real
+    bins get the centroids, log-masses and failures they get alone, whatever the padding holds."""
+    from holokv.compaction.summarize import summarize_bins
+
+    g = torch.Generator().manual_seed(5)
+    Bq, H, m, n, rank, real = 2, 2, 8, 8, 2, 2
+    q_ref = torch.randn(Bq, H, m, D, generator=g)
+    context = torch.randn(Bq, H, m, D, generator=g), torch.randn(Bq, H, m, generator=g)
+    k, v = (torch.randn(Bq, H, real + 1, n, D, generator=g) for _ in range(2))
+    bias = torch.zeros(Bq, H, real + 1, n)
+    alone = summarize_bins(method, q_ref, context, k[:, :, :real], v[:, :, :real], bias[:, :, :real], rank, 0.03)
+    bias[:, :, real:] = torch.finfo(bias.dtype).min
+    padded = summarize_bins(method, q_ref, context, k, v, bias, rank, 0.03, bins=torch.tensor(real))
+    for a, b in zip(alone[:3], padded[:3]):
+        torch.testing.assert_close(b[:, :, :real * rank], a, atol=1e-5, rtol=1e-5)
+    assert torch.equal(alone[3], padded[3])

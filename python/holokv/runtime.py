@@ -56,6 +56,7 @@ class Decoder:
         self.pos = positions[:, -1:] + 1  # each sequence's next position
         self.cache_position = torch.full((1,), n, dtype=torch.long, device=dev)
         self.use_graph = self.graph_wanted and dev.type == "cuda" and not GRAPHLESS
+        self.cache.graph(self.use_graph)
         self.graph, self.warmed = None, False
         return logits
 

@@ -110,7 +110,7 @@ def payload(args, config, bandwidth, rows) -> dict:
             "config": {"model": args.model or "random weights", "shape": dict(
                 model_shape(config), hidden=config.hidden_size, intermediate=config.intermediate_size),
                        "dtype": args.dtype, "ratio": args.ratio, "compile": args.compile, "steps": args.steps,
-                       "warmup": f"{args.warmup}, or one compression interval + 1 where longer (each row's)",
+                       "warmup": f"{args.warmup}, or two compression intervals + 1 where longer (each row's)",
                        "sync_check_steps": f"each row's, at least {SYNC_STEPS}",
                        "points": points(args.batch, args.context),
                        "methods": args.methods, "baselines": args.baselines, "smoke": args.smoke},

@@ -80,9 +80,10 @@ def measure(spec: dict) -> dict:
     config = model_config(spec["model"], spec["layers"], spec["smoke"])
     every = None if spec["kind"] == "baseline" else compression_every(spec["name"], spec["options"], spec["ratio"],
                                                                        config, N)
-    # the first compression step (a first use of its kernels and library handles) falls in the warm-up, so the
-    # timed steps' mean is the amortized cost of the later ones
-    warmup = max(warmup, (every or 0) + 1)
+    # the first two compression steps fall in the warm-up (the first runs eagerly, a first use of its kernels and
+    # library handles; the second captures each layer's graph), so the timed steps' mean is the amortized cost of
+    # the replays; the warm-up steps are timed too and reported apart
+    warmup = max(warmup, 2 * (every or 0) + 1)
     model = build_model(spec["model"], config, spec["device"], getattr(torch, spec["dtype"]))
     weights, weights_read = weight_bytes(model)
     mem_weights = torch.cuda.memory_allocated() if cuda else None
@@ -103,8 +104,11 @@ def measure(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        marks = [clock.mark()]
         for _ in range(warmup):
             tokens = step(tokens).argmax(-1)
+            marks.append(clock.mark())
+        warmup_ms = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
         if cuda:
             torch.cuda.synchronize()
             mem_before = torch.cuda.memory_allocated()
@@ -129,6 +133,7 @@ def measure(spec: dict) -> dict:
     median = statistics.median(step_ms)
     # the mean carries what the median leaves out: work every few steps (SRC's compression), amortized
     return dict(prefill_ms=prefill_ms, step_ms=median, step_ms_mean=statistics.mean(step_ms), step_ms_all=step_ms,
+                warmup_ms_all=warmup_ms,
                 tokens_per_s=B / (median * 1e-3),
                 cache_bytes=cache_bytes, host_syncs=syncs, sync_check_steps=checked, warmup_steps=warmup,
                 compression_every=every, weights_bytes=weights, weights_read_bytes=weights_read,

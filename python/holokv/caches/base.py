@@ -46,6 +46,7 @@ class FullLayer(CacheLayerMixin):
     log_mass = False  # whether entries carry a log-mass
     adaptive = None  # the head-adaptive budgets' share (AdaKV) of the layers that have them: lengths per KV head
     batch_state = ("n_valid",)  # per-sequence tensors beside the store (batch first)
+    graphed = True  # whether work between decode steps (SRC's compression) may replay CUDA graphs on CUDA
 
     def __init__(self, ratio: float = 1.0):
         super().__init__()
@@ -204,3 +205,8 @@ class CompressedCache(Cache):
     def after_token(self) -> None:
         for layer in self.layers:
             layer.after_token()
+
+    def graph(self, on: bool = True) -> None:
+        """Whether the layers' work between decode steps may replay CUDA graphs (holokv.runtime: as its steps do)."""
+        for layer in self.layers:
+            layer.graphed = on

@@ -19,7 +19,8 @@ import math
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score, split
+from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score
+from ..compaction.graph import LiveGraphs
 from ..compaction.softmax import attend_window, logits
 from ..compaction.compact import BIN_ORDERS, entry_elems, fit
 from ..compaction.summarize import summarize_bins
@@ -46,9 +47,6 @@ CENTROID_SHARE = 1 / 8  # default bin size: centroids take about this share of t
 # for the next step stay within 1/STEP_SHARE of the budget.
 STEP_SHARE, MIN_EVERY = 64, 16
 COMPACT = Graphed(compact)  # one graph per prompt shape, replayed by every layer
-# a decode-time step's summaries (a few hundred small kernels): one graph per bin count, replayed by every layer and
-# step; its inputs are the bins and the observation rows, never the cache
-SUMMARIZE = Graphed(summarize_bins)
 
 
 def default_bin(rank: int, ratio: float) -> int:
@@ -137,8 +135,10 @@ class SRCLayer(ReadsBack, FullLayer):
     decode_bin − rank − 1 entries more while a bin fills, and up to every − 1 tokens more between steps;
     ratio 1 keeps everything. Where even the centroids do not fit (right after the prompt, or bins that
     compress less than the ratio) every reviewed token is binned. All counts are Python ints shared by the
-    batch (the stream's budget does not depend on the prompt), so steps have static shapes, never sync with
-    the host, and a left-padded sequence is compressed as it would be alone (r0 is the batch's smallest).
+    batch (the stream's budget does not depend on the prompt), so steps never sync with the host, their shapes
+    depend on how many tokens they review alone (the other counts go to the device, :meth:`rebuild_end`: on CUDA
+    each layer replays its steps from a graph), and a left-padded sequence is compressed as it would be alone (r0
+    is the batch's smallest).
 
     :meth:`nbytes` counts, besides the entries, the queries the steps score with (the last ``window``; for
     score="seed" the whole tail's, for the row entropies): memory the other caches do not need. The budget
@@ -217,6 +217,7 @@ class SRCLayer(ReadsBack, FullLayer):
         # seed centroids carry no log-mass, so only softmax_ls stores (and pays for) a bias per entry
         self.log_mass = method == "softmax_ls"
         self.late_check = LateCheck()
+        self.step_graphs = LiveGraphs()  # the compression steps' graphs (on CUDA), on this layer's buffers
 
     @staticmethod
     def rotary_for(score: str = "mass", future_queries: int = 0, future_source: str = "replay", **_) -> str | None:
@@ -242,6 +243,8 @@ class SRCLayer(ReadsBack, FullLayer):
         # stream counts (see the class docstring): recent window taken over from the prompt, generated,
         # reviewed and of those kept exact
         self.r0 = self.generated = self.reviewed = self.kept = 0
+        self.step_graphs.clear()  # captured on the last prompt's buffers
+        self.step_counts = torch.zeros(3, dtype=torch.long, device=self.device).unbind()  # a step's, filled by it
         return super().prefill(q, k, v, mask, scale, pads)
 
     @property
@@ -298,13 +301,15 @@ class SRCLayer(ReadsBack, FullLayer):
             self.step(self.scale)
 
     def end_prefill(self) -> None:
-        COMPACT.clear()  # the captured compactions hold their own memory pools (and a past generation's steps')
-        SUMMARIZE.clear()
+        COMPACT.clear()  # the captured compactions hold their own memory pools
 
     def bound(self, seen: int) -> int:
         if self.scores is not None:  # the prompt held for the reconstruction pass, which stores nothing
             return self.width
-        return self.width + seen - self.seen  # every decode step adds one entry, a compression step removes
+        # every decode step adds one entry, a compression step removes; its static window (rebuild_end) reads and
+        # writes up to decode_bin rows past the end and its padded centroids up to one step's bins' past that
+        room = self.decode_bin + (self.decode_bin - 1 + self.every) // self.decode_bin * self.rank if self.every else 0
+        return self.width + seen - self.seen + room
 
     def kept_queries(self) -> int:
         """Queries the steps need: the observation window, or for score="seed" the whole tail's."""
@@ -314,9 +319,8 @@ class SRCLayer(ReadsBack, FullLayer):
     def queries(self) -> torch.Tensor:
         """[B, Hq, m, d]: the last m = kept_queries() queries in order (the ring unrolled)."""
         m = min(self.q_written, self.kept_queries())
-        ordered = self.q_ring.roll(-(self.q_written % self.q_cap), 2) if self.q_written >= self.q_cap else \
-            self.q_ring[:, :, :self.q_written]
-        return ordered[:, :, ordered.shape[2] - m:]
+        oldest = (self.q_at + torch.arange(self.q_cap, device=self.device)) % self.q_cap  # the next write's first
+        return self.q_ring.index_select(2, oldest[self.q_cap - m:])
 
     def nbytes(self) -> int:
         held = 0 if not self.every else min(self.q_written, self.kept_queries()) * self.q_ring[:, :, 0].nbytes
@@ -342,59 +346,90 @@ class SRCLayer(ReadsBack, FullLayer):
 
     def step(self, scale) -> None:
         """Review the tail tokens that have left the recent window: keep the top k exact, bin the rest,
-        summarize full bins. Shapes follow from the Python counts alone (no host sync)."""
+        summarize full bins. The counts are Python ints (no host sync); the work (:meth:`rebuild_end`) reads them
+        from the device and has shapes that depend only on how many tokens are reviewed, so on CUDA each layer
+        replays it from a graph (:class:`~holokv.compaction.graph.LiveGraphs`) captured on its own buffers."""
         tail = self.r0 + self.generated - self.reviewed
         n_new = tail - self.recent
         if n_new <= 0:
             return
-        B, H, width, d = self.held_k.shape
-        n_keep = self.n_exact(n_new, d)
+        n_keep = self.n_exact(n_new, self.store.k.shape[3])
         n_bin = (self.reviewed - self.kept) % self.decode_bin  # exact tokens waiting in the bin
         self.reviewed += n_new
         self.kept += n_keep
         if n_keep == n_new and n_bin == 0:  # nothing binned: the reviewed tokens are settled where they are
             return
-        keep, out = split(self.review_scores(tail, n_new, scale), n_keep)
+        n_bins = (n_bin + n_new - n_keep) // self.decode_bin
+        for count, n in zip(self.step_counts, (n_keep, n_bin, n_bins)):
+            count.fill_(n)
+        work = lambda: self.rebuild_end(n_new, n_bins > 0, scale)
+        if self.device.type == "cuda" and self.graphed and self.score != "seed":  # seed's scores read fp32 keys
+            buffers = (self.store.k, self.store.v, self.store.bias, self.lens, self.q_ring, self.q_at)
+            info = self.step_graphs((n_new, n_bins > 0, self.window_rows(), scale,
+                                     *(x.data_ptr() for x in buffers if x is not None)), work)
+        else:
+            info = work()
+        self.width -= n_bins * (self.decode_bin - self.rank)
+        if n_bins:
+            self.late_check(info)
 
-        # rebuild the [bin | tail] end of every sequence as [kept | centroids | bin | rest of the tail]
-        end, arange = n_bin + tail, lambda n: torch.arange(n, device=self.device)
-        kv = [take(x, (self.lens - end)[:, None] + arange(end)) for x in (self.held_k, self.held_v)]
-        new = [x[:, :, n_bin: n_bin + n_new] for x in kv]
-        binned = [torch.cat([x[:, :, :n_bin], take(y, out)], 2) for x, y in zip(kv, new)]
-        n_bins = binned[0].shape[2] // self.decode_bin
-        n_cent, n_full = n_bins * self.rank, n_bins * self.decode_bin
-        ends = [torch.cat([take(y, keep), x.new_zeros(B, H, n_cent, d), b[:, :, n_full:], x[:, :, n_bin + n_new:]],
-                          2) for x, y, b in zip(kv, new, binned)]
-        n_end = ends[0].shape[2]
-        start, width = self.lens - end, width - end + n_end
-        rows = (start[:, None] + arange(n_end))[:, None].expand(B, H, n_end)  # the end is rewritten in place
-        for x, e in zip((self.store.k, self.store.v), ends):
-            x.scatter_(2, rows[..., None].expand(B, H, n_end, d), e)
-        if self.store.bias is not None:  # the end holds exact tokens only: bias 0 until the centroids are written
-            self.store.bias.scatter_(2, rows, 0.0)
-        self.store.lens.copy_(start + n_end)
-        self.width = width
-        if n_bins == 0:
-            return
-
-        # the centroids are fitted with every other entry as context, placeholders hidden
-        first = start + n_keep  # [B]: placeholders at entries first .. first + n_cent - 1
-        obs = self.observation()
-        context = None
-        if self.method == "softmax_ls":  # the context read in the cache's dtype: only the bins are fp32
-            j = torch.arange(width, device=self.device) - first.view(-1, 1)
-            context = attend_window(obs, self.held_k, self.held_v, self.held_bias, self.lens, self.window_rows(),
-                                    (j >= 0) & (j < n_cent), scale)
-        bins = [b[:, :, :n_full].float().view(B, H, n_bins, self.decode_bin, d) for b in binned]
-        bias = self.store.bias
-        kc, vc, bc, info = SUMMARIZE(self.method, obs, context, *bins, bins[0].new_zeros(bins[0].shape[:-1]),
-                                     self.rank, self.ridge, scale, shrink_to=self.shrink_to, mass=self.mass)
-        self.late_check(info)
-        at = (first[:, None] + arange(n_cent))[:, None].expand(B, H, n_cent)
-        self.store.k.scatter_(2, at[..., None].expand(B, H, n_cent, d), kc.to(self.store.k.dtype))
-        self.store.v.scatter_(2, at[..., None].expand(B, H, n_cent, d), vc.to(self.store.v.dtype))
-        if bias is not None:
-            bias.scatter_(2, at, bc.to(bias.dtype))
+    def rebuild_end(self, n_new: int, summarize: bool, scale) -> torch.Tensor | None:
+        """A step's work, in place: every sequence's [bin | tail] end becomes [kept | centroids | rest of the bin |
+        rest of the tail], its n_keep, n_bin and n_bins (bins to summarize, > 0 where ``summarize``) read from
+        ``step_counts`` -> the summaries' failures (info [B, Hkv]) or None. Static shapes: the end is read and
+        rewritten through a window of decode_bin − 1 + tail rows (any n_bin), the bins padded to the most n_new
+        tokens can fill (their entries' log-mass dtype min: :func:`~holokv.compaction.summarize.summarize_bins`
+        fits the real ones as if alone), entries read up to the capacity (masked by ``lens``)."""
+        s, dev = self.store, self.device
+        B, H, W, d = s.k.shape
+        n_keep, n_bin, n_bins = self.step_counts
+        tail = self.recent + n_new
+        size, most = self.decode_bin - 1 + tail, (self.decode_bin - 1 + n_new) // self.decode_bin
+        arange = lambda n: torch.arange(n, device=dev).expand(B, H, n)
+        # Top-k with k = n_keep on the device: evicted then kept, each in entry order (as split() orders them)
+        order = self.review_scores(tail, n_new, scale).argsort(-1, descending=True)
+        rank = torch.empty_like(order).scatter_(-1, order, arange(n_new))
+        perm = (rank < n_keep).to(torch.int8).argsort(dim=-1, stable=True)
+        pick = lambda i: n_bin + perm.gather(-1, i.clamp(0, n_new - 1))  # the i-th of perm, as a window row
+        binned = lambda i: torch.where(i < n_bin, i, pick(i - n_bin))  # the bin's own tokens, then the evicted
+        n_full, n_cent = n_bins * self.decode_bin, n_bins * self.rank
+        n_left = n_bin + n_new - n_keep - n_full  # binned tokens left in the filling bin
+        n_end = n_keep + n_cent + n_left + self.recent
+        j = arange(size)
+        rest = j - n_keep - n_cent  # past the centroids
+        src = torch.where(j < n_keep, pick(n_new - n_keep + j),
+                          torch.where(rest < 0, j,  # the centroids' rows, written below
+                                      torch.where(rest < n_left, binned(n_full + rest),
+                                                  torch.where(j < n_end, n_bin + n_new + rest - n_left, j))))
+        start = (self.lens - n_bin - tail).view(B, 1, 1)
+        rows = (start + j).clamp(max=W - 1)  # room is reserved (bound()): the clamp never moves a row in use
+        window = [take(x, rows) for x in (s.k, s.v)]
+        info = None
+        if summarize:
+            at = binned(arange(most * self.decode_bin).remainder(n_full.clamp(min=1)))  # padding repeats real bins
+            bins = [x.gather(2, at[..., None].expand(B, H, at.shape[2], d)).float().view(B, H, most, -1, d)
+                    for x in window]
+            pad = (torch.arange(most, device=dev) >= n_bins).view(1, 1, most, 1)
+            b_bins = torch.zeros(B, H, most, self.decode_bin, device=dev).masked_fill(pad, torch.finfo().min)
+            obs, context = self.observation(), None
+            if self.method == "softmax_ls":  # the context: every entry but the binned ones, read before the rewrite
+                hidden = torch.zeros(B, H, W, dtype=torch.bool, device=dev).scatter_(2, start + at, True)
+                context = attend_window(obs, s.k, s.v, s.bias, self.lens, self.window_rows(), hidden, scale)
+            kc, vc, bc, info = summarize_bins(self.method, obs, context, *bins, b_bins, self.rank, self.ridge, scale,
+                                              shrink_to=self.shrink_to, mass=self.mass, bins=n_bins)
+        for x, w in zip((s.k, s.v), window):
+            x.scatter_(2, rows[..., None].expand(B, H, size, d), w.gather(2, src[..., None].expand(B, H, size, d)))
+        if s.bias is not None:  # the end holds exact tokens only: bias 0 but for the centroids
+            s.bias.scatter_(2, rows, 0.0)
+        if summarize:
+            c = arange(most * self.rank)
+            at = (start + torch.where(c < n_cent, n_keep + c, n_end + c - n_cent)).clamp(max=W - 1)  # padding: past
+            for x, y in zip((s.k, s.v), (kc, vc)):
+                x.scatter_(2, at[..., None].expand(B, H, c.shape[2], d), y.to(x.dtype))
+            if s.bias is not None:
+                s.bias.scatter_(2, at, bc.to(s.bias.dtype))
+        self.lens.copy_(start.view(B) + n_end)
+        return info
 
     def window_rows(self) -> int:
         """m: the observation queries (the tail's last m tokens'), each a row per query head of its group."""
@@ -407,20 +442,21 @@ class SRCLayer(ReadsBack, FullLayer):
     def review_scores(self, tail: int, n_new: int, scale) -> torch.Tensor:
         """[B, Hkv, n_new] scores of the tail's first n_new tokens, as at prefill: the attention mass the
         last ``window`` queries give them over the whole cache, less λ·(their own row's entropy) for "seed".
-        The cache is read in its own dtype, a chunk at a time: only the reviewed tokens' weights are formed."""
-        H, width = self.held_k.shape[1], self.held_k.shape[2]
+        The cache is read in its own dtype up to its capacity (static shapes), a chunk at a time: only the reviewed
+        tokens' weights are formed."""
+        s = self.store
+        H, width = s.k.shape[1], s.k.shape[2]
         G = self.queries.shape[1] // H
         obs = self.observation()
-        _, lse = attend_window(obs, self.held_k, self.held_v, self.held_bias, self.lens, self.window_rows(),
-                               scale=scale)
+        _, lse = attend_window(obs, s.k, s.v, s.bias, self.lens, self.window_rows(), scale=scale)
         # the reviewed tokens precede the recent window, so every observation query sees them
         cols = (self.lens - tail)[:, None] + torch.arange(n_new, device=self.device)  # [B, n_new]
-        bias = None if self.store.bias is None else take(self.held_bias, cols).float()
-        part = logits(obs, take(self.held_k, cols).float(), bias, scale=scale)
+        bias = None if s.bias is None else take(s.bias, cols).float()
+        part = logits(obs, take(s.k, cols).float(), bias, scale=scale)
         score = (part - lse.unsqueeze(-1)).exp().sum(-2) * (H / self.queries.shape[1])  # window_mass's scale
         if self.score != "seed":
             return score
-        keys, bias = self.held_k.float(), None if self.store.bias is None else self.held_bias.float()
+        keys, bias = s.k.float(), None if s.bias is None else s.bias.float()
         rows = pool_gqa(self.queries[:, :, :n_new].float(), H)  # the tail's own queries (all kept for "seed")
         p = torch.softmax(logits(rows, keys, bias, self.visible(tail, width, G, n_new), scale), -1)
         return seed_score(score, entropy(p).view(*score.shape[:2], G, n_new).mean(2), self.lam)

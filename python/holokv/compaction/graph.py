@@ -69,3 +69,51 @@ class Graphed:
         with torch.cuda.graph(graph):
             out = self.fn(*static_args, **static_kwargs)
         return graph, inputs, out
+
+
+_POOL = None  # one memory pool for every LiveGraphs capture
+
+
+class LiveGraphs:
+    """Work done in place on live buffers (a cache layer's store), replayed from CUDA graphs captured on them.
+
+    ``graphs(key, fn)`` runs ``fn()`` (which returns tensors or None) for ``key``: the call's static shapes and
+    the addresses of every buffer ``fn`` reads or writes, so a graph is never replayed on moved buffers. The
+    first call with a key runs eagerly (library handles and workspaces; its work is real and not repeated), the
+    second captures and replays, later ones replay. Whatever changes between calls lives in device tensors ``fn``
+    reads, filled before the call (never in Python values, which a capture freezes). All instances share one
+    memory pool: their graphs run one at a time, and a call's results must be read before another graph of the
+    pool replays. At most ``max_graphs`` per instance (least recently used go). While torch's caching allocator is
+    disabled (``GRAPHLESS``) every call runs eagerly.
+    """
+
+    def __init__(self, max_graphs: int = 4):
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict = OrderedDict()
+        self.seen: set = set()
+
+    def __call__(self, key, fn):
+        global _POOL
+        if GRAPHLESS:
+            return fn()
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            graph, out = self.graphs[key]
+            graph.replay()
+            return out
+        if key not in self.seen:
+            self.seen.add(key)
+            return fn()
+        _POOL = _POOL or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=_POOL):
+            out = fn()
+        graph.replay()
+        self.graphs[key] = graph, out
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return out
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.seen.clear()

@@ -49,7 +49,8 @@ def _inv_sigma(s: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(s > tol, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
 
 
-def _with_floor(g: torch.Tensor, mean_sq: torch.Tensor, n: int, ridge: float | torch.Tensor = 0.0) -> torch.Tensor:
+def _with_floor(g: torch.Tensor, mean_sq: torch.Tensor, n: int | torch.Tensor, ridge: float | torch.Tensor = 0.0
+                ) -> torch.Tensor:
     """g + λI with λ = (ridge + 16·n·eps)·mean_sq + tiny (mean_sq: the mean squared column norm behind g):
     the relative floor that keeps the Cholesky factorization of a rank-deficient Gram matrix positive
     definite in the working precision, and gives an all-zero Gram a finite factor."""
@@ -146,8 +147,8 @@ def truncated_svd(a: torch.Tensor, r: int, **kw) -> tuple[torch.Tensor, torch.Te
     return u * sign, s, (v * sign).mT
 
 
-def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 0.0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 0.0,
+                cols: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched ridge least squares via Cholesky of the normal equations.
 
     a [..., m, n], b [..., m, k] -> (x [..., n, k], info [...] int32, 0 = ok; batch dims
@@ -159,7 +160,9 @@ def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 
     is unit-free; the ``16·n·eps`` floor keeps the Cholesky factorization of
     rank-deficient systems (duplicate columns, zero rows) positive definite in the
     working precision, and ``tiny`` makes an all-zero ``a`` return x = 0.
-    ``ridge`` may be a tensor broadcastable to ``[...]``.
+    ``ridge`` may be a tensor broadcastable to ``[...]``. ``cols`` (default n, may be a tensor) is how many of
+    a's columns count in n and the mean: the rest are padding, all zero, and get x = 0, the others the x of a
+    without them.
     With more unknowns than rows (n > m: softmax_ls fits all bins' centroids to a
     few reference queries) the same x comes from the m-square dual system,
     x = aᵀ (a aᵀ + λ I)⁻¹ b, so the factorization costs m³ instead of n³. Its
@@ -171,7 +174,8 @@ def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float | torch.Tensor = 
     m, n = a.shape[-2:]
     dual = n > m
     # ridge stays a Python float where it is one: a scalar copied to the GPU would sync
-    g = _with_floor(a @ a.mT if dual else a.mT @ a, a.square().sum((-2, -1)) / n, n, ridge)
+    cols = n if cols is None else cols
+    g = _with_floor(a @ a.mT if dual else a.mT @ a, a.square().sum((-2, -1)) / cols, cols, ridge)
     rhs = b if dual else a.mT @ b
     s, k = g.shape[-1], rhs.shape[-1]
     batch = torch.broadcast_shapes(g.shape[:-2], rhs.shape[:-2])

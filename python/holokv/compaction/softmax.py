@@ -106,14 +106,16 @@ def attend_window(q, k, v, bias, lens, m: int, hidden=None, scale=None):
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     fused = k.is_cuda and k.dtype in (torch.float16, torch.bfloat16)
     dtype = k.dtype if fused else q.dtype
-    first = (lens - m).view(B, 1)  # the window's first entry
-    shared = torch.arange(W, device=dev) < first  # [B, W]
+    first = (lens - m).view(B, 1, 1)  # the window's first entry
+    if hidden is not None and hidden.dim() == 2:
+        hidden = hidden[:, None]
+    shared = torch.arange(W, device=dev) < first  # [B, 1 or H, W]
     if hidden is not None:
-        shared &= ~hidden
+        shared = shared & ~hidden
     # the bias of the shared part, -inf where masked; its row stride padded to 16 elements (the fused kernel
     # reads it in aligned vectors)
     prefix = torch.empty(B, H, 1, W + (-W % 16), dtype=dtype, device=dev)[..., :W]
-    prefix[:, :, 0] = torch.where(shared[:, None], 0.0 if bias is None else bias.to(dtype), -math.inf)
+    prefix[:, :, 0] = torch.where(shared, 0.0 if bias is None else bias.to(dtype), -math.inf)
     if fused:
         out_p, lse_p = torch.ops.aten._scaled_dot_product_efficient_attention(
             q.to(dtype), k, v, prefix.expand(B, H, rows, W), True, scale=scale)[:2]
@@ -121,17 +123,17 @@ def attend_window(q, k, v, bias, lens, m: int, hidden=None, scale=None):
     else:
         out_p, lse_p = attend_chunked(q, k, v, prefix[:, :, 0], None, scale)
 
-    cols = (first + torch.arange(m, device=dev)).view(B, 1, m, 1)
+    cols = (first.view(B, 1) + torch.arange(m, device=dev)).view(B, 1, m, 1)
     near = [x.gather(2, cols.expand(B, H, m, d)).to(q.dtype) for x in (k, v)]
     near_bias = None if bias is None else bias.gather(2, cols[..., 0].expand(B, H, m)).to(q.dtype)
     see = torch.arange(m, device=dev) <= (torch.arange(rows, device=dev) % m)[:, None]  # [rows, m] causal
     if hidden is not None:
-        see = see & ~hidden.gather(1, cols.view(B, m)).view(B, 1, 1, m)
+        see = see & ~hidden.gather(2, cols.view(B, 1, m).expand(B, hidden.shape[1], m)).unsqueeze(2)
     out_w, lse_w = attend_chunked(q, *near, near_bias, see, scale)
 
     # a sequence with nothing before its window takes the window's part alone (the fused kernel's output for a
     # row that sees nothing is not defined)
-    some = shared.any(-1).view(B, 1, 1)
+    some = shared.any(-1).unsqueeze(-1)  # [B, 1 or H, 1]
     lse_p = torch.where(some, lse_p, -math.inf)
     lse = torch.logaddexp(lse_p, lse_w)
     weight = lambda part: (part - lse).exp().unsqueeze(-1)

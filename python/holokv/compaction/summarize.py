@@ -60,7 +60,7 @@ def sigma_point_keys(k_bin, b_bin, n_c: int, subspace: str = "iter"):
 
 
 def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge: float = 1.0, scale=None,
-                         subspace: str = "iter", shrink_to: str = "window", mass: str = "fit"):
+                         subspace: str = "iter", shrink_to: str = "window", mass: str = "fit", bins=None):
     """Summaries fitted to what softmax attention computes.
 
     Shapes: q_ref [B, H, m, d]; the kept context (every entry the reference queries see besides the bins)
@@ -89,6 +89,9 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
        which does not depend on the reference queries. All bins' values are solved
        jointly because they share one softmax. With m <= nb·n_c reference rows and
        ridge -> 0 the reference outputs are reproduced exactly.
+    ``bins`` (a tensor, default all): how many bins are real, the others padding whose entries' bias is
+    dtype min (so that a step of static shape fits however many bins it has): they take no share ρ and their
+    centroids no attention, so the real bins get what they get alone.
     Returns (k_c, v_c [B, H, nb·n_c, d], bias_c [B, H, nb·n_c], info [B, H]).
     """
     B, H, nb, n, d = k_bins.shape
@@ -121,23 +124,27 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
     # residual O − A_kept V_kept − A_c V_0; the kept entries' two weights differ by a factor per row
     kept_gap = (lse_ctx - lse_all).exp() - (lse_ctx - lse_a).exp()
     resid = kept_gap.unsqueeze(-1) * o_ctx + o_share.sum(2) - a_c @ v0
-    delta, info = ridge_solve(a_c, resid, ridge)
+    delta, info = ridge_solve(a_c, resid, ridge, None if bins is None else bins * n_c)
     return kc.flatten(2, 3), v0 + delta, bc.flatten(2, 3), info
 
 
 def summarize_bins(method: str, q_ref, context, k_bins, v_bins, b_bins, rank: int, ridge: float = 1.0,
-                   scale=None, subspace: str = "iter", shrink_to: str = "window", mass: str = "fit"):
+                   scale=None, subspace: str = "iter", shrink_to: str = "window", mass: str = "fit", bins=None):
     """``rank`` centroids per bin by ``method``: "seed" (:func:`seed_centroids`, bias 0, ``context`` unused:
     None will do) or "softmax_ls" (:func:`softmax_ls_centroids`, fitted with the kept context's
     (o_ctx, lse_ctx) = ``context``, sigma-point PCA by ``subspace``, values shrunk toward ``shrink_to``, log-masses
-    by ``mass``).
+    by ``mass``). ``bins`` (a tensor, default all): how many of the nb bins are real (the rest padding, see
+    :func:`softmax_ls_centroids`; their centroids are garbage, their failures not counted).
 
     q_ref [B, H, m, d] pooled reference queries; bins k/v_bins [B, H, nb, n, d], b_bins [B, H, nb, n].
     Returns (k_c, v_c [B, H, nb·rank, d], bias_c [B, H, nb·rank], info [B, H] int32, 0 = ok).
     """
     if method == "seed":
         kc, vc, info = seed_centroids(q_ref.unsqueeze(2), k_bins, v_bins, b_bins, rank, scale)
+        failed = info != 0
+        if bins is not None:
+            failed &= torch.arange(info.shape[-1], device=info.device) < bins
         return (kc.flatten(2, 3), vc.flatten(2, 3), kc.new_zeros(kc.shape[:2] + (kc.shape[2] * rank,)),
-                (info != 0).sum(-1, dtype=torch.int32))
+                failed.sum(-1, dtype=torch.int32))
     return softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, rank, ridge, scale, subspace, shrink_to,
-                                mass)
+                                mass, bins)

@@ -306,6 +306,26 @@ def test_src_every_none_runtime_reserves_its_slots(model, batch):
     assert [x.data_ptr() for x in (store.k, store.k_slots, store.v_slots)] == buffers
 
 
+@pytest.mark.parametrize("options", [DECODE, dict(SMALL_SRC, ratio=4, every=20)], ids=["bin32_every8", "bin16_every20"])
+def test_src_steps_reserve_what_they_hold(model, batch, options):
+    """The room holokv.runtime reserves for SRC's steps is planned from the counts alone (bound()): enough for the
+    most entries a step ever holds (a decoded token before the step that follows it) plus its static window,
+    and not a block more."""
+    from holokv.caches.store import BLOCK
+
+    ids, mask = batch
+    dec = Decoder(model, make_cache("src", model.config, **options), graph=False)
+    logits = dec.prefill(ids, mask, max_new_tokens=90)
+    layer = dec.cache.layers[0]
+    capacity, most = layer.store.capacity, layer.width
+    for _ in range(90):
+        logits = dec.step(logits.argmax(-1))
+        most = max(most, layer.width + (layer.generated % layer.every == 0))  # before its step, if one ran
+    room = layer.decode_bin + (layer.decode_bin - 1 + layer.every) // layer.decode_bin * layer.rank
+    assert layer.reviewed - layer.kept > 2 * layer.decode_bin and layer.store.capacity == capacity
+    assert most + room <= capacity < most + room + BLOCK
+
+
 @needs_cuda
 def test_src_every_none_cuda_decode_never_syncs():
     """every=None's slot appends: eager decode steps under sync debug mode 'error', and a CUDA graph replays them."""

@@ -226,26 +226,23 @@ def test_cuda_graphed_keys_on_argument_names():
     assert len(f.graphs) == (0 if GRAPHLESS else 2)
 
 
-def window_reference(q, k, v, bias, lens, m, hidden, scale):
-    """Dense fp64 attention with the mask attend_window describes."""
+def window_reference(q, k, v, bias, lens, m, scale):
+    """Dense fp64 causal attention of each sequence's last m entries' queries (pooled rows) over its entries."""
     B, H, rows, d = q.shape
     j = torch.arange(k.shape[2])
     at = (lens - m).view(B, 1, 1) + (torch.arange(rows) % m).view(1, -1, 1)  # each row's own entry
-    hidden = hidden if hidden.dim() == 3 else hidden[:, None]  # per sequence or per head
-    see = (j <= at)[:, None] & ~hidden[:, :, None]
     s = (q.double() @ k.double().mT) * scale + bias.double()[:, :, None]
-    s = s.masked_fill(~see, -math.inf)
+    s = s.masked_fill(~(j <= at)[:, None], -math.inf)
     return torch.softmax(s, -1) @ v.double(), s.logsumexp(-1)
 
 
-@pytest.mark.parametrize("per_head", [False, True], ids=["hidden_per_sequence", "hidden_per_head"])
 @pytest.mark.parametrize("device, dtype, tol", [("cpu", torch.float32, 1e-5), pytest.param(
     "cuda", torch.bfloat16, 3e-2, marks=needs_cuda), pytest.param("cuda", torch.float16, 5e-3, marks=needs_cuda)])
-def test_attend_window_matches_dense_attention(device, dtype, tol, per_head):
-    """The observation window's causal attention over a ragged cache (a placeholder run hidden, for every head
-    alike or each head its own, one of them in the window): the part before the window fused (CUDA, 16-bit) or
-    chunked, the window's own entries apart, merged by log-partitions."""
-    from holokv.compaction.softmax import attend_window
+def test_attention_before_a_window_merges_with_it(device, dtype, tol):
+    """The observation window's causal attention over a ragged cache in two parts, as SRC's steps read it: the
+    entries before the window (attend_before: fused on CUDA for 16-bit caches, else chunked; a sequence with
+    none) and the window's own entries, merged by log-partitions."""
+    from holokv.compaction.softmax import attend_before, attend_chunked, merge
 
     g = torch.Generator().manual_seed(3)
     B, H, G, m, W, d = 3, 2, 4, 6, 1100, 64  # W past one chunk and not a multiple of 16
@@ -253,14 +250,16 @@ def test_attend_window_matches_dense_attention(device, dtype, tol, per_head):
     k, v = (torch.randn(B, H, W, d, generator=g).to(dtype) for _ in range(2))
     bias = (torch.rand(B, H, W, generator=g) * 2).to(dtype)
     lens = torch.tensor([W, 700, m])  # the last sequence has nothing before its window
-    hidden = torch.zeros(B, W, dtype=torch.bool)
-    hidden[0, 100:120] = True
-    if per_head:
-        hidden = hidden[:, None].repeat(1, H, 1)
-        hidden[0, 1, 100:110] = False
-        hidden[1, 1, 300:340] = hidden[0, 0, W - 2] = True
-    ref_out, ref_lse = window_reference(q, k, v, bias, lens, m, hidden, 0.125)
-    out, lse = attend_window(*(x.to(device) for x in (q, k, v, bias, lens)), m, hidden.to(device), 0.125)
+    ref_out, ref_lse = window_reference(q, k, v, bias, lens, m, 0.125)
+    first = lens - m
+    cols = (first.view(B, 1, 1, 1) + torch.arange(m).view(1, 1, m, 1)).expand(B, H, m, 1)
+    near = [x.gather(2, cols.expand(B, H, m, d)).float() for x in (k, v)]
+    see = torch.arange(m) <= (torch.arange(G * m) % m)[:, None]
+    parts = (attend_before(*(x.to(device) for x in (q, k, v, bias, first)), 0.125),
+             attend_chunked(q.to(device), *(x.to(device) for x in near), bias.gather(2, cols[..., 0]).float().to(device),
+                            see.to(device), 0.125))
+    assert parts[0][0][2].abs().max() == 0 and parts[0][1][2].eq(-math.inf).all()  # nothing before: out 0, lse -inf
+    out, lse = merge(*parts)
     assert out.dtype == lse.dtype == torch.float32
     torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score
 from ..compaction.graph import LiveGraphs
-from ..compaction.softmax import attend_window, logits
+from ..compaction.softmax import attend_before, logits, merge
 from ..compaction.compact import BIN_ORDERS, entry_elems, fit
 from ..compaction.summarize import summarize_bins
 from ..compaction.scores import attention_mass, entropy, protect_mask, take
@@ -306,10 +306,21 @@ class SRCLayer(ReadsBack, FullLayer):
     def bound(self, seen: int) -> int:
         if self.scores is not None:  # the prompt held for the reconstruction pass, which stores nothing
             return self.width
-        # every decode step adds one entry, a compression step removes; its static window (rebuild_end) reads and
-        # writes up to decode_bin rows past the end and its padded centroids up to one step's bins' past that
-        room = self.decode_bin + (self.decode_bin - 1 + self.every) // self.decode_bin * self.rank if self.every else 0
-        return self.width + seen - self.seen + room
+        if not self.every:
+            return self.width + seen - self.seen  # every decode step adds one entry
+        # the steps to come, planned from the counts alone: each decode step adds an entry, each compression step
+        # removes what it summarizes; its static window (rebuild_end) reads and writes up to decode_bin rows past
+        # the end and its padded centroids up to one step's bins' past that
+        width = most = self.width
+        generated, reviewed, kept = self.generated, self.reviewed, self.kept
+        for _ in range(seen - self.seen):
+            width, generated = width + 1, generated + 1
+            most = max(most, width)
+            plan = self.plan_step(generated, reviewed, kept) if generated % self.every == 0 else None
+            if plan is not None:
+                width -= (plan[2] + plan[0] - plan[1]) // self.decode_bin * (self.decode_bin - self.rank)
+                reviewed, kept = reviewed + plan[0], kept + plan[1]
+        return most + self.decode_bin + (self.decode_bin - 1 + self.every) // self.decode_bin * self.rank
 
     def kept_queries(self) -> int:
         """Queries the steps need: the observation window, or for score="seed" the whole tail's."""
@@ -326,17 +337,26 @@ class SRCLayer(ReadsBack, FullLayer):
         held = 0 if not self.every else min(self.q_written, self.kept_queries()) * self.q_ring[:, :, 0].nbytes
         return self.store.nbytes() + held
 
-    def n_exact(self, n_new: int, head_dim: int) -> int:
+    def plan_step(self, generated: int, reviewed: int, kept: int) -> tuple[int, int, int] | None:
+        """(n_new reviewed, n_keep of them kept exact, n_bin waiting in the bin before) of a step after ``generated``
+        tokens, ``reviewed`` and ``kept`` of them so far, or None where it reviews nothing: Python ints alone."""
+        n_new = self.r0 + generated - reviewed - self.recent
+        if n_new <= 0:
+            return None
+        return n_new, self.n_exact(n_new, generated, reviewed, kept), (reviewed - kept) % self.decode_bin
+
+    def n_exact(self, n_new: int, generated: int, reviewed: int, kept: int) -> int:
         """How many of the ``n_new`` tokens a step reviews stay exact (the rule of the class docstring)."""
-        t, tail = self.generated, self.r0 + self.generated - self.reviewed - n_new
+        head_dim = self.store.k.shape[3]
+        t, tail = generated, self.r0 + generated - reviewed - n_new
         if t <= math.floor(t / self.ratio):  # ratio 1: every token fits as it is
             return n_new
         room = self.r0 + math.floor(t / self.ratio) * 2 * head_dim // entry_elems(self.method, head_dim)
         try:
-            target = fit(self.reviewed + n_new, room - tail, bin_size=self.decode_bin, rank=self.rank)[0]
+            target = fit(reviewed + n_new, room - tail, bin_size=self.decode_bin, rank=self.rank)[0]
         except ValueError:  # not even the bins' centroids fit yet (just after the prompt): bin them all
             target = 0
-        return min(n_new, max(0, target - self.kept))
+        return min(n_new, max(0, target - kept))
 
     def visible(self, m: int, width: int, group: int, rows: int | None = None) -> torch.Tensor:
         """[B, 1, group·rows, width]: the entries seen by the queries of the first ``rows`` (default all) of
@@ -349,12 +369,10 @@ class SRCLayer(ReadsBack, FullLayer):
         summarize full bins. The counts are Python ints (no host sync); the work (:meth:`rebuild_end`) reads them
         from the device and has shapes that depend only on how many tokens are reviewed, so on CUDA each layer
         replays it from a graph (:class:`~holokv.compaction.graph.LiveGraphs`) captured on its own buffers."""
-        tail = self.r0 + self.generated - self.reviewed
-        n_new = tail - self.recent
-        if n_new <= 0:
+        plan = self.plan_step(self.generated, self.reviewed, self.kept)
+        if plan is None:
             return
-        n_keep = self.n_exact(n_new, self.store.k.shape[3])
-        n_bin = (self.reviewed - self.kept) % self.decode_bin  # exact tokens waiting in the bin
+        n_new, n_keep, n_bin = plan
         self.reviewed += n_new
         self.kept += n_keep
         if n_keep == n_new and n_bin == 0:  # nothing binned: the reviewed tokens are settled where they are
@@ -379,15 +397,33 @@ class SRCLayer(ReadsBack, FullLayer):
         ``step_counts`` -> the summaries' failures (info [B, Hkv]) or None. Static shapes: the end is read and
         rewritten through a window of decode_bin − 1 + tail rows (any n_bin), the bins padded to the most n_new
         tokens can fill (their entries' log-mass dtype min: :func:`~holokv.compaction.summarize.summarize_bins`
-        fits the real ones as if alone), entries read up to the capacity (masked by ``lens``)."""
+        fits the real ones as if alone). The observation queries read the cache once: the entries before the window
+        in one fused pass up to the capacity (masked by ``lens``), the window's in fp32; both the scores (over
+        everything) and the centroids' context (everything but the binned tokens) come from that."""
         s, dev = self.store, self.device
         B, H, W, d = s.k.shape
         n_keep, n_bin, n_bins = self.step_counts
-        tail = self.recent + n_new
+        tail, m = self.recent + n_new, self.window_rows()
         size, most = self.decode_bin - 1 + tail, (self.decode_bin - 1 + n_new) // self.decode_bin
         arange = lambda n: torch.arange(n, device=dev).expand(B, H, n)
+        j = arange(size)
+        start = (self.lens - n_bin - tail).view(B, 1, 1)
+        rows = (start + j).clamp(max=W - 1)  # room is reserved (bound()): the clamp never moves a row in use
+        window = [take(x, rows) for x in (s.k, s.v)]
+        obs = self.observation()
+        before = attend_before(obs, s.k, s.v, s.bias, start.view(B), scale)
+        # query i of the observation window (row r: i = r mod m) is window entry n_bin + tail − m + i
+        own = n_bin + tail - m + torch.arange(obs.shape[2], device=dev) % m
+        near = logits(obs, window[0].float(), None if s.bias is None else take(s.bias, rows).float(),
+                      j[0, 0] <= own[:, None], scale)  # [B, H, rows, size]
+        lse = torch.logaddexp(before[1], near.logsumexp(-1))
+        # the scores of the reviewed tokens, as at prefill: the attention mass the observation queries give them
+        part = near.gather(-1, (n_bin + arange(n_new)).unsqueeze(2).expand(B, H, near.shape[2], n_new))
+        score = (part - lse.unsqueeze(-1)).exp().sum(-2) * (H / self.queries.shape[1])  # window_mass's scale
+        if self.score == "seed":
+            score = seed_score(score, self.tail_entropy(tail, n_new, scale), self.lam)
         # Top-k with k = n_keep on the device: evicted then kept, each in entry order (as split() orders them)
-        order = self.review_scores(tail, n_new, scale).argsort(-1, descending=True)
+        order = score.argsort(-1, descending=True)
         rank = torch.empty_like(order).scatter_(-1, order, arange(n_new))
         perm = (rank < n_keep).to(torch.int8).argsort(dim=-1, stable=True)
         pick = lambda i: n_bin + perm.gather(-1, i.clamp(0, n_new - 1))  # the i-th of perm, as a window row
@@ -395,15 +431,11 @@ class SRCLayer(ReadsBack, FullLayer):
         n_full, n_cent = n_bins * self.decode_bin, n_bins * self.rank
         n_left = n_bin + n_new - n_keep - n_full  # binned tokens left in the filling bin
         n_end = n_keep + n_cent + n_left + self.recent
-        j = arange(size)
         rest = j - n_keep - n_cent  # past the centroids
         src = torch.where(j < n_keep, pick(n_new - n_keep + j),
                           torch.where(rest < 0, j,  # the centroids' rows, written below
                                       torch.where(rest < n_left, binned(n_full + rest),
                                                   torch.where(j < n_end, n_bin + n_new + rest - n_left, j))))
-        start = (self.lens - n_bin - tail).view(B, 1, 1)
-        rows = (start + j).clamp(max=W - 1)  # room is reserved (bound()): the clamp never moves a row in use
-        window = [take(x, rows) for x in (s.k, s.v)]
         info = None
         if summarize:
             at = binned(arange(most * self.decode_bin).remainder(n_full.clamp(min=1)))  # padding repeats real bins
@@ -411,10 +443,11 @@ class SRCLayer(ReadsBack, FullLayer):
                     for x in window]
             pad = (torch.arange(most, device=dev) >= n_bins).view(1, 1, most, 1)
             b_bins = torch.zeros(B, H, most, self.decode_bin, device=dev).masked_fill(pad, torch.finfo().min)
-            obs, context = self.observation(), None
-            if self.method == "softmax_ls":  # the context: every entry but the binned ones, read before the rewrite
-                hidden = torch.zeros(B, H, W, dtype=torch.bool, device=dev).scatter_(2, start + at, True)
-                context = attend_window(obs, s.k, s.v, s.bias, self.lens, self.window_rows(), hidden, scale)
+            context = None
+            if self.method == "softmax_ls":  # the context: every entry but the binned ones
+                hidden = torch.zeros(B, H, 1, size, dtype=torch.bool, device=dev).scatter_(3, at.unsqueeze(2), True)
+                near = near.masked_fill(hidden, -math.inf)
+                context = merge(before, (torch.softmax(near, -1) @ window[1].float(), near.logsumexp(-1)))
             kc, vc, bc, info = summarize_bins(self.method, obs, context, *bins, b_bins, self.rank, self.ridge, scale,
                                               shrink_to=self.shrink_to, mass=self.mass, bins=n_bins)
         for x, w in zip((s.k, s.v), window):
@@ -437,29 +470,17 @@ class SRCLayer(ReadsBack, FullLayer):
 
     def observation(self) -> torch.Tensor:
         """[B, Hkv, G·m, d] fp32: the last m queries, pooled per KV head (:func:`pool_gqa`)."""
-        return pool_gqa(self.queries[:, :, -self.window:].float(), self.held_k.shape[1])
+        return pool_gqa(self.queries[:, :, -self.window:].float(), self.store.k.shape[1])
 
-    def review_scores(self, tail: int, n_new: int, scale) -> torch.Tensor:
-        """[B, Hkv, n_new] scores of the tail's first n_new tokens, as at prefill: the attention mass the
-        last ``window`` queries give them over the whole cache, less λ·(their own row's entropy) for "seed".
-        The cache is read in its own dtype up to its capacity (static shapes), a chunk at a time: only the reviewed
-        tokens' weights are formed."""
-        s = self.store
-        H, width = s.k.shape[1], s.k.shape[2]
-        G = self.queries.shape[1] // H
-        obs = self.observation()
-        _, lse = attend_window(obs, s.k, s.v, s.bias, self.lens, self.window_rows(), scale=scale)
-        # the reviewed tokens precede the recent window, so every observation query sees them
-        cols = (self.lens - tail)[:, None] + torch.arange(n_new, device=self.device)  # [B, n_new]
-        bias = None if s.bias is None else take(s.bias, cols).float()
-        part = logits(obs, take(s.k, cols).float(), bias, scale=scale)
-        score = (part - lse.unsqueeze(-1)).exp().sum(-2) * (H / self.queries.shape[1])  # window_mass's scale
-        if self.score != "seed":
-            return score
-        keys, bias = s.k.float(), None if s.bias is None else s.bias.float()
-        rows = pool_gqa(self.queries[:, :, :n_new].float(), H)  # the tail's own queries (all kept for "seed")
-        p = torch.softmax(logits(rows, keys, bias, self.visible(tail, width, G, n_new), scale), -1)
-        return seed_score(score, entropy(p).view(*score.shape[:2], G, n_new).mean(2), self.lam)
+    def tail_entropy(self, tail: int, n_new: int, scale) -> torch.Tensor:
+        """[B, Hkv, n_new] score="seed"'s entropy term: the entropy of each reviewed token's own attention row over
+        the cache (up to its capacity; the tail's queries are all kept for "seed"), averaged over its group."""
+        k, bias = self.store.k, self.store.bias
+        H, G = k.shape[1], self.queries.shape[1] // k.shape[1]
+        rows = pool_gqa(self.queries[:, :, :n_new].float(), H)
+        p = torch.softmax(logits(rows, k.float(), None if bias is None else bias.float(),
+                                 self.visible(tail, k.shape[2], G, n_new), scale), -1)
+        return entropy(p).view(k.shape[0], H, G, n_new).mean(2)
 
     def compacts(self, n: int, every: int | None, heads: int, kv_heads: int, head_dim: int) -> bool:
         """Whether compacting an n-token prompt to ceil(n / ratio) token-equivalents saves the bytes the layer

@@ -86,56 +86,41 @@ def attend_chunked(q, k, v=None, bias=None, mask=None, scale=None, chunk: int = 
 
 
 
-def attend_window(q, k, v, bias, lens, m: int, hidden=None, scale=None):
-    """Causal attention of the queries of each sequence's last ``m`` entries (its observation window) over its
-    entries [0, lens) -> (out [B, H, rows, d], lse [B, H, rows]) in q's dtype.
+def attend_before(q, k, v, bias, first, scale=None):
+    """Attention of rows q [B, H, rows, d] over each sequence's entries [0, first) -> (out [B, H, rows, d], lse
+    [B, H, rows]) in q's dtype; lse -inf and out 0 where a sequence has none. k, v [B, H, W, d] in the cache's
+    dtype, bias [B, H, W] or None, first [B] int64.
 
-    q [B, H, rows, d] pooled rows (:func:`pool_gqa`: row r is query r mod m of a group head, query 0 the
-    oldest; query i is entry lens − m + i and sees the entries up to itself); k, v [B, H, W, d] in the cache's
-    dtype; bias [B, H, W] or None; lens [B] int64 (m <= lens <= W); hidden [B, W] bool or None: entries no
-    query sees.
-
-    The entries before the window, which every row sees alike, take one fused pass on CUDA: the memory-efficient
-    SDPA kernel, which returns the log-partition (the rows are rounded to the cache's dtype for it), with the
-    bias and the mask as one row-broadcast additive bias; elsewhere, or for 32-bit caches, chunk by chunk
-    (:func:`attend_chunked`). The window's own m entries take a small causal pass in q's dtype; the two parts
-    merge by their log-partitions. Nothing the size of the cache is made in fp32.
+    On CUDA with a 16-bit cache this is one fused pass: the memory-efficient SDPA kernel, which returns the
+    log-partition (the rows are rounded to the cache's dtype for it), with the bias and the mask as one
+    row-broadcast additive bias; elsewhere chunk by chunk (:func:`attend_chunked`). Nothing the size of the cache
+    is made in fp32. The rest of the entries (a window the caller reads itself) joins by :func:`merge`.
     """
     B, H, rows, d = q.shape
     W, dev = k.shape[2], k.device
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     fused = k.is_cuda and k.dtype in (torch.float16, torch.bfloat16)
     dtype = k.dtype if fused else q.dtype
-    first = (lens - m).view(B, 1, 1)  # the window's first entry
-    if hidden is not None and hidden.dim() == 2:
-        hidden = hidden[:, None]
-    shared = torch.arange(W, device=dev) < first  # [B, 1 or H, W]
-    if hidden is not None:
-        shared = shared & ~hidden
-    # the bias of the shared part, -inf where masked; its row stride padded to 16 elements (the fused kernel
-    # reads it in aligned vectors)
+    seen = torch.arange(W, device=dev) < first.view(B, 1)  # [B, W]
+    # the bias, -inf where masked; its row stride padded to 16 elements (the fused kernel reads aligned vectors)
     prefix = torch.empty(B, H, 1, W + (-W % 16), dtype=dtype, device=dev)[..., :W]
-    prefix[:, :, 0] = torch.where(shared, 0.0 if bias is None else bias.to(dtype), -math.inf)
+    prefix[:, :, 0] = torch.where(seen[:, None], 0.0 if bias is None else bias.to(dtype), -math.inf)
     if fused:
-        out_p, lse_p = torch.ops.aten._scaled_dot_product_efficient_attention(
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q.to(dtype), k, v, prefix.expand(B, H, rows, W), True, scale=scale)[:2]
-        out_p, lse_p = out_p.to(q.dtype), lse_p[..., :rows].to(q.dtype)
+        out, lse = out.to(q.dtype), lse[..., :rows].to(q.dtype)
     else:
-        out_p, lse_p = attend_chunked(q, k, v, prefix[:, :, 0], None, scale)
+        out, lse = attend_chunked(q, k, v, prefix[:, :, 0], None, scale)
+    some = seen.any(-1).view(B, 1, 1)  # the fused kernel's output for a row that sees nothing is not defined
+    return torch.where(some.unsqueeze(-1), out, 0.0), torch.where(some, lse, -math.inf)
 
-    cols = (first.view(B, 1) + torch.arange(m, device=dev)).view(B, 1, m, 1)
-    near = [x.gather(2, cols.expand(B, H, m, d)).to(q.dtype) for x in (k, v)]
-    near_bias = None if bias is None else bias.gather(2, cols[..., 0].expand(B, H, m)).to(q.dtype)
-    see = torch.arange(m, device=dev) <= (torch.arange(rows, device=dev) % m)[:, None]  # [rows, m] causal
-    if hidden is not None:
-        see = see & ~hidden.gather(2, cols.view(B, 1, m).expand(B, hidden.shape[1], m)).unsqueeze(2)
-    out_w, lse_w = attend_chunked(q, *near, near_bias, see, scale)
 
-    # a sequence with nothing before its window takes the window's part alone (the fused kernel's output for a
-    # row that sees nothing is not defined)
-    some = shared.any(-1).unsqueeze(-1)  # [B, 1 or H, 1]
-    lse_p = torch.where(some, lse_p, -math.inf)
-    lse = torch.logaddexp(lse_p, lse_w)
-    weight = lambda part: (part - lse).exp().unsqueeze(-1)
-    out = torch.where(some.unsqueeze(-1), out_p * weight(lse_p), 0.0) + out_w * weight(lse_w)
+def merge(*parts):
+    """Attention over disjoint parts of the entries -> (out, lse) over all of them, each part (out [..., d],
+    lse [...]) with lse -inf where a row sees none of it."""
+    lse = parts[0][1]
+    for _, part in parts[1:]:
+        lse = torch.logaddexp(lse, part)
+    out = sum(torch.where(torch.isfinite(part).unsqueeze(-1), o * (part - lse).exp().unsqueeze(-1), 0.0)
+              for o, part in parts)
     return out, lse

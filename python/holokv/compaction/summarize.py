@@ -66,7 +66,8 @@ def softmax_ls_centroids(q_ref, context, k_bins, v_bins, b_bins, n_c: int, ridge
     Shapes: q_ref [B, H, m, d]; the kept context (every entry the reference queries see besides the bins)
     enters only through ``context`` = (o_ctx [B, H, m, d], lse_ctx [B, H, m]), the reference queries'
     attention output over it and its log-partition, so the caller reads it however suits its size
-    (:func:`~holokv.compaction.softmax.attend_chunked`, :func:`~holokv.compaction.softmax.attend_window`);
+    (:func:`~holokv.compaction.softmax.attend_chunked`, or :func:`~holokv.compaction.softmax.attend_before` and
+    :func:`~holokv.compaction.softmax.merge`);
     bins k_bins, v_bins [B, H, nb, n, d], b_bins [B, H, nb, n] (padding: bias = dtype min). Bins are older
     than every reference query, so all of them are visible to all rows.
 

@@ -514,7 +514,8 @@ def test_src_cuda_matches_cpu(batch):
 
 
 @needs_cuda
-def test_src_cuda_steps_replay_graphs(batch, monkeypatch):
+@pytest.mark.parametrize("score", ["mass", "seed"])
+def test_src_cuda_steps_replay_graphs(batch, monkeypatch, score):
     """Each layer's decode-time steps replay CUDA graphs captured on its own buffers, one per static shape (bins
     to summarize or none: two here); the generation equals the eager steps' on the same device."""
     ids, mask = (x.cuda() for x in batch)
@@ -523,7 +524,7 @@ def test_src_cuda_steps_replay_graphs(batch, monkeypatch):
     outs = []
     for graphless in (False, True):
         monkeypatch.setattr("holokv.compaction.graph.GRAPHLESS", graphless or GRAPHLESS)
-        cache = make_cache("src", model.config, **DECODE)
+        cache = make_cache("src", model.config, **DECODE, score=score)
         with torch.no_grad():
             outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=120, do_sample=False,
                                        past_key_values=cache, output_scores=True, return_dict_in_generate=True))

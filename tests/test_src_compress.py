@@ -283,3 +283,20 @@ def test_summaries_of_padded_bins_are_those_of_the_real_ones(method):
     for a, b in zip(alone[:3], padded[:3]):
         torch.testing.assert_close(b[:, :, :real * rank], a, atol=1e-5, rtol=1e-5)
     assert torch.equal(alone[3], padded[3])
+
+
+def test_entropy_chunked_matches_the_softmax_rows():
+    """Row entropies over a cache read a chunk at a time (masked entries, a bias, rows seeing a few entries or one)
+    equal the entropy of the whole softmax rows; NaN in a key gives NaN in the rows that see it."""
+    from holokv.compaction.scores import entropy
+    from holokv.compaction.softmax import entropy_chunked, logits
+
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 3, 5, 16, generator=g, dtype=torch.float64), torch.randn(2, 3, 70, 16, generator=g)
+    bias = torch.rand(2, 3, 70, generator=g)
+    mask = torch.arange(70) <= torch.tensor([0, 3, 30, 64, 69])[:, None]
+    want = entropy(torch.softmax(logits(q, k.double(), bias.double(), mask, 0.3), -1))
+    torch.testing.assert_close(entropy_chunked(q, k, bias, mask, 0.3, chunk=16), want)
+    k[0, 0, 2, 0] = float("nan")
+    got = entropy_chunked(q, k, bias, mask, 0.3, chunk=16)
+    assert got[0, 0, 1:].isnan().all() and not got[0, 0, 0].isnan() and not got[1].isnan().any()

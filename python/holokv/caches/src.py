@@ -21,10 +21,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..compaction import Graphed, causal_stats, check_info, compact, plan, pool_gqa, seed_score
 from ..compaction.graph import LiveGraphs
-from ..compaction.softmax import attend_before, logits, merge
+from ..compaction.softmax import attend_before, entropy_chunked, logits, merge
 from ..compaction.compact import BIN_ORDERS, entry_elems, fit
 from ..compaction.summarize import summarize_bins
-from ..compaction.scores import attention_mass, entropy, protect_mask, take
+from ..compaction.scores import attention_mass, protect_mask, take
 from .base import FullLayer
 from .expected import carried, expected_scores, prompt_gaussian
 from .future_queries import SOURCES, Heard, gaussian, replayed
@@ -381,7 +381,7 @@ class SRCLayer(ReadsBack, FullLayer):
         for count, n in zip(self.step_counts, (n_keep, n_bin, n_bins)):
             count.fill_(n)
         work = lambda: self.rebuild_end(n_new, n_bins > 0, scale)
-        if self.device.type == "cuda" and self.graphed and self.score != "seed":  # seed's scores read fp32 keys
+        if self.device.type == "cuda" and self.graphed:
             buffers = (self.store.k, self.store.v, self.store.bias, self.lens, self.q_ring, self.q_at)
             info = self.step_graphs((n_new, n_bins > 0, self.window_rows(), scale,
                                      *(x.data_ptr() for x in buffers if x is not None)), work)
@@ -474,13 +474,13 @@ class SRCLayer(ReadsBack, FullLayer):
 
     def tail_entropy(self, tail: int, n_new: int, scale) -> torch.Tensor:
         """[B, Hkv, n_new] score="seed"'s entropy term: the entropy of each reviewed token's own attention row over
-        the cache (up to its capacity; the tail's queries are all kept for "seed"), averaged over its group."""
-        k, bias = self.store.k, self.store.bias
+        the cache (up to its capacity, read in its dtype a chunk at a time; the tail's queries are all kept for
+        "seed"), averaged over its group."""
+        k = self.store.k
         H, G = k.shape[1], self.queries.shape[1] // k.shape[1]
         rows = pool_gqa(self.queries[:, :, :n_new].float(), H)
-        p = torch.softmax(logits(rows, k.float(), None if bias is None else bias.float(),
-                                 self.visible(tail, k.shape[2], G, n_new), scale), -1)
-        return entropy(p).view(k.shape[0], H, G, n_new).mean(2)
+        h = entropy_chunked(rows, k, self.store.bias, self.visible(tail, k.shape[2], G, n_new), scale)
+        return h.view(k.shape[0], H, G, n_new).mean(2)
 
     def compacts(self, n: int, every: int | None, heads: int, kv_heads: int, head_dim: int) -> bool:
         """Whether compacting an n-token prompt to ceil(n / ratio) token-equivalents saves the bytes the layer

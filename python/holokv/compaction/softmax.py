@@ -86,6 +86,21 @@ def attend_chunked(q, k, v=None, bias=None, mask=None, scale=None, chunk: int = 
 
 
 
+def entropy_chunked(q, k, bias=None, mask=None, scale=None, chunk: int = 1024):
+    """The entropy (nats) of each row's softmax attention (as in :func:`attend_chunked`: rows q [..., m, d] in the
+    working precision, k [..., n, d] of any float dtype converted a chunk at a time) -> [..., m]: H = lse − Σ p·l,
+    the log-partition from one pass and the mean logit from a second, so no [m, n] matrix is made whole. A row
+    that sees nothing gets NaN."""
+    lse = attend_chunked(q, k, None, bias, mask, scale, chunk)[1]
+    mean = 0
+    for s in range(0, k.shape[-2], chunk):
+        e = s + chunk
+        part = logits(q, k[..., s:e, :].to(q.dtype), None if bias is None else bias[..., s:e].to(q.dtype),
+                      None if mask is None else mask[..., s:e], scale)
+        mean = mean + torch.where(part == -math.inf, 0.0, (part - lse.unsqueeze(-1)).exp() * part).sum(-1)
+    return lse - mean
+
+
 def attend_before(q, k, v, bias, first, scale=None):
     """Attention of rows q [B, H, rows, d] over each sequence's entries [0, first) -> (out [B, H, rows, d], lse
     [B, H, rows]) in q's dtype; lse -inf and out 0 where a sequence has none. k, v [B, H, W, d] in the cache's

@@ -74,7 +74,7 @@ case $phase in
   e2e)
     status=0
     limited "$out/e2e_bench.log" "$PY" -m holokv.cli bench e2e --batch 16 1 --context 16384 32768 \
-      --methods full,holokv:k=4,src,src:every=auto --steps 128 --profile 8 --out "$out" || status=1
+      --methods full,holokv:k=4,src,src:every=auto --steps 640 --profile 8 --out "$out" || status=1
     limited "$out/e2e_eager_layers.log" "$PY" -m holokv.cli bench e2e --batch 16 --context 16384 \
       --methods full,holokv:k=4 --baselines "" --compile no --name e2e_eager_layers.json --out "$out" || status=1
     tail -12 "$out"/e2e_*.log

@@ -318,8 +318,9 @@ class SRCLayer(ReadsBack, FullLayer):
             most = max(most, width)
             plan = self.plan_step(generated, reviewed, kept) if generated % self.every == 0 else None
             if plan is not None:
-                width -= (plan[2] + plan[0] - plan[1]) // self.decode_bin * (self.decode_bin - self.rank)
-                reviewed, kept = reviewed + plan[0], kept + plan[1]
+                n_new, n_keep, _, n_bins = plan
+                width -= n_bins * (self.decode_bin - self.rank)
+                reviewed, kept = reviewed + n_new, kept + n_keep
         return most + self.decode_bin + (self.decode_bin - 1 + self.every) // self.decode_bin * self.rank
 
     def kept_queries(self) -> int:
@@ -337,13 +338,15 @@ class SRCLayer(ReadsBack, FullLayer):
         held = 0 if not self.every else min(self.q_written, self.kept_queries()) * self.q_ring[:, :, 0].nbytes
         return self.store.nbytes() + held
 
-    def plan_step(self, generated: int, reviewed: int, kept: int) -> tuple[int, int, int] | None:
-        """(n_new reviewed, n_keep of them kept exact, n_bin waiting in the bin before) of a step after ``generated``
-        tokens, ``reviewed`` and ``kept`` of them so far, or None where it reviews nothing: Python ints alone."""
+    def plan_step(self, generated: int, reviewed: int, kept: int) -> tuple[int, int, int, int] | None:
+        """(n_new reviewed, n_keep of them kept exact, n_bin waiting in the bin before, n_bins full bins to
+        summarize) of a step after ``generated`` tokens, ``reviewed`` and ``kept`` of them so far, or None where
+        it reviews nothing: Python ints alone."""
         n_new = self.r0 + generated - reviewed - self.recent
         if n_new <= 0:
             return None
-        return n_new, self.n_exact(n_new, generated, reviewed, kept), (reviewed - kept) % self.decode_bin
+        n_keep, n_bin = self.n_exact(n_new, generated, reviewed, kept), (reviewed - kept) % self.decode_bin
+        return n_new, n_keep, n_bin, (n_bin + n_new - n_keep) // self.decode_bin
 
     def n_exact(self, n_new: int, generated: int, reviewed: int, kept: int) -> int:
         """How many of the ``n_new`` tokens a step reviews stay exact (the rule of the class docstring)."""
@@ -372,12 +375,11 @@ class SRCLayer(ReadsBack, FullLayer):
         plan = self.plan_step(self.generated, self.reviewed, self.kept)
         if plan is None:
             return
-        n_new, n_keep, n_bin = plan
+        n_new, n_keep, n_bin, n_bins = plan
         self.reviewed += n_new
         self.kept += n_keep
         if n_keep == n_new and n_bin == 0:  # nothing binned: the reviewed tokens are settled where they are
             return
-        n_bins = (n_bin + n_new - n_keep) // self.decode_bin
         for count, n in zip(self.step_counts, (n_keep, n_bin, n_bins)):
             count.fill_(n)
         work = lambda: self.rebuild_end(n_new, n_bins > 0, scale)
@@ -419,7 +421,7 @@ class SRCLayer(ReadsBack, FullLayer):
         lse = torch.logaddexp(before[1], near.logsumexp(-1))
         # the scores of the reviewed tokens, as at prefill: the attention mass the observation queries give them
         part = near.gather(-1, (n_bin + arange(n_new)).unsqueeze(2).expand(B, H, near.shape[2], n_new))
-        score = (part - lse.unsqueeze(-1)).exp().sum(-2) * (H / self.queries.shape[1])  # window_mass's scale
+        score = (part - lse.unsqueeze(-1)).exp().sum(-2) * (H / self.q_ring.shape[1])  # window_mass's scale
         if self.score == "seed":
             score = seed_score(score, self.tail_entropy(tail, n_new, scale), self.lam)
         # Top-k with k = n_keep on the device: evicted then kept, each in entry order (as split() orders them)
@@ -477,7 +479,7 @@ class SRCLayer(ReadsBack, FullLayer):
         the cache (up to its capacity, read in its dtype a chunk at a time; the tail's queries are all kept for
         "seed"), averaged over its group."""
         k = self.store.k
-        H, G = k.shape[1], self.queries.shape[1] // k.shape[1]
+        H, G = k.shape[1], self.q_ring.shape[1] // k.shape[1]
         rows = pool_gqa(self.queries[:, :, :n_new].float(), H)
         h = entropy_chunked(rows, k, self.store.bias, self.visible(tail, k.shape[2], G, n_new), scale)
         return h.view(k.shape[0], H, G, n_new).mean(2)

@@ -52,6 +52,12 @@ def attend(q, k, v, bias=None, mask=None, scale=None):
 
 
 
+def chunk_logits(q, k, bias, mask, scale, s: int, e: int):
+    """:func:`logits` of rows q against entries s..e of k (bias, mask alike), the entries in q's dtype."""
+    return logits(q, k[..., s:e, :].to(q.dtype), None if bias is None else bias[..., s:e].to(q.dtype),
+                  None if mask is None else mask[..., s:e], scale)
+
+
 def attend_chunked(q, k, v=None, bias=None, mask=None, scale=None, chunk: int = 1024):
     """Softmax attention of rows q [..., m, d] (fp32 or fp64: the working precision) over a long k, v [..., n, d]
     of any float dtype, converted to q's dtype ``chunk`` entries at a time (so nothing the size of the cache is
@@ -66,8 +72,7 @@ def attend_chunked(q, k, v=None, bias=None, mask=None, scale=None, chunk: int = 
     run_max = run_sum = out = None
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        part = logits(q, k[..., s:e, :].to(q.dtype), None if bias is None else bias[..., s:e].to(q.dtype),
-                      None if mask is None else mask[..., s:e], scale)
+        part = chunk_logits(q, k, bias, mask, scale, s, e)
         new_max = part.amax(-1) if run_max is None else torch.maximum(run_max, part.amax(-1))
         base = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))  # all hidden so far: 0
         p = (part - base.unsqueeze(-1)).exp()
@@ -94,9 +99,7 @@ def entropy_chunked(q, k, bias=None, mask=None, scale=None, chunk: int = 1024):
     lse = attend_chunked(q, k, None, bias, mask, scale, chunk)[1]
     mean = 0
     for s in range(0, k.shape[-2], chunk):
-        e = s + chunk
-        part = logits(q, k[..., s:e, :].to(q.dtype), None if bias is None else bias[..., s:e].to(q.dtype),
-                      None if mask is None else mask[..., s:e], scale)
+        part = chunk_logits(q, k, bias, mask, scale, s, s + chunk)
         mean = mean + torch.where(part == -math.inf, 0.0, (part - lse.unsqueeze(-1)).exp() * part).sum(-1)
     return lse - mean
 

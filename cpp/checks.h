@@ -161,6 +161,42 @@ inline AppendDims check_holo_append(const at::Tensor& k, const at::Tensor& v, co
   return {B, H, k_slots.size(2), k_tail.size(2), D, phase.size(0)};
 }
 
+// append_entries: one new entry per sequence, k, v [B, H, d], into the entries [B, H, cap, d] that
+// holo_decode reads as its tail (exact caches, SRC), at each sequence's (or head's) length.
+struct EntriesDims {
+  int64_t B, H, cap, D;
+  bool per_head;  // lens are [B, H], not [B]
+};
+
+inline EntriesDims check_append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                        const at::Tensor& v_cache, const at::Tensor& lens,
+                                        const std::optional<at::Tensor>& bias) {
+  check_float_tensor(k, "k");
+  TORCH_CHECK(k.dim() == 3, "k must be [B, H, head_dim] (one new entry per sequence), got ", k.sizes());
+  const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
+  const std::pair<const at::Tensor*, const char*> rest[] = {{&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}};
+  for (auto [t, name] : rest) {
+    check_float_tensor(*t, name);
+    check_same_device(*t, k, name, "k");
+    TORCH_CHECK(t->scalar_type() == k.scalar_type(), name, " has dtype ", t->scalar_type(), " but k has ",
+                k.scalar_type());
+    const int64_t rank = t == &v ? 3 : 4;
+    TORCH_CHECK(t->dim() == rank && t->size(0) == B && t->size(1) == H && t->size(rank - 1) == D, name,
+                " must be [B, H, ", rank == 4 ? "cap, " : "", "head_dim] with B = ", B, ", H = ", H,
+                ", head_dim = ", D, " (from k), got ", t->sizes());
+  }
+  TORCH_CHECK(v_cache.size(2) == k_cache.size(2), "v_cache holds ", v_cache.size(2), " entries but k_cache holds ",
+              k_cache.size(2));
+  const bool per_head = check_lens(lens, "lens", k, "k", B, H, true);
+  if (bias) {
+    check_float_tensor(*bias, "bias");
+    check_same_device(*bias, k, "bias", "k");
+    TORCH_CHECK(bias->dim() == 3 && bias->size(0) == B && bias->size(1) == H && bias->size(2) == k_cache.size(2),
+                "bias must be [B, H, cap] = ", k_cache.sizes().slice(0, 3), ", got ", bias->sizes());
+  }
+  return {B, H, k_cache.size(2), D, per_head};
+}
+
 // holo_append's window (W = window_slots; 0: none, the slots only grow): a sequence holds at most W slots, a
 // ring where stream block g (counted from the first slot ever closed) lives in row g mod W, so a slot that
 // closes on a full ring replaces the oldest; `evicted` counts the tokens dropped. The row of the j-th slot

@@ -1,4 +1,5 @@
-// Autograd kernels of holokv::holo_decode and holokv::holo_append, which have no derivative. Without
+// Autograd kernels of holokv::holo_decode, holokv::holo_append and holokv::append_entries, which have no
+// derivative. Without
 // one, a call on inputs that require grad runs, returns an output with no grad_fn and only warns at
 // backward (the gradient silently stays None); these make that call fail at once, naming the input.
 #include <ATen/ATen.h>
@@ -58,11 +59,23 @@ void holo_append_autograd(const at::Tensor& k, const at::Tensor& v, const at::Te
           window_slots, evicted);
 }
 
+void append_entries_autograd(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& lens, const std::optional<at::Tensor>& bias) {
+  check_no_grad("append_entries", {{&k, "k"}, {&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                                   {&or_undefined(bias), "bias"}});
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("holokv::append_entries", "")
+                              .typed<decltype(append_entries_autograd)>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  op.call(k, v, k_cache, v_cache, lens, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(holokv, Autograd, m) {
   m.impl("holo_decode", &holo_decode_autograd);
   m.impl("holo_append", &holo_append_autograd);
+  m.impl("append_entries", &append_entries_autograd);
 }
 
 }  // namespace holokv

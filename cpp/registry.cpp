@@ -23,6 +23,9 @@ TORCH_LIBRARY(holokv, m) {
       "holo_append(Tensor k, Tensor v, Tensor phase, Tensor(a!) k_slots, Tensor(b!) v_slots, Tensor(c!) k_tail, "
       "Tensor(d!) v_tail, Tensor(e!) slot_lens, Tensor(f!) tail_lens, Tensor(g!) tail_start, int sinks, "
       "float exact_share, int window_slots=0, Tensor(h!)? evicted=None) -> ()");
+  m.def(
+      "append_entries(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, "
+      "Tensor(d!)? bias=None) -> ()");
   m.def("batched_eigh(Tensor a) -> (Tensor w, Tensor v, Tensor info)");
   m.def("batched_cholesky_solve(Tensor a, Tensor b) -> (Tensor x, Tensor info)");
 }

@@ -63,3 +63,10 @@ def append_args(B=2, H=2, S=3, T=5, d=16, k=4):
                 k_slots=torch.zeros(B, H, S, d), v_slots=torch.zeros(B, H, S, d), k_tail=torch.zeros(B, H, T, d),
                 v_tail=torch.zeros(B, H, T, d), slot_lens=zeros(B), tail_lens=zeros(B), tail_start=zeros(B),
                 sinks=1, exact_share=0.5)
+
+
+def entries_args(B=2, H=2, cap=5, d=16, per_head=False):
+    """append_entries' arguments by name, every optional one given: new entries for an empty cache on CPU."""
+    return dict(k=torch.randn(B, H, d), v=torch.randn(B, H, d), k_cache=torch.zeros(B, H, cap, d),
+                v_cache=torch.zeros(B, H, cap, d), lens=torch.zeros((B, H) if per_head else (B,), dtype=torch.long),
+                bias=torch.ones(B, H, cap))

@@ -6,7 +6,7 @@ import torch
 
 import holokv
 
-from cases import append_args, decode_args
+from cases import append_args, decode_args, entries_args
 
 ops = torch.ops.holokv
 
@@ -16,6 +16,7 @@ OPS = {
     "superpose": (lambda: dict(x=torch.randn(1, 2, 8, 16), phase=holokv.phase_keys(4, 16)), "x"),
     "holo_decode": (decode_args, "q"),
     "holo_append": (append_args, "k"),
+    "append_entries": (entries_args, "k"),
     "batched_cholesky_solve": (lambda: dict(a=torch.eye(3).expand(2, 3, 3).contiguous(), b=torch.randn(2, 3, 1)),
                                "a"),
 }

@@ -1,9 +1,9 @@
-"""holo_decode and holo_append have no derivative: with grad mode on, an input that requires grad fails at
-the call and is named, instead of a gradient left None (and a warning) at backward."""
+"""holo_decode, holo_append and append_entries have no derivative: with grad mode on, an input that requires grad
+fails at the call and is named, instead of a gradient left None (and a warning) at backward."""
 import pytest
 import torch
 
-from cases import append_args, decode_args
+from cases import append_args, decode_args, entries_args
 
 ops = torch.ops.holokv
 
@@ -29,3 +29,15 @@ def test_append_input_requiring_grad_raises(name):
     with torch.no_grad():
         ops.holo_append(**args)
     assert args["tail_lens"].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("name", ["k", "v", "k_cache", "bias"])
+def test_entries_input_requiring_grad_raises(name):
+    args = entries_args()
+    args[name].requires_grad_()
+    with pytest.raises(RuntimeError, match=f"append_entries is not differentiable, but its {name} requires grad"):
+        torch.ops.holokv.append_entries(**args)
+    assert args["lens"].tolist() == [0, 0]  # nothing was appended
+    with torch.no_grad():
+        torch.ops.holokv.append_entries(**args)
+    assert args["lens"].tolist() == [1, 1]

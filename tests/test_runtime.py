@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from holokv.caches import METHODS, make_cache, use_holokv_attention
-from holokv.runtime import Decoder, generate
+from holokv.runtime import Decoder, generate, greedy
 
 from conftest import needs_cuda
 
@@ -131,9 +131,9 @@ def test_cuda_window_graph_matches_eager_and_never_syncs():
     assert all((layer.store.evicted > 0).all() for layer in caches[2].layers)
 
 
-def teacher_forced_logits(model, cache, ids, mask, tokens, graph: bool, compile: bool) -> torch.Tensor:
+def teacher_forced_logits(model, cache, ids, mask, tokens, graph: bool, compile: bool, fuse: bool) -> torch.Tensor:
     """Logits of every step of a Decoder fed ``tokens`` [steps, B] -> [steps + 1, B, V]."""
-    dec = Decoder(model, cache, graph=graph, compile=compile)
+    dec = Decoder(model, cache, graph=graph, compile=compile, fuse=fuse)
     out = [dec.prefill(ids, mask, max_new_tokens=len(tokens)).clone()]
     for t in tokens:
         out.append(dec.step(t).clone())
@@ -143,8 +143,8 @@ def teacher_forced_logits(model, cache, ids, mask, tokens, graph: bool, compile:
 @pytest.mark.parametrize("method", ["full", "holokv", "src"])
 def test_compiled_layers_match_eager(method):
     """compile=True fuses every layer (one graph of the attention's projections per layer, so none fell back to
-    eager past the recompile limit) and decodes what the eager model decodes; the prefill and anything run
-    afterwards stay eager."""
+    eager past the recompile limit) and, with the linears that share an input fused, decodes what the eager
+    model decodes; the prefill and anything run afterwards stay eager."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -152,8 +152,10 @@ def test_compiled_layers_match_eager(method):
     model = tiny()
     ids, mask = prompt()
     tokens = torch.randint(0, 128, (12, 2), generator=torch.Generator().manual_seed(2))
-    eager = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=False)
-    fused = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=True)
+    eager = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=False,
+                                  fuse=False)
+    fused = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=True,
+                                  fuse=True)
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] >= model.config.num_hidden_layers + 3
     assert not any("forward" in vars(m) for m in model.modules())
@@ -165,6 +167,21 @@ def test_cuda_compiled_graph_matches_eager(method):
     model = tiny(head_dim=64, device="cuda")
     ids, mask = prompt("cuda")
     tokens = torch.randint(0, 128, (40, 2), generator=torch.Generator().manual_seed(2)).cuda()
-    eager = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=False)
-    fused = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=True, compile=True)
+    eager = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=False, compile=False,
+                                  fuse=False)
+    fused = teacher_forced_logits(model, cache(method, model), ids, mask, tokens, graph=True, compile=True,
+                                  fuse=True)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("vocab", [128256, 49152, 128, 4099])  # Llama 3, SmolLM2, a small and a prime vocabulary
+def test_greedy_is_argmax(device, vocab):
+    """Ties go to the first maximum and a NaN to the first NaN, as with argmax."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 5, (6, vocab), generator=g).to(device, torch.bfloat16)  # many ties
+    logits[2, vocab // 3] = float("nan")
+    logits[2, vocab // 2] = float("nan")
+    logits[3] = 4
+    assert torch.equal(greedy(logits), logits.argmax(-1))
+    assert greedy(logits)[2] == vocab // 3

@@ -121,6 +121,30 @@ def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens
         lens(evicted, "evicted", k, "k", B, H, False)
 
 
+def append_entries(k, v, k_cache, v_cache, lens_, bias) -> bool:
+    """True if lens are [B, H] (per head)."""
+    float_tensor(k, "k")
+    check(k.dim() == 3, "k must be [B, H, head_dim] (one new entry per sequence), got ", shape(k))
+    B, H, D = k.shape
+    for name, t in {"v": v, "k_cache": k_cache, "v_cache": v_cache}.items():
+        float_tensor(t, name)
+        same_device(t, k, name, "k")
+        check(t.dtype == k.dtype, name, " has dtype ", t.dtype, " but k has ", k.dtype)
+        rank = 3 if name == "v" else 4
+        check(t.dim() == rank and t.shape[0] == B and t.shape[1] == H and t.shape[rank - 1] == D, name,
+              " must be [B, H, ", "cap, " if rank == 4 else "", "head_dim] with B = ", B, ", H = ", H,
+              ", head_dim = ", D, " (from k), got ", shape(t))
+    check(v_cache.shape[2] == k_cache.shape[2], "v_cache holds ", v_cache.shape[2], " entries but k_cache holds ",
+          k_cache.shape[2])
+    per_head = lens(lens_, "lens", k, "k", B, H, True)
+    if bias is not None:
+        float_tensor(bias, "bias")
+        same_device(bias, k, "bias", "k")
+        check(bias.dim() == 3 and bias.shape == k_cache.shape[:3], "bias must be [B, H, cap] = ",
+              shape(k_cache)[:3], ", got ", shape(bias))
+    return per_head
+
+
 def fp32_batch(t: torch.Tensor, name: str, layout: str) -> None:
     check(t.dtype == torch.float32, name, " must be float32, got ", t.dtype)
     check(t.dim() == 3, name, " must be ", layout, ", got ", shape(t))

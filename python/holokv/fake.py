@@ -28,6 +28,12 @@ def _holo_append_fake(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, 
     return None  # mutates its cache arguments in place
 
 
+@torch.library.register_fake("holokv::append_entries")
+def _append_entries_fake(k, v, k_cache, v_cache, lens, bias=None):
+    checks.append_entries(k, v, k_cache, v_cache, lens, bias)
+    return None  # mutates its cache arguments in place
+
+
 @torch.library.register_fake("holokv::batched_eigh")
 def _batched_eigh_fake(a):
     checks.batched_eigh(a)

@@ -111,6 +111,21 @@ def closed_tokens_ref(valid: int, sinks: int, k: int, exact_share: float) -> int
     return min((valid - s) // k * k, -(-(valid - exact) // k) * k)
 
 
+def append_entries_ref(k, v, k_cache, v_cache, lens, bias=None) -> None:
+    """Reference for ``torch.ops.holokv.append_entries`` (in place, same semantics; see its docstring)."""
+    B, H = k.shape[:2]
+    at = lens.view(B, -1).expand(B, H)
+    for b in range(B):
+        for h in range(H):
+            i = int(at[b, h])
+            if not 0 <= i < k_cache.shape[2]:
+                raise RuntimeError(f"append_entries: lens {i} must lie in [0, {k_cache.shape[2]})")
+            k_cache[b, h, i], v_cache[b, h, i] = k[b, h], v[b, h]
+            if bias is not None:
+                bias[b, h, i] = 0
+    lens.add_(1)
+
+
 def holo_append_ref(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks: int,
                     exact_share: float, window_slots: int = 0, evicted=None) -> None:
     """Reference for ``torch.ops.holokv.holo_append`` (in place, same semantics; see its docstring)."""

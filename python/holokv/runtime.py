@@ -9,16 +9,20 @@ Room for every planned token is reserved after the prefill, so no buffer moves w
     dec = Decoder(model, cache)
     logits = dec.prefill(input_ids, max_new_tokens=64)   # eager: attends, compresses, reserves room
     for _ in range(64):
-        logits = dec.step(logits.argmax(-1))             # one replay (the first step runs eagerly, then captures)
+        logits = dec.step(greedy(logits))                # one replay (the first step runs eagerly, then captures)
 
 :func:`generate` wraps that in a greedy loop. ``compile=True`` fuses the model's own small operations
 (:mod:`holokv.compiled_layers`; the first step then compiles, which takes a while). With ``graph=False``, on
 CPU, or while torch's caching allocator is off (a capture cannot allocate then: compute-sanitizer runs) the
-same steps run eagerly.
+same steps run eagerly. ``fuse=True`` (the default) computes the linear layers that read one input (q/k/v,
+gate/up) by one GEMM each in the decode steps (:mod:`holokv.fused_linears`; their weights become views of one
+buffer).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+import functools
+import math
+from contextlib import ExitStack
 
 import torch
 
@@ -26,16 +30,18 @@ from .caches.hf_attention import CACHE_KWARG
 from .caches.base import CompressedCache
 from .compaction.graph import GRAPHLESS
 from .compiled_layers import CompiledLayers
+from .fused_linears import FusedLinears
 
 
 class Decoder:
     """Prefill, then decode steps of ``model`` over ``cache`` (a :func:`holokv.caches.make_cache` cache). After
     the prefill the cache belongs to the decoder: it runs the layers' host bookkeeping itself."""
 
-    def __init__(self, model, cache: CompressedCache, graph: bool = True, compile: bool = False):
+    def __init__(self, model, cache: CompressedCache, graph: bool = True, compile: bool = False, fuse: bool = True):
         self.model, self.cache = model, cache
         self.graph_wanted = graph
         self.compiled = CompiledLayers(model) if compile else None
+        self.fused = FusedLinears(model) if fuse else None
         self.steps_left = 0  # set by prefill()
 
     @torch.no_grad()
@@ -61,7 +67,10 @@ class Decoder:
         return logits
 
     def _forward(self) -> torch.Tensor:
-        with self.compiled.installed() if self.compiled else nullcontext():
+        with ExitStack() as stack:
+            for patch in (self.fused, self.compiled):
+                if patch:
+                    stack.enter_context(patch.installed())
             return self._model_step()
 
     def _model_step(self) -> torch.Tensor:
@@ -94,15 +103,35 @@ class Decoder:
         return out
 
 
+@functools.cache
+def _chunk(vocab: int) -> int | None:
+    """The divisor of ``vocab`` nearest its square root, if one lies in [32, 4096]."""
+    divisors = [c for c in range(32, min(vocab, 4096) + 1) if vocab % c == 0]
+    return min(divisors, key=lambda c: abs(c - math.sqrt(vocab)), default=None)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of [B, V] logits (the first of equal maxima; a NaN counts as the largest) in two
+    reductions, over chunks of each row and then over the chunks' maxima: ``argmax`` reduces each row in one
+    block, slow for a 128K vocabulary."""
+    B, V = logits.shape
+    c = _chunk(V)
+    if c is None:
+        return logits.argmax(-1)
+    best, at = logits.reshape(B, V // c, c).max(-1)
+    j = best.argmax(-1, keepdim=True)
+    return (j * c + at.gather(-1, j)).squeeze(-1)
+
+
 @torch.no_grad()
 def generate(model, cache: CompressedCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int = 32, graph: bool = True, compile: bool = False) -> torch.Tensor:
+             max_new_tokens: int = 32, graph: bool = True, compile: bool = False, fuse: bool = True) -> torch.Tensor:
     """Greedy decoding through :class:`Decoder` -> [B, n + max_new_tokens] token ids."""
-    dec = Decoder(model, cache, graph, compile)
+    dec = Decoder(model, cache, graph, compile, fuse)
     logits = dec.prefill(input_ids, attention_mask, max_new_tokens)
     out = [input_ids]
     for i in range(max_new_tokens):
-        token = logits.argmax(-1)
+        token = greedy(logits)
         out.append(token[:, None])
         if i + 1 < max_new_tokens:  # the last token is not fed back
             logits = dec.step(token)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime import greedy
 from .e2e_model import build_model, model_config, weight_bytes
 
 # decode steps run under torch.cuda.set_sync_debug_mode("error") after the timed ones: at least these, and one of
@@ -63,7 +64,7 @@ def host_syncs(step, tokens, n: int) -> str:
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(n):
-            tokens = step(tokens).argmax(-1)
+            tokens = greedy(step(tokens))
         return "none"
     except RuntimeError as e:
         if "synchronizing" not in str(e):  # out of memory, CUDA errors: failures, not syncs
@@ -99,14 +100,14 @@ def measure(spec: dict) -> dict:
     clock = Clock(cuda)
     with torch.no_grad():
         start = clock.mark()
-        tokens = prefill(ids).argmax(-1)
+        tokens = greedy(prefill(ids))
         prefill_ms = clock.ms(start, clock.mark())
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         marks = [clock.mark()]
         for _ in range(warmup):
-            tokens = step(tokens).argmax(-1)
+            tokens = greedy(step(tokens))
             marks.append(clock.mark())
         warmup_ms = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
         if cuda:
@@ -114,7 +115,7 @@ def measure(spec: dict) -> dict:
             mem_before = torch.cuda.memory_allocated()
         marks = [clock.mark()]
         for _ in range(steps):
-            tokens = step(tokens).argmax(-1)
+            tokens = greedy(step(tokens))
             marks.append(clock.mark())
         step_ms = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
         mem = {}

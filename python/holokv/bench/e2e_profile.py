@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..runtime import greedy
+
 TOP = 20
 
 
@@ -24,7 +26,7 @@ def profile_steps(step, tokens: torch.Tensor, steps: int) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            tokens = step(tokens).argmax(-1)
+            tokens = greedy(step(tokens))
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]

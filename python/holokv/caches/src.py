@@ -281,10 +281,7 @@ class SRCLayer(ReadsBack, FullLayer):
     def append_slot(self, k, v) -> None:
         """One exact token per sequence, k, v [B, Hkv, d], in the store's next slot (in place; see exact_slots)."""
         s = self.store
-        at = s.slot_lens.view(-1, 1, 1, 1).expand(*k.shape[:2], 1, k.shape[2])
-        s.k_slots.scatter_(2, at, k.unsqueeze(2))
-        s.v_slots.scatter_(2, at, v.unsqueeze(2))
-        s.slot_lens.add_(1)
+        torch.ops.holokv.append_entries(k.contiguous(), v.contiguous(), s.k_slots, s.v_slots, s.slot_lens)
 
     def reserve(self, tokens: int, exact: bool = False) -> None:
         if not self.exact_slots:

@@ -88,15 +88,9 @@ class Store:
         self.slot_lens.copy_(slot_lens)
         self.evicted.copy_(evicted)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """One entry per sequence (or head), k, v ``[B, H, d]``, written in place after each one's last."""
-        B, H, d = k.shape
-        at = self.lens.view(B, -1).expand(B, H).view(B, H, 1, 1)
-        self.k.scatter_(2, at.expand(B, H, 1, d), k.unsqueeze(2))
-        self.v.scatter_(2, at.expand(B, H, 1, d), v.unsqueeze(2))
-        if self.bias is not None:
-            self.bias.scatter_(2, at[..., 0], 0 if bias is None else bias.unsqueeze(2))
-        self.lens.add_(1)
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One entry per sequence (or head), k, v ``[B, H, d]``, written in place after each one's last (log-mass 0)."""
+        torch.ops.holokv.append_entries(k.contiguous(), v.contiguous(), self.k, self.v, self.lens, self.bias)
 
     def decode(self, q: torch.Tensor, scale: float, mode: str = "full", slot_gain: float = 1.0) -> torch.Tensor:
         """Attention of one query per sequence, q ``[B, Hq, d]``, over everything held -> ``[B, Hq, d]``."""

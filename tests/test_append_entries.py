@@ -73,7 +73,7 @@ def test_full_cache_raises_on_cpu_before_writing():
 def test_cuda_full_cache_reads_as_nan(per_head):
     """A sequence (or head) at capacity writes nothing and its length becomes cap + 1, so holo_decode gives NaN
     for that sequence and the others decode as before."""
-    args = {n: t.cuda() for n, t in entries_args(per_head=per_head).items()}
+    args = {n: t.cuda() for n, t in entries_args(d=64, per_head=per_head).items()}  # a head_dim holo_decode serves
     cap = args["k_cache"].shape[2]
     args["lens"][1] = cap
     k_before = args["k_cache"].clone()
@@ -81,9 +81,9 @@ def test_cuda_full_cache_reads_as_nan(per_head):
         holokv.append_entries(**args)
     assert args["lens"][1].eq(cap + 1).all() and args["lens"][0].eq(2).all()
     assert torch.equal(args["k_cache"][1], k_before[1])
-    q = torch.randn(2, 4, 16, device="cuda")
+    q = torch.randn(2, 4, 64, device="cuda")
     none = args["k_cache"][:, :, :0]
-    phase = holokv.phase_keys(1, 16, device="cuda")
+    phase = holokv.phase_keys(1, 64, device="cuda")
     out = holokv.holo_decode(q, none, none, phase, torch.zeros(2, dtype=torch.long, device="cuda"), args["k_cache"],
                              args["v_cache"], args["lens"], tail_bias=args["bias"])
     assert out[1].isnan().all() and out[0].isfinite().all()

@@ -2,12 +2,14 @@
 
 A decode step of a small batch launches dozens of tiny kernels per layer around the weights' GEMMs and the
 cache's ``holo_decode``: RMSNorm in seven, RoPE in ten, SiLU-and-multiply, residual adds. Inductor fuses them
-into a few. Each decoder layer, the rotary embedding and the final norm are compiled (static shapes, no CUDA
-graphs of inductor's own: the Decoder captures the whole step itself). The cache's ``update`` and the
-``"holokv"`` attention function are ``torch.compiler.disable``d, so dynamo breaks the graph there instead of
-tracing the cache's Python state (which would guard on it and recompile every token). transformers passes
-each layer's index to ``update`` as a Python int, which dynamo specializes: one graph of the attention's input
-projections per layer, so the recompile limit is raised to the model's depth while the compiled forwards run.
+into a few, and gathers the input embedding's row per sequence in one small kernel (eager ``index_select`` takes
+over 10 us for 16 rows of a 128K-row table). The input embedding, each decoder layer, the rotary embedding and
+the final norm are compiled (static shapes, no CUDA graphs of inductor's own: the Decoder captures the whole step
+itself). The cache's ``update`` and the ``"holokv"`` attention function are ``torch.compiler.disable``d, so
+dynamo breaks the graph there instead of tracing the cache's Python state (which would guard on it and recompile
+every token). transformers passes each layer's index to ``update`` as a Python int, which dynamo specializes:
+one graph of the attention's input projections per layer, so the recompile limit is raised to the model's depth
+while the compiled forwards run.
 
 The compiled forwards are installed only while a decode step runs (:meth:`CompiledLayers.installed`): the
 prefill (prompt lengths vary) and anything else the user runs stays eager.
@@ -22,7 +24,8 @@ import torch
 class CompiledLayers:
     def __init__(self, model):
         decoder = model.get_decoder()
-        self.modules = [*decoder.layers, *(getattr(decoder, name, None) for name in ("rotary_emb", "norm"))]
+        self.modules = [model.get_input_embeddings(), *decoder.layers,
+                        *(getattr(decoder, name, None) for name in ("rotary_emb", "norm"))]
         self.modules = [m for m in self.modules if m is not None]
         self.forwards = [torch.compile(m.forward, dynamic=False) for m in self.modules]
         # variants per code object: the attention's projections once per layer, a few others

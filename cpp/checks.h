@@ -6,7 +6,9 @@
 
 #include <c10/macros/Macros.h>
 
+#include <array>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -119,6 +121,29 @@ inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slo
   return {B, Hq, Hkv, Hq / Hkv, k_slots.size(2), k_tail.size(2), D, phase.size(0), mode == "aligned", per_head};
 }
 
+// The new tokens k [B, Hkv, head_dim] of an append, one per sequence; returns {B, Hkv, head_dim}.
+inline std::array<int64_t, 3> check_new_tokens(const at::Tensor& k) {
+  check_float_tensor(k, "k");
+  TORCH_CHECK(k.dim() == 3, "k must be [B, Hkv, head_dim] (one new token per sequence), got ", k.sizes());
+  return {k.size(0), k.size(1), k.size(2)};
+}
+
+// Tensors that go with an append's k: v [B, Hkv, head_dim], the cache's [B, Hkv, len, head_dim], k's dtype.
+inline void check_like_tokens(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors,
+                              const at::Tensor& k) {
+  const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
+  for (auto [t, name] : tensors) {
+    check_float_tensor(*t, name);
+    check_same_device(*t, k, name, "k");
+    TORCH_CHECK(t->scalar_type() == k.scalar_type(), name, " has dtype ", t->scalar_type(), " but k has ",
+                k.scalar_type());
+    const int64_t rank = std::string(name) == "v" ? 3 : 4;
+    TORCH_CHECK(t->dim() == rank && t->size(0) == B && t->size(1) == H && t->size(rank - 1) == D, name,
+                " must be [B, Hkv, ", rank == 4 ? "len, " : "", "head_dim] with B = ", B, ", Hkv = ", H,
+                ", head_dim = ", D, " (from k), got ", t->sizes());
+  }
+}
+
 // holo_append: new tokens k, v [B, Hkv, d] into a superposed cache (see holo_append_cpu.cpp).
 struct AppendDims {
   int64_t B, H, S, T, D, k;
@@ -129,21 +154,9 @@ inline AppendDims check_holo_append(const at::Tensor& k, const at::Tensor& v, co
                                     const at::Tensor& v_tail, const at::Tensor& slot_lens, const at::Tensor& tail_lens,
                                     const at::Tensor& tail_start, int64_t sinks, double exact_share,
                                     int64_t window_slots, const std::optional<at::Tensor>& evicted) {
-  check_float_tensor(k, "k");
-  TORCH_CHECK(k.dim() == 3, "k must be [B, Hkv, head_dim] (one new token per sequence), got ", k.sizes());
-  const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
-  const std::pair<const at::Tensor*, const char*> cache[] = {
-      {&v, "v"}, {&k_slots, "k_slots"}, {&v_slots, "v_slots"}, {&k_tail, "k_tail"}, {&v_tail, "v_tail"}};
-  for (auto [t, name] : cache) {
-    check_float_tensor(*t, name);
-    check_same_device(*t, k, name, "k");
-    TORCH_CHECK(t->scalar_type() == k.scalar_type(), name, " has dtype ", t->scalar_type(), " but k has ",
-                k.scalar_type());
-    const int64_t rank = t == &v ? 3 : 4;
-    TORCH_CHECK(t->dim() == rank && t->size(0) == B && t->size(1) == H && t->size(rank - 1) == D, name,
-                " must be [B, Hkv, ", rank == 4 ? "len, " : "", "head_dim] with B = ", B, ", Hkv = ", H,
-                ", head_dim = ", D, " (from k), got ", t->sizes());
-  }
+  const auto [B, H, D] = check_new_tokens(k);
+  check_like_tokens(
+      {{&v, "v"}, {&k_slots, "k_slots"}, {&v_slots, "v_slots"}, {&k_tail, "k_tail"}, {&v_tail, "v_tail"}}, k);
   TORCH_CHECK(v_slots.size(2) == k_slots.size(2), "v_slots holds ", v_slots.size(2), " slots but k_slots holds ",
               k_slots.size(2));
   TORCH_CHECK(v_tail.size(2) == k_tail.size(2), "v_tail holds ", v_tail.size(2), " rows but k_tail holds ",
@@ -161,7 +174,7 @@ inline AppendDims check_holo_append(const at::Tensor& k, const at::Tensor& v, co
   return {B, H, k_slots.size(2), k_tail.size(2), D, phase.size(0)};
 }
 
-// append_entries: one new entry per sequence, k, v [B, H, d], into the entries [B, H, cap, d] that
+// append_entries: one new entry per sequence, k, v [B, Hkv, d], into the entries [B, Hkv, len, d] that
 // holo_decode reads as its tail (exact caches, SRC), at each sequence's (or head's) length.
 struct EntriesDims {
   int64_t B, H, cap, D;
@@ -171,20 +184,8 @@ struct EntriesDims {
 inline EntriesDims check_append_entries(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                                         const at::Tensor& v_cache, const at::Tensor& lens,
                                         const std::optional<at::Tensor>& bias) {
-  check_float_tensor(k, "k");
-  TORCH_CHECK(k.dim() == 3, "k must be [B, H, head_dim] (one new entry per sequence), got ", k.sizes());
-  const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
-  const std::pair<const at::Tensor*, const char*> rest[] = {{&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}};
-  for (auto [t, name] : rest) {
-    check_float_tensor(*t, name);
-    check_same_device(*t, k, name, "k");
-    TORCH_CHECK(t->scalar_type() == k.scalar_type(), name, " has dtype ", t->scalar_type(), " but k has ",
-                k.scalar_type());
-    const int64_t rank = t == &v ? 3 : 4;
-    TORCH_CHECK(t->dim() == rank && t->size(0) == B && t->size(1) == H && t->size(rank - 1) == D, name,
-                " must be [B, H, ", rank == 4 ? "cap, " : "", "head_dim] with B = ", B, ", H = ", H,
-                ", head_dim = ", D, " (from k), got ", t->sizes());
-  }
+  const auto [B, H, D] = check_new_tokens(k);
+  check_like_tokens({{&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}, k);
   TORCH_CHECK(v_cache.size(2) == k_cache.size(2), "v_cache holds ", v_cache.size(2), " entries but k_cache holds ",
               k_cache.size(2));
   const bool per_head = check_lens(lens, "lens", k, "k", B, H, true);
@@ -192,7 +193,7 @@ inline EntriesDims check_append_entries(const at::Tensor& k, const at::Tensor& v
     check_float_tensor(*bias, "bias");
     check_same_device(*bias, k, "bias", "k");
     TORCH_CHECK(bias->dim() == 3 && bias->size(0) == B && bias->size(1) == H && bias->size(2) == k_cache.size(2),
-                "bias must be [B, H, cap] = ", k_cache.sizes().slice(0, 3), ", got ", bias->sizes());
+                "bias must be [B, Hkv, len] = ", k_cache.sizes().slice(0, 3), ", got ", bias->sizes());
   }
   return {B, H, k_cache.size(2), D, per_head};
 }

@@ -105,15 +105,15 @@ def bad_entries():
 
     return [
         (edit(k=lambda t: t.int()), "k must be a floating-point"),
-        (edit(k=lambda t: t[None]), r"k must be \[B, H, head_dim\]"),
-        (edit(v=lambda t: t[:1]), r"v must be \[B, H, head_dim\]"),
+        (edit(k=lambda t: t[None]), r"k must be \[B, Hkv, head_dim\]"),
+        (edit(v=lambda t: t[:1]), r"v must be \[B, Hkv, head_dim\]"),
         (edit(v_cache=lambda t: t.double()), "v_cache has dtype"),
-        (edit(k_cache=lambda t: t[:, :1].contiguous()), r"k_cache must be \[B, H, cap, head_dim\]"),
+        (edit(k_cache=lambda t: t[:, :1].contiguous()), r"k_cache must be \[B, Hkv, len, head_dim\]"),
         (edit(v_cache=lambda t: t[:, :, :2].contiguous()), "v_cache holds 2 entries"),
         (edit(k_cache=lambda t: t.transpose(2, 3)), "k_cache must be contiguous"),
         (edit(lens=lambda t: t.int()), "lens must be int64"),
         (edit(lens=lambda t: t[None]), r"lens must be \[B\] = \[2\] or \[B, Hkv\]"),
-        (edit(bias=lambda t: t[:, :, :3].contiguous()), r"bias must be \[B, H, cap\]"),
+        (edit(bias=lambda t: t[:, :, :3].contiguous()), r"bias must be \[B, Hkv, len\]"),
     ]
 
 

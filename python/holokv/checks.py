@@ -91,12 +91,17 @@ def holo_decode(q, k_slots, v_slots, ph, slot_lens, k_tail, v_tail, tail_lens, m
               shape(k_tail)[:3], ", got ", shape(tail_bias))
 
 
-def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
-                exact_share, window_slots, evicted) -> None:
+def new_tokens(k) -> tuple:
+    """The new tokens k [B, Hkv, head_dim] of an append, one per sequence -> (B, Hkv, head_dim)."""
     float_tensor(k, "k")
     check(k.dim() == 3, "k must be [B, Hkv, head_dim] (one new token per sequence), got ", shape(k))
+    return tuple(k.shape)
+
+
+def like_tokens(tensors: dict, k) -> None:
+    """Tensors that go with an append's k: v [B, Hkv, head_dim], the cache's [B, Hkv, len, head_dim], k's dtype."""
     B, H, D = k.shape
-    for name, t in {"v": v, "k_slots": k_slots, "v_slots": v_slots, "k_tail": k_tail, "v_tail": v_tail}.items():
+    for name, t in tensors.items():
         float_tensor(t, name)
         same_device(t, k, name, "k")
         check(t.dtype == k.dtype, name, " has dtype ", t.dtype, " but k has ", k.dtype)
@@ -104,6 +109,12 @@ def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens
         check(t.dim() == rank and t.shape[0] == B and t.shape[1] == H and t.shape[rank - 1] == D, name,
               " must be [B, Hkv, ", "len, " if rank == 4 else "", "head_dim] with B = ", B, ", Hkv = ", H,
               ", head_dim = ", D, " (from k), got ", shape(t))
+
+
+def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
+                exact_share, window_slots, evicted) -> None:
+    B, H, D = new_tokens(k)
+    like_tokens({"v": v, "k_slots": k_slots, "v_slots": v_slots, "k_tail": k_tail, "v_tail": v_tail}, k)
     check(v_slots.shape[2] == k_slots.shape[2], "v_slots holds ", v_slots.shape[2], " slots but k_slots holds ",
           k_slots.shape[2])
     check(v_tail.shape[2] == k_tail.shape[2], "v_tail holds ", v_tail.shape[2], " rows but k_tail holds ",
@@ -123,24 +134,15 @@ def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens
 
 def append_entries(k, v, k_cache, v_cache, lens_, bias) -> bool:
     """True if lens are [B, H] (per head)."""
-    float_tensor(k, "k")
-    check(k.dim() == 3, "k must be [B, H, head_dim] (one new entry per sequence), got ", shape(k))
-    B, H, D = k.shape
-    for name, t in {"v": v, "k_cache": k_cache, "v_cache": v_cache}.items():
-        float_tensor(t, name)
-        same_device(t, k, name, "k")
-        check(t.dtype == k.dtype, name, " has dtype ", t.dtype, " but k has ", k.dtype)
-        rank = 3 if name == "v" else 4
-        check(t.dim() == rank and t.shape[0] == B and t.shape[1] == H and t.shape[rank - 1] == D, name,
-              " must be [B, H, ", "cap, " if rank == 4 else "", "head_dim] with B = ", B, ", H = ", H,
-              ", head_dim = ", D, " (from k), got ", shape(t))
+    B, H, D = new_tokens(k)
+    like_tokens({"v": v, "k_cache": k_cache, "v_cache": v_cache}, k)
     check(v_cache.shape[2] == k_cache.shape[2], "v_cache holds ", v_cache.shape[2], " entries but k_cache holds ",
           k_cache.shape[2])
     per_head = lens(lens_, "lens", k, "k", B, H, True)
     if bias is not None:
         float_tensor(bias, "bias")
         same_device(bias, k, "bias", "k")
-        check(bias.dim() == 3 and bias.shape == k_cache.shape[:3], "bias must be [B, H, cap] = ",
+        check(bias.dim() == 3 and bias.shape == k_cache.shape[:3], "bias must be [B, Hkv, len] = ",
               shape(k_cache)[:3], ", got ", shape(bias))
     return per_head
 

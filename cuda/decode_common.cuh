@@ -92,21 +92,22 @@ __device__ __forceinline__ SeqLens seq_lens(const DecodeParams& p, int b, int kv
 
 // The end of a split kernel's block, once each of its warps wrote its split's partials (max, sum, acc) for the
 // G query heads: the block that finishes a (sequence, KV head) last merges that row's splits into the output,
-// so no second kernel (and no launch gap) follows. Every thread calls it; `scratch` is shared memory for
-// (warps + 1) * (128 + 2) floats that the block no longer needs.
+// so no second kernel (and no launch gap) follows. Every thread calls it; `scratch` is dynamic shared memory
+// for (warps + 1) * (128 + 2) floats that the block no longer needs (static shared memory would leave the
+// launcher's dynamic size, all the GPU offers a block, out of bounds).
 template <typename T>
 __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b, int kvh, float* scratch) {
-  __shared__ bool last;
-  __threadfence();  // this thread's partials are visible to every block before this one counts as done
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.done + int64_t(b) * p.Hkv + kvh, 1) == int(gridDim.x) - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // the other blocks' partials, counted above, are read after their count
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, D = p.D;
   float* red = scratch;                      // [warps][128 + 1]: per warp its sums per dim, then its weight
   float* wmax = red + warps * (128 + 1);     // [warps]
   int* wbad = reinterpret_cast<int*>(wmax + warps);
+  int* last = wbad + warps;                  // apart from what the merge writes: read by all after the barrier
+  __threadfence();  // this thread's partials are visible to every block before this one counts as done
+  __syncthreads();
+  if (threadIdx.x == 0) *last = atomicAdd(p.done + int64_t(b) * p.Hkv + kvh, 1) == int(gridDim.x) - 1;
+  __syncthreads();
+  if (!*last) return;
+  __threadfence();  // the other blocks' partials, counted above, are read after their count
   for (int h = 0; h < p.G; ++h) {
     const int64_t row = int64_t(b) * p.Hq + int64_t(kvh) * p.G + h;
     const float* ml = p.part_ml + row * p.splits * 2;

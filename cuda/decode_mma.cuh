@@ -40,6 +40,19 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   }
 }
 
+// The product of two packed pairs of T, each rounded once to T (exact for a ±1 factor).
+template <typename T>
+__device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+  using T2 = std::conditional_t<std::is_same_v<T, at::Half>, __half2, __nv_bfloat162>;
+  T2 x, y;
+  memcpy(&x, &a, 4);
+  memcpy(&y, &b, 4);
+  const T2 z = __hmul2(x, y);
+  uint32_t out;
+  memcpy(&out, &z, 4);
+  return out;
+}
+
 // c += a b, m16n8k16, fp32 accumulation
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -92,9 +105,8 @@ __device__ __forceinline__ void mma_split(const DecodeParams& p, int b, int kvh,
   const int r0 = lane / 4, r1 = r0 + 8, c0 = (lane % 4) * 2;
   // Pairs of dims are read as one 32-bit word each (the launcher aligns q to 4 bytes and gives the phase keys in
   // T); a slot's query is q·Phi_j0.
-  using T2 = std::conditional_t<std::is_same_v<T, at::Half>, __half2, __nv_bfloat162>;
-  const T2* q = static_cast<const T2*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D / 2;
-  const T2* phase = static_cast<const T2*>(p.phase) + j0 * D / 2;
+  const uint32_t* q = static_cast<const uint32_t*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D / 2;
+  const uint32_t* phase = static_cast<const uint32_t*>(p.phase) + j0 * D / 2;
   const bool has_slots = e_begin < min(n_slots, e_end);
   uint32_t qa[NK][4], qs[NK][4];
 #pragma unroll
@@ -102,10 +114,8 @@ __device__ __forceinline__ void mma_split(const DecodeParams& p, int b, int kvh,
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = i % 2 ? r1 : r0, d = 16 * s + (i / 2) * 8 + c0;
-      const T2 x = r < G ? q[(r * D + d) / 2] : T2{};
-      qa[s][i] = *reinterpret_cast<const uint32_t*>(&x);
-      const T2 xs = has_slots ? __hmul2(x, phase[d / 2]) : T2{};  // ±1: exact
-      qs[s][i] = *reinterpret_cast<const uint32_t*>(&xs);
+      qa[s][i] = r < G ? q[(r * D + d) / 2] : 0u;
+      qs[s][i] = has_slots ? mul2<T>(qa[s][i], phase[d / 2]) : 0u;
     }
 
   // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)).

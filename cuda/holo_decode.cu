@@ -128,11 +128,14 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
 
   const int kp = dd.aligned ? 1 : int(dd.k);
   // The tensor-core kernel reads the bias and the phase keys as T (no-ops where the cache stores them so; ±1 is
-  // exact in every dtype), and q's dims in pairs (a copy only for a view off 4-byte alignment).
+  // exact in every dtype), q's and the phase keys' dims in pairs (a copy only for a view off 4-byte alignment).
   const bool mma = use_mma(dtype, kp, dd.G);
   const at::Tensor bias = !tail_bias ? at::Tensor() : mma ? tail_bias->to(dtype) : *tail_bias;
-  const at::Tensor phi = mma ? phase.to(dtype) : phase;
-  const at::Tensor qq = mma && reinterpret_cast<uintptr_t>(q.data_ptr()) % 4 ? q.clone() : q;
+  const auto paired = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 ? t.clone() : t;
+  };
+  const at::Tensor phi = mma ? paired(phase.to(dtype)) : phase;
+  const at::Tensor qq = mma ? paired(q) : q;
   DecodeParams p{qq.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
                  phi.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
                  tail_start ? tail_start->data_ptr<int64_t>() : nullptr, bias.defined() ? bias.data_ptr() : nullptr,

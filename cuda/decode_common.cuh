@@ -41,9 +41,7 @@ struct DecodeParams {
   Dtype phase_dtype, bias_dtype;
   bool per_head;  // tail_lens and tail_start are [B, Hkv], not [B]
   float *part_o, *part_ml;  // [B, Hq, splits, D], [B, Hq, splits, 2]
-  void* out;                // [B, Hq, D], q's dtype
-  int* done;                // [B, Hkv] blocks finished per (sequence, KV head), zeroed by the launcher
-  int Hq, Hkv, G, S, T, D, k, splits, chunk;
+  int Hq, Hkv, G, S, T, k, splits, chunk;
   float slot_logit_gain, tail_logit_gain, slot_value_gain;
 };
 
@@ -88,64 +86,6 @@ __device__ __forceinline__ SeqLens seq_lens(const DecodeParams& p, int b, int kv
   s.aligned_phase = int(((s.n_sup + s.n_tail - 1) % p.k + p.k) % p.k);
   s.start = s.bad ? 0 : int(start);
   return s;
-}
-
-// The end of a split kernel's block, once each of its warps wrote its split's partials (max, sum, acc) for the
-// G query heads: the block that finishes a (sequence, KV head) last merges that row's splits into the output,
-// so no second kernel (and no launch gap) follows. Every thread calls it; `scratch` is dynamic shared memory
-// for (warps + 1) * (128 + 2) floats that the block no longer needs (static shared memory would leave the
-// launcher's dynamic size, all the GPU offers a block, out of bounds).
-template <typename T>
-__device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b, int kvh, float* scratch) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, D = p.D;
-  float* red = scratch;                      // [warps][128 + 1]: per warp its sums per dim, then its weight
-  float* wmax = red + warps * (128 + 1);     // [warps]
-  int* wbad = reinterpret_cast<int*>(wmax + warps);
-  int* last = wbad + warps;                  // apart from what the merge writes: read by all after the barrier
-  __threadfence();  // this thread's partials are visible to every block before this one counts as done
-  __syncthreads();
-  if (threadIdx.x == 0) *last = atomicAdd(p.done + int64_t(b) * p.Hkv + kvh, 1) == int(gridDim.x) - 1;
-  __syncthreads();
-  if (!*last) return;
-  __threadfence();  // the other blocks' partials, counted above, are read after their count
-  for (int h = 0; h < p.G; ++h) {
-    const int64_t row = int64_t(b) * p.Hq + int64_t(kvh) * p.G + h;
-    const float* ml = p.part_ml + row * p.splits * 2;
-    // A NaN or +inf logit leaves its split a NaN sum (its weight is exp(inf - inf) or exp(NaN)), lengths past
-    // the capacity a NaN max: the row is NaN. fmaxf skips NaNs, so they are looked for apart.
-    float mx = NEG_INF;
-    bool bad = false;
-    for (int c = threadIdx.x; c < p.splits; c += blockDim.x) {
-      const float m = __ldcg(ml + 2 * c), l = __ldcg(ml + 2 * c + 1);
-      bad |= isnan(m) || isnan(l), mx = fmaxf(mx, m);
-    }
-    mx = warp_max(mx);
-    bad = __any_sync(0xffffffffu, bad);
-    if (lane == 0) wmax[warp] = mx, wbad[warp] = bad;
-    __syncthreads();
-    for (int w = 0; w < warps; ++w) mx = fmaxf(mx, wmax[w]), bad |= wbad[w];
-    float num[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;  // D <= 128: at most 4 dims per lane
-    for (int c = warp; c < p.splits; c += warps) {   // splits with nothing unmasked weigh 0
-      const float w = __expf(__ldcg(ml + 2 * c) - mx);
-      den += __ldcg(ml + 2 * c + 1) * w;
-      const float* po = p.part_o + (row * p.splits + c) * D;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (lane + 32 * i < D) num[i] += __ldcg(po + lane + 32 * i) * w;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (lane + 32 * i < D) red[warp * (128 + 1) + lane + 32 * i] = num[i];
-    if (lane == 0) red[warp * (128 + 1) + 128] = den;
-    __syncthreads();
-    T* out = static_cast<T*>(p.out) + row * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      float n = 0.f, dsum = 0.f;
-      for (int w = 0; w < warps; ++w) n += red[w * (128 + 1) + d], dsum += red[w * (128 + 1) + 128];
-      out[d] = T(bad ? NAN : mx == NEG_INF ? 0.f : n / dsum);  // every logit -inf, or none: zeros
-    }
-    __syncthreads();  // scratch is reused by the next head
-  }
 }
 
 }  // namespace

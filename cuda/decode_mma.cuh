@@ -40,19 +40,6 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   }
 }
 
-// The product of two packed pairs of T, each rounded once to T (exact for a ±1 factor).
-template <typename T>
-__device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
-  using T2 = std::conditional_t<std::is_same_v<T, at::Half>, __half2, __nv_bfloat162>;
-  T2 x, y;
-  memcpy(&x, &a, 4);
-  memcpy(&y, &b, 4);
-  const T2 z = __hmul2(x, y);
-  uint32_t out;
-  memcpy(&out, &z, 4);
-  return out;
-}
-
 // c += a b, m16n8k16, fp32 accumulation
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -81,14 +68,18 @@ constexpr int MMA_STAGES = 2;
 template <typename T, int D>
 constexpr int mma_warp_bytes() { return MMA_STAGES * 2 * 32 * D * int(sizeof(T)) + 32 * int(sizeof(float)); }
 
-// One warp's split: its partials (max, sum, acc) for the G query heads, in p.part_ml and p.part_o.
 template <typename T, int D>
-__device__ __forceinline__ void mma_split(const DecodeParams& p, int b, int kvh, int split, T* tiles,
-                                          float* tile_bias) {
+__global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeParams p) {
   constexpr int NC = D / 8;   // 16-byte chunks per row
   constexpr int NK = D / 16;  // k-steps of Q Kᵀ
   constexpr int NN = D / 8;   // n-tiles of P V
-  const int G = p.G, lane = threadIdx.x % 32;
+  extern __shared__ float4 smem4[];
+  const int b = blockIdx.z, kvh = blockIdx.y, G = p.G;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int split = blockIdx.x * (blockDim.x / 32) + warp;
+  if (split >= p.splits) return;  // no block-wide barrier below
+  T* tiles = reinterpret_cast<T*>(smem4) + warp * (mma_warp_bytes<T, D>() / int(sizeof(T)));  // [stage][K, V][32][D]
+  float* tile_bias = reinterpret_cast<float*>(tiles + MMA_STAGES * 2 * 32 * D);                 // [32]
 
   const SeqLens sl = seq_lens(p, b, kvh);
   const int j0 = sl.aligned_phase;
@@ -103,10 +94,7 @@ __device__ __forceinline__ void mma_split(const DecodeParams& p, int b, int kvh,
   // Query fragments (A operand: rows = heads, lane holds rows r0, r0 + 8 and
   // columns c0, c0 + 1 of each 8-column half of a k-step).
   const int r0 = lane / 4, r1 = r0 + 8, c0 = (lane % 4) * 2;
-  // Pairs of dims are read as one 32-bit word each (the launcher aligns q to 4 bytes and gives the phase keys in
-  // T); a slot's query is q·Phi_j0.
-  const uint32_t* q = static_cast<const uint32_t*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D / 2;
-  const uint32_t* phase = static_cast<const uint32_t*>(p.phase) + j0 * D / 2;
+  const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D;
   const bool has_slots = e_begin < min(n_slots, e_end);
   uint32_t qa[NK][4], qs[NK][4];
 #pragma unroll
@@ -114,8 +102,11 @@ __device__ __forceinline__ void mma_split(const DecodeParams& p, int b, int kvh,
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = i % 2 ? r1 : r0, d = 16 * s + (i / 2) * 8 + c0;
-      qa[s][i] = r < G ? q[(r * D + d) / 2] : 0u;
-      qs[s][i] = has_slots ? mul2<T>(qa[s][i], phase[d / 2]) : 0u;
+      const float x0 = r < G ? float(q[r * D + d]) : 0.f, x1 = r < G ? float(q[r * D + d + 1]) : 0.f;
+      qa[s][i] = pack2<T>(x0, x1);
+      qs[s][i] = has_slots ? pack2<T>(x0 * load_float(p.phase, j0 * D + d, p.phase_dtype),
+                                      x1 * load_float(p.phase, j0 * D + d + 1, p.phase_dtype))
+                           : 0u;
     }
 
   // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)).
@@ -163,7 +154,7 @@ __device__ __forceinline__ void mma_split(const DecodeParams& p, int b, int kvh,
     for (int n = 0; n < NN; ++n)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const float w = p.slot_value_gain * float(static_cast<const T*>(p.phase)[j0 * D + 8 * n + c0 + i]);
+        const float w = p.slot_value_gain * load_float(p.phase, j0 * D + 8 * n + c0 + i, p.phase_dtype);
         o[n][i] *= w, o[n][2 + i] *= w;
       }
     folded = true;
@@ -278,17 +269,6 @@ __device__ __forceinline__ void mma_split(const DecodeParams& p, int b, int kvh,
       *reinterpret_cast<float2*>(p.part_o + row * D + 8 * n + c0) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
     if (c0 == 0) p.part_ml[row * 2] = sl.bad ? NAN : m[r], p.part_ml[row * 2 + 1] = l[r];
   }
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeParams p) {
-  extern __shared__ float4 smem4[];
-  const int b = blockIdx.z, kvh = blockIdx.y, warp = threadIdx.x / 32;
-  const int split = blockIdx.x * (blockDim.x / 32) + warp;
-  T* tiles = reinterpret_cast<T*>(smem4) + warp * (mma_warp_bytes<T, D>() / int(sizeof(T)));  // [stage][K, V][32][D]
-  float* tile_bias = reinterpret_cast<float*>(tiles + MMA_STAGES * 2 * 32 * D);                 // [32]
-  if (split < p.splits) mma_split<T, D>(p, b, kvh, split, tiles, tile_bias);
-  merge_if_last<T>(p, b, kvh, reinterpret_cast<float*>(smem4));
 }
 
 }  // namespace

@@ -8,8 +8,7 @@
 //   decode_mma.cuh   tensor cores, one score per entry (aligned mode, k = 1, SRC's
 //                    compacted cache), 16-bit caches, G <= 16;
 //   decode_simt.cuh  CUDA cores, everything else (full mode's k scores per slot, fp32).
-// The block that finishes a (sequence, KV head) last merges its splits' (max, sum, acc) into the output, in
-// the same launch.
+// A second kernel merges the splits' (max, sum, acc) into the output.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -24,6 +23,52 @@
 
 namespace holokv {
 namespace {
+
+// One block per (sequence, query head): warps take interleaved splits, lanes
+// take dimensions, and the warps' partial sums meet in shared memory.
+constexpr int MERGE_WARPS = 32;  // many splits per row: spread their loads wide
+template <typename T>
+__global__ void __launch_bounds__(MERGE_WARPS * 32)
+    holo_decode_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                             T* __restrict__ out, int splits, int D) {
+  __shared__ float red[MERGE_WARPS][128 + 1];
+  __shared__ float wmax[MERGE_WARPS];
+  __shared__ int wbad[MERGE_WARPS];
+  const int64_t row = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const float* ml = part_ml + row * splits * 2;
+  // A NaN or +inf logit leaves its split a NaN sum (its weight is exp(inf - inf) or exp(NaN)), lengths past
+  // the capacity a NaN max: the row is NaN. fmaxf skips NaNs, so they are looked for apart.
+  float mx = NEG_INF;
+  bool bad = false;
+  for (int c = threadIdx.x; c < splits; c += blockDim.x)
+    bad |= isnan(ml[2 * c]) || isnan(ml[2 * c + 1]), mx = fmaxf(mx, ml[2 * c]);
+  mx = warp_max(mx);
+  bad = __any_sync(0xffffffffu, bad);
+  if (lane == 0) wmax[warp] = mx, wbad[warp] = bad;
+  __syncthreads();
+  for (int w = 0; w < warps; ++w) mx = fmaxf(mx, wmax[w]), bad |= wbad[w];
+  float num[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;  // D <= 128: at most 4 dims per lane
+#pragma unroll 4
+  for (int c = warp; c < splits; c += warps) {  // splits with nothing unmasked weigh 0
+    const float w = __expf(ml[2 * c] - mx);
+    den += ml[2 * c + 1] * w;
+    const float* po = part_o + (row * splits + c) * D;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (lane + 32 * i < D) num[i] += po[lane + 32 * i] * w;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    if (lane + 32 * i < D) red[warp][lane + 32 * i] = num[i];
+  if (lane == 0) red[warp][128] = den;
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float n = 0.f, dsum = 0.f;
+    for (int w = 0; w < warps; ++w) n += red[w][d], dsum += red[w][128];
+    out[row * D + d] = T(bad ? NAN : mx == NEG_INF ? 0.f : n / dsum);  // every logit -inf, or none: zeros
+  }
+}
 
 // Warps per block of `kernel` (shared memory `warp_bytes(warps)` a block) and its resident blocks per SM: the
 // count that keeps the most warps resident on an SM, ties to the smaller block. Each warp streams a split of its
@@ -51,8 +96,8 @@ std::pair<int, int> block_shape(Kernel kernel, SmemBytes smem_bytes, int G) {
 }
 
 // Split-KV launch of `kernel` with `warp_bytes(warps)` of shared memory per block (block_shape's warps), splits
-// sized to fill the GPU's resident blocks once, each warp streaming a chunk of whole 32-entry tiles; the block
-// that finishes a row last merges it (merge_if_last).
+// sized to fill the GPU's resident blocks once, each warp streaming a chunk of whole 32-entry tiles; then the
+// merge.
 template <typename T, typename Kernel, typename SmemBytes>
 void launch_split(Kernel kernel, SmemBytes smem_bytes, DecodeParams p, const DecodeDims& dd, at::Tensor& out,
                   cudaStream_t stream) {
@@ -66,14 +111,15 @@ void launch_split(Kernel kernel, SmemBytes smem_bytes, DecodeParams p, const Dec
   p.chunk = int(chunk);
   at::Tensor part_o = at::empty({dd.B, dd.Hq, p.splits, dd.D}, out.options().dtype(at::kFloat));
   at::Tensor part_ml = at::empty({dd.B, dd.Hq, p.splits, 2}, out.options().dtype(at::kFloat));
-  at::Tensor done = at::empty({rows}, out.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(done.data_ptr(), 0, done.nbytes(), stream));
   p.part_o = part_o.data_ptr<float>();
   p.part_ml = part_ml.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.done = done.data_ptr<int>();
   dim3 grid(unsigned(ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
   kernel<<<grid, warps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // a warp a split, up to MERGE_WARPS: few splits (large batches) need no 1024-thread blocks
+  const int merge_warps = int(std::min<int64_t>(MERGE_WARPS, p.splits));
+  holo_decode_merge_kernel<T><<<unsigned(dd.B * dd.Hq), merge_warps * 32, 0, stream>>>(
+      p.part_o, p.part_ml, out.data_ptr<T>(), p.splits, int(dd.D));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -127,21 +173,13 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   if (dd.S + dd.T == 0) return out.zero_();
 
   const int kp = dd.aligned ? 1 : int(dd.k);
-  // The tensor-core kernel reads the bias and the phase keys as T (no-ops where the cache stores them so; ±1 is
-  // exact in every dtype), q's and the phase keys' dims in pairs (a copy only for a view off 4-byte alignment).
-  const bool mma = use_mma(dtype, kp, dd.G);
-  const at::Tensor bias = !tail_bias ? at::Tensor() : mma ? tail_bias->to(dtype) : *tail_bias;
-  const auto paired = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 ? t.clone() : t;
-  };
-  const at::Tensor phi = mma ? paired(phase.to(dtype)) : phase;
-  const at::Tensor qq = mma ? paired(q) : q;
-  DecodeParams p{qq.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
-                 phi.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
+  // the tensor-core kernel reads the bias as T (a no-op where the cache stores it so)
+  const at::Tensor bias = !tail_bias ? at::Tensor() : use_mma(dtype, kp, dd.G) ? tail_bias->to(dtype) : *tail_bias;
+  DecodeParams p{q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
+                 phase.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
                  tail_start ? tail_start->data_ptr<int64_t>() : nullptr, bias.defined() ? bias.data_ptr() : nullptr,
-                 dtype_code(phi), bias.defined() ? dtype_code(bias) : Dtype::f32, dd.per_head, nullptr, nullptr,
-                 nullptr, nullptr, int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.D), int(dd.k),
-                 0, 0, 0.f, 0.f, 0.f};
+                 dtype_code(phase), bias.defined() ? dtype_code(bias) : Dtype::f32, dd.per_head, nullptr, nullptr,
+                 int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0, 0.f, 0.f, 0.f};
   const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));
   p.slot_logit_gain = float(sc * slot_gain);
   p.tail_logit_gain = float(sc);

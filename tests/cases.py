@@ -70,3 +70,11 @@ def entries_args(B=2, H=2, cap=5, d=16, per_head=False):
     return dict(k=torch.randn(B, H, d), v=torch.randn(B, H, d), k_cache=torch.zeros(B, H, cap, d),
                 v_cache=torch.zeros(B, H, cap, d), lens=torch.zeros((B, H) if per_head else (B,), dtype=torch.long),
                 bias=torch.ones(B, H, cap))
+
+
+def edited(make, **changes):
+    """``make()``'s arguments, those named in ``changes`` replaced by the function given of their value."""
+    args = make()
+    for name, fn in changes.items():
+        args[name] = fn(args[name])
+    return args

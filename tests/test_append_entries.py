@@ -1,13 +1,15 @@
 """append_entries (one new entry per sequence into the entries holo_decode reads) against its reference over many
 steps: ragged and per-head lengths, with and without a log-mass, every dtype and row sizes whose copies take
 pieces of 16 down to 2 bytes; a full cache raises on CPU and reads as NaN on CUDA; bad input is named."""
+import functools
+
 import pytest
 import torch
 
 import holokv
 from holokv.reference import append_entries_ref
 
-from cases import entries_args
+from cases import edited, entries_args
 from conftest import dtype_id, needs_cuda
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -97,12 +99,7 @@ def test_opcheck(device, per_head):
 
 
 def bad_entries():
-    def edit(**changes):
-        args = entries_args()
-        for name, fn in changes.items():
-            args[name] = fn(args[name])
-        return args
-
+    edit = functools.partial(edited, entries_args)
     return [
         (edit(k=lambda t: t.int()), "k must be a floating-point"),
         (edit(k=lambda t: t[None]), r"k must be \[B, Hkv, head_dim\]"),

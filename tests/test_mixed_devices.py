@@ -1,12 +1,14 @@
 """One argument on meta, the others on CPU: whichever kernel the dispatcher picks (the fake kernel, or the
 CPU kernel handed a meta tensor), the call raises and names that argument, never returning uninitialized
 memory. And holo_append's fake rejects what its kernel rejects."""
+import functools
+
 import pytest
 import torch
 
 import holokv
 
-from cases import append_args, decode_args, entries_args
+from cases import append_args, decode_args, edited, entries_args
 
 ops = torch.ops.holokv
 
@@ -42,12 +44,7 @@ def test_one_argument_on_another_device(op, name, on_meta):
 
 
 def bad_appends():
-    def edit(**changes):
-        args = append_args()
-        for name, fn in changes.items():
-            args[name] = fn(args[name])
-        return args
-
+    edit = functools.partial(edited, append_args)
     return [
         (edit(k=lambda t: t.int()), "k must be a floating-point"),
         (edit(k=lambda t: t[None]), r"k must be \[B, Hkv, head_dim\]"),

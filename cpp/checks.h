@@ -128,20 +128,21 @@ inline std::array<int64_t, 3> check_new_tokens(const at::Tensor& k) {
   return {k.size(0), k.size(1), k.size(2)};
 }
 
-// Tensors that go with an append's k: v [B, Hkv, head_dim], the cache's [B, Hkv, len, head_dim], k's dtype.
-inline void check_like_tokens(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors,
-                              const at::Tensor& k) {
+// What goes with an append's k: v [B, Hkv, head_dim] and the cache's tensors [B, Hkv, len, head_dim], in k's dtype.
+inline void check_like_tokens(const at::Tensor& k, const at::Tensor& v,
+                              std::initializer_list<std::pair<const at::Tensor*, const char*>> cache) {
   const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
-  for (auto [t, name] : tensors) {
-    check_float_tensor(*t, name);
-    check_same_device(*t, k, name, "k");
-    TORCH_CHECK(t->scalar_type() == k.scalar_type(), name, " has dtype ", t->scalar_type(), " but k has ",
+  const auto check = [&](const at::Tensor& t, const char* name, int64_t rank) {
+    check_float_tensor(t, name);
+    check_same_device(t, k, name, "k");
+    TORCH_CHECK(t.scalar_type() == k.scalar_type(), name, " has dtype ", t.scalar_type(), " but k has ",
                 k.scalar_type());
-    const int64_t rank = std::string(name) == "v" ? 3 : 4;
-    TORCH_CHECK(t->dim() == rank && t->size(0) == B && t->size(1) == H && t->size(rank - 1) == D, name,
+    TORCH_CHECK(t.dim() == rank && t.size(0) == B && t.size(1) == H && t.size(rank - 1) == D, name,
                 " must be [B, Hkv, ", rank == 4 ? "len, " : "", "head_dim] with B = ", B, ", Hkv = ", H,
-                ", head_dim = ", D, " (from k), got ", t->sizes());
-  }
+                ", head_dim = ", D, " (from k), got ", t.sizes());
+  };
+  check(v, "v", 3);
+  for (auto [t, name] : cache) check(*t, name, 4);
 }
 
 // holo_append: new tokens k, v [B, Hkv, d] into a superposed cache (see holo_append_cpu.cpp).
@@ -155,8 +156,7 @@ inline AppendDims check_holo_append(const at::Tensor& k, const at::Tensor& v, co
                                     const at::Tensor& tail_start, int64_t sinks, double exact_share,
                                     int64_t window_slots, const std::optional<at::Tensor>& evicted) {
   const auto [B, H, D] = check_new_tokens(k);
-  check_like_tokens(
-      {{&v, "v"}, {&k_slots, "k_slots"}, {&v_slots, "v_slots"}, {&k_tail, "k_tail"}, {&v_tail, "v_tail"}}, k);
+  check_like_tokens(k, v, {{&k_slots, "k_slots"}, {&v_slots, "v_slots"}, {&k_tail, "k_tail"}, {&v_tail, "v_tail"}});
   TORCH_CHECK(v_slots.size(2) == k_slots.size(2), "v_slots holds ", v_slots.size(2), " slots but k_slots holds ",
               k_slots.size(2));
   TORCH_CHECK(v_tail.size(2) == k_tail.size(2), "v_tail holds ", v_tail.size(2), " rows but k_tail holds ",
@@ -185,7 +185,7 @@ inline EntriesDims check_append_entries(const at::Tensor& k, const at::Tensor& v
                                         const at::Tensor& v_cache, const at::Tensor& lens,
                                         const std::optional<at::Tensor>& bias) {
   const auto [B, H, D] = check_new_tokens(k);
-  check_like_tokens({{&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}, k);
+  check_like_tokens(k, v, {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}});
   TORCH_CHECK(v_cache.size(2) == k_cache.size(2), "v_cache holds ", v_cache.size(2), " entries but k_cache holds ",
               k_cache.size(2));
   const bool per_head = check_lens(lens, "lens", k, "k", B, H, true);

@@ -98,14 +98,14 @@ def new_tokens(k) -> tuple:
     return tuple(k.shape)
 
 
-def like_tokens(tensors: dict, k) -> None:
-    """Tensors that go with an append's k: v [B, Hkv, head_dim], the cache's [B, Hkv, len, head_dim], k's dtype."""
+def like_tokens(k, v, cache: dict) -> None:
+    """What goes with an append's k: v [B, Hkv, head_dim] and the cache's tensors [B, Hkv, len, head_dim], in k's
+    dtype."""
     B, H, D = k.shape
-    for name, t in tensors.items():
+    for name, t, rank in [("v", v, 3), *((n, c, 4) for n, c in cache.items())]:
         float_tensor(t, name)
         same_device(t, k, name, "k")
         check(t.dtype == k.dtype, name, " has dtype ", t.dtype, " but k has ", k.dtype)
-        rank = 3 if name == "v" else 4
         check(t.dim() == rank and t.shape[0] == B and t.shape[1] == H and t.shape[rank - 1] == D, name,
               " must be [B, Hkv, ", "len, " if rank == 4 else "", "head_dim] with B = ", B, ", Hkv = ", H,
               ", head_dim = ", D, " (from k), got ", shape(t))
@@ -114,7 +114,7 @@ def like_tokens(tensors: dict, k) -> None:
 def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks,
                 exact_share, window_slots, evicted) -> None:
     B, H, D = new_tokens(k)
-    like_tokens({"v": v, "k_slots": k_slots, "v_slots": v_slots, "k_tail": k_tail, "v_tail": v_tail}, k)
+    like_tokens(k, v, {"k_slots": k_slots, "v_slots": v_slots, "k_tail": k_tail, "v_tail": v_tail})
     check(v_slots.shape[2] == k_slots.shape[2], "v_slots holds ", v_slots.shape[2], " slots but k_slots holds ",
           k_slots.shape[2])
     check(v_tail.shape[2] == k_tail.shape[2], "v_tail holds ", v_tail.shape[2], " rows but k_tail holds ",
@@ -135,7 +135,7 @@ def holo_append(k, v, ph, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens
 def append_entries(k, v, k_cache, v_cache, lens_, bias) -> bool:
     """True if lens are [B, H] (per head)."""
     B, H, D = new_tokens(k)
-    like_tokens({"v": v, "k_cache": k_cache, "v_cache": v_cache}, k)
+    like_tokens(k, v, {"k_cache": k_cache, "v_cache": v_cache})
     check(v_cache.shape[2] == k_cache.shape[2], "v_cache holds ", v_cache.shape[2], " entries but k_cache holds ",
           k_cache.shape[2])
     per_head = lens(lens_, "lens", k, "k", B, H, True)

@@ -11,8 +11,8 @@ namespace {
 constexpr int MAX_WARPS = 8;
 constexpr float NEG_INF = -INFINITY;
 
-// Small side inputs (phase keys, log-mass bias) come in any float dtype and are
-// read in it: converting them on the host would cost a kernel launch per call.
+// The simt kernel reads the log-mass bias in any float dtype: converting it on the
+// host would cost a kernel launch per call.
 enum class Dtype : int { f32, f64, f16, bf16 };
 __device__ __forceinline__ float load_float(const void* p, int64_t i, Dtype t) {
   switch (t) {
@@ -28,20 +28,21 @@ inline Dtype dtype_code(const at::Tensor& t) {
     case at::kDouble: return Dtype::f64;
     case at::kHalf: return Dtype::f16;
     case at::kBFloat16: return Dtype::bf16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type(), " for a side input (phase, bias)");
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type(), " for a side input");
   }
 }
 
 struct DecodeParams {
   const void *q, *k_slots, *v_slots, *k_tail, *v_tail;
-  const void* phase;  // [k, D]
+  const void* phase;  // [k, D] in the cache dtype (the launcher converts it)
   const int64_t *slot_lens, *tail_lens;
   const int64_t* tail_start;  // ring offsets of the tails, shaped like tail_lens, or nullptr (0)
   const void* tail_bias;  // [B, Hkv, T] or nullptr
-  Dtype phase_dtype, bias_dtype;
+  Dtype bias_dtype;
   bool per_head;  // tail_lens and tail_start are [B, Hkv], not [B]
   float *part_o, *part_ml;  // [B, Hq, splits, D], [B, Hq, splits, 2]
-  int Hq, Hkv, G, S, T, k, splits, chunk;
+  void* out;  // [B, Hq, D]: written by the split kernel itself where one split covers a row, else nullptr
+  int Hq, Hkv, G, S, T, k, splits;
   float slot_logit_gain, tail_logit_gain, slot_value_gain;
 };
 

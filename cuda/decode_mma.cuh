@@ -2,7 +2,8 @@
 // aligned mode, k = 1, SRC's compacted cache), 16-bit caches, G <= 16 query
 // heads per KV head.
 //
-// A warp owns one split (as in decode_simt.cuh). Its tiles of 32 entries (K and
+// A warp owns one split, an even share of its row's entries (counted on the device,
+// so the shares follow the lengths, not the capacity). Its tiles of 32 entries (K and
 // V rows, 16-byte chunks XOR-swizzled so that ldmatrix reads are conflict-free)
 // stream into shared memory with cp.async, double-buffered, so the next tile is
 // in flight while one is computed. Per tile, with the G heads as the 16 rows of
@@ -17,6 +18,10 @@
 // the slots end. An exact entry's log-mass bias is loaded one tile ahead, one entry
 // per lane, and handed to the lanes that need it through shared memory. P is rounded
 // to the cache dtype for its mma, as flash attention does.
+//
+// At the end the block's warps merge their (max, sum, O) in shared memory: a block
+// that covers its row writes the output itself, otherwise its partial goes to the
+// merge kernel (one per block, not one per warp).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -38,6 +43,14 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
     return *reinterpret_cast<const uint32_t*>(&h);
   }
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t u) {
+  if constexpr (std::is_same_v<T, at::Half>)
+    return __half22float2(*reinterpret_cast<const __half2*>(&u));
+  else
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
 }
 
 // c += a b, m16n8k16, fp32 accumulation
@@ -73,13 +86,13 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   constexpr int NC = D / 8;   // 16-byte chunks per row
   constexpr int NK = D / 16;  // k-steps of Q Kᵀ
   constexpr int NN = D / 8;   // n-tiles of P V
+  constexpr int WARP_FLOATS = mma_warp_bytes<T, D>() / int(sizeof(float));
   extern __shared__ float4 smem4[];
   const int b = blockIdx.z, kvh = blockIdx.y, G = p.G;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int split = blockIdx.x * (blockDim.x / 32) + warp;
-  if (split >= p.splits) return;  // no block-wide barrier below
-  T* tiles = reinterpret_cast<T*>(smem4) + warp * (mma_warp_bytes<T, D>() / int(sizeof(T)));  // [stage][K, V][32][D]
-  float* tile_bias = reinterpret_cast<float*>(tiles + MMA_STAGES * 2 * 32 * D);                 // [32]
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* region = reinterpret_cast<float*>(smem4) + warp * WARP_FLOATS;
+  T* tiles = reinterpret_cast<T*>(region);                                  // [stage][K, V][32][D]
+  float* tile_bias = reinterpret_cast<float*>(tiles + MMA_STAGES * 2 * 32 * D);  // [32]
 
   const SeqLens sl = seq_lens(p, b, kvh);
   const int j0 = sl.aligned_phase;
@@ -88,26 +101,12 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   const T* vs = static_cast<const T*>(p.v_slots) + head_off * p.S * D;
   const T* kt = static_cast<const T*>(p.k_tail) + head_off * p.T * D;
   const T* vt = static_cast<const T*>(p.v_tail) + head_off * p.T * D;
-  const int e_begin = split * p.chunk, e_end = min(sl.n_entries, e_begin + p.chunk);
+  // the row's entries in even shares over all its blocks' warps
+  const int parts = int(gridDim.x) * warps, chunk = (sl.n_entries + parts - 1) / parts;
+  const int e_begin = min(sl.n_entries, (int(blockIdx.x) * warps + warp) * chunk);
+  const int e_end = min(sl.n_entries, e_begin + chunk);
   const int n_slots = sl.n_slots;
-
-  // Query fragments (A operand: rows = heads, lane holds rows r0, r0 + 8 and
-  // columns c0, c0 + 1 of each 8-column half of a k-step).
-  const int r0 = lane / 4, r1 = r0 + 8, c0 = (lane % 4) * 2;
-  const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D;
   const bool has_slots = e_begin < min(n_slots, e_end);
-  uint32_t qa[NK][4], qs[NK][4];
-#pragma unroll
-  for (int s = 0; s < NK; ++s)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = i % 2 ? r1 : r0, d = 16 * s + (i / 2) * 8 + c0;
-      const float x0 = r < G ? float(q[r * D + d]) : 0.f, x1 = r < G ? float(q[r * D + d + 1]) : 0.f;
-      qa[s][i] = pack2<T>(x0, x1);
-      qs[s][i] = has_slots ? pack2<T>(x0 * load_float(p.phase, j0 * D + d, p.phase_dtype),
-                                      x1 * load_float(p.phase, j0 * D + d + 1, p.phase_dtype))
-                           : 0u;
-    }
 
   // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)).
   const auto tile_end = [&](int e0) { return min(e0 + 32, e0 < n_slots ? min(n_slots, e_end) : e_end); };
@@ -142,6 +141,27 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
     const int e = e0 + lane;
     return bias_src[p.tail_bias && e >= n_slots && e < e_end ? head_off * p.T + sl.tail_row(e - n_slots, p.T) : 0];
   };
+  // the first tile is in flight while the query is read
+  T bias0 = load_bias(e_begin), bias1 = bias0;
+  if (e_begin < e_end) load_tile(e_begin, 0);
+
+  // Query fragments (A operand: rows = heads, lane holds rows r0, r0 + 8 and
+  // columns c0, c0 + 1 of each 8-column half of a k-step), read as pairs (the
+  // launcher aligns q and the phase keys, in T, to 4 bytes).
+  const int r0 = lane / 4, r1 = r0 + 8, c0 = (lane % 4) * 2;
+  const uint32_t* q2 =
+      reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D);
+  const uint32_t* phase2 = reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.phase) + int64_t(j0) * D);
+  uint32_t qa[NK][4], qs[NK][4];
+#pragma unroll
+  for (int s = 0; s < NK; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = i % 2 ? r1 : r0, d = 16 * s + (i / 2) * 8 + c0;
+      qa[s][i] = r < G ? q2[(r * D + d) / 2] : 0u;
+      const float2 x = unpack2<T>(qa[s][i]), f = has_slots ? unpack2<T>(phase2[d / 2]) : make_float2(0.f, 0.f);
+      qs[s][i] = pack2<T>(x.x * f.x, x.y * f.y);
+    }
 
   float o[NN][4];
 #pragma unroll
@@ -151,12 +171,11 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   // O's slot part gets its per-dimension value weight sqrt(k)·Phi[d] (rows scale alike)
   const auto fold_phase = [&]() {
 #pragma unroll
-    for (int n = 0; n < NN; ++n)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float w = p.slot_value_gain * load_float(p.phase, j0 * D + 8 * n + c0 + i, p.phase_dtype);
-        o[n][i] *= w, o[n][2 + i] *= w;
-      }
+    for (int n = 0; n < NN; ++n) {
+      const float2 f = unpack2<T>(phase2[(8 * n + c0) / 2]);
+      const float w0 = p.slot_value_gain * f.x, w1 = p.slot_value_gain * f.y;
+      o[n][0] *= w0, o[n][2] *= w0, o[n][1] *= w1, o[n][3] *= w1;
+    }
     folded = true;
   };
 
@@ -248,26 +267,54 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   };
   // Unrolled by the two stages, so that the prefetched bias is never moved between
   // registers: a move would wait for its load, one memory latency per tile.
-  T bias0 = load_bias(e_begin), bias1 = bias0;
   int e0 = e_begin;
-  if (e0 < e_end) load_tile(e0, 0);
   while (e0 < e_end) {
     step(e0, 0, bias0, bias1);
     if (e0 < e_end) step(e0, 1, bias1, bias0);
   }
   if (!folded) fold_phase();
 
+  // The block's merge. Each warp leaves its O rows [G][D] and (max, sum) per head in its own region (its
+  // tiles are no longer read); a NaN max marks lengths past the capacity.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     const int h = r ? r1 : r0;
     if (h >= G) continue;
-    const int64_t row = (int64_t(b) * p.Hq + int64_t(kvh) * G + h) * p.splits + split;
 #pragma unroll
     for (int n = 0; n < NN; ++n)
-      *reinterpret_cast<float2*>(p.part_o + row * D + 8 * n + c0) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
-    if (c0 == 0) p.part_ml[row * 2] = sl.bad ? NAN : m[r], p.part_ml[row * 2 + 1] = l[r];
+      *reinterpret_cast<float2*>(region + h * D + 8 * n + c0) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+    if (c0 == 0) tile_bias[2 * h] = sl.bad ? NAN : m[r], tile_bias[2 * h + 1] = l[r];
+  }
+  __syncthreads();
+  // As the merge kernel does: a NaN or +inf logit leaves a NaN sum, and fmaxf skips NaNs, so they are looked
+  // for apart; a block that saw nothing is (max -inf, sum 0).
+  const float* regions = reinterpret_cast<const float*>(smem4);
+  const int ml_at = MMA_STAGES * 2 * 32 * D * int(sizeof(T)) / int(sizeof(float));
+  const int64_t head0 = int64_t(b) * p.Hq + int64_t(kvh) * G;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int h = i / D, d = i % D;
+    float mx = NEG_INF, num = 0.f, den = 0.f;
+    bool bad = false;
+    for (int w = 0; w < warps; ++w) {
+      const float* ml = regions + w * WARP_FLOATS + ml_at + 2 * h;
+      bad |= isnan(ml[0]) || isnan(ml[1]);
+      mx = fmaxf(mx, ml[0]);
+    }
+    if (mx != NEG_INF)
+      for (int w = 0; w < warps; ++w) {
+        const float* ml = regions + w * WARP_FLOATS + ml_at + 2 * h;
+        const float wt = __expf(ml[0] - mx);
+        den += ml[1] * wt, num += regions[w * WARP_FLOATS + i] * wt;
+      }
+    if (p.out) {
+      static_cast<T*>(p.out)[(head0 + h) * D + d] = T(bad ? NAN : mx == NEG_INF ? 0.f : num / den);
+    } else {
+      const int64_t row = (head0 + h) * p.splits + blockIdx.x;
+      p.part_o[row * D + d] = num;
+      if (d == 0) p.part_ml[row * 2] = bad ? NAN : mx, p.part_ml[row * 2 + 1] = den;
+    }
   }
 }
 

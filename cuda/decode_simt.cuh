@@ -1,5 +1,5 @@
 // CUDA-core split kernel of holo_decode: every phase count KP (full and aligned
-// modes), every dtype. Each warp owns one split: a chunk of cache entries
+// modes), every dtype. Each warp owns one split: an even share of the cache entries
 // (superposed slots first, then exact tail tokens) of one sequence and one KV
 // head, and serves all G query heads of that KV head, so every K/V byte is read
 // from HBM once. Per tile of 32 entries:
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
   const int n_slots = sl.n_slots, n_entries = sl.n_entries;
   const int j0 = KP == 1 ? sl.aligned_phase : 0;  // full mode reads all k phases
 
-  for (int i = threadIdx.x; i < KP * D; i += blockDim.x) phis[i] = load_float(p.phase, j0 * D + i, p.phase_dtype);
+  for (int i = threadIdx.x; i < KP * D; i += blockDim.x) phis[i] = float(static_cast<const T*>(p.phase)[j0 * D + i]);
   __syncthreads();
   const T* q = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + int64_t(kvh) * G) * D;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
@@ -89,7 +89,8 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(Decod
   const T* vs = static_cast<const T*>(p.v_slots) + head_off * p.S * D;
   const T* kt = static_cast<const T*>(p.k_tail) + head_off * p.T * D;
   const T* vt = static_cast<const T*>(p.v_tail) + head_off * p.T * D;
-  const int e_begin = split * p.chunk, e_end = min(n_entries, e_begin + p.chunk);
+  const int chunk = (n_entries + p.splits - 1) / p.splits;  // even shares of the row's entries
+  const int e_begin = min(n_entries, split * chunk), e_end = min(n_entries, e_begin + chunk);
 
   for (int e0 = e_begin; e0 < e_end; e0 += 32) {
     const int n_tile = min(32, e_end - e0);

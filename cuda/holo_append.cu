@@ -4,12 +4,14 @@
 // read once and advanced by the block's last step without a race. Each thread owns columns
 // (K or V, head, dimension) through every row it touches, so its reads and writes of a column
 // keep their order with no barrier. The step is a chain of dependent memory round trips, so
-// it is built to have few: a slot that closes is summed in registers from the k exact rows of
-// the tail ring loaded at once, and written once (in the row slot_row gives: a window's ring
-// overwrites its oldest); the sinks move past it through registers, 8 rows a round trip.
-// Slots are never read back. Capacity cannot be checked on the host without a sync: a
-// sequence that would overflow (or whose counters are not a reachable state) is left
-// unchanged with tail_lens = T + 1, which holo_decode turns into NaN.
+// it is built to have two: what does not depend on the counters (the new values, the phase
+// keys) is loaded while they are, then every row a thread's columns read (a closing slot's k
+// exact rows, a batch of sinks) at once; only then are rows written. A slot that closes is
+// summed in registers and written once (in the row slot_row gives: a window's ring overwrites
+// its oldest); the sinks move past it through registers, 4 rows a round trip. Slots are never
+// read back. Capacity cannot be checked on the host without a sync: a sequence that would
+// overflow (or whose counters are not a reachable state) is left unchanged with
+// tail_lens = T + 1, which holo_decode turns into NaN.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,68 +22,137 @@
 namespace holokv {
 namespace {
 
-constexpr int MAX_K = 16;     // phase.size(0), checked
-constexpr int SINK_BATCH = 8;  // sink rows moved per round trip
+constexpr int SINK_BATCH = 4;  // sink rows moved per round trip
 
-template <typename T>
-__global__ void __launch_bounds__(1024)
-    holo_append_kernel(const T* __restrict__ k, const T* __restrict__ v, const void* phase, Dtype phase_dtype,
-                       T* k_slots, T* v_slots, T* k_tail, T* v_tail, int64_t* slot_lens, int64_t* tail_lens,
-                       int64_t* tail_start, int64_t* evicted, int H, int S, int T_, int D, int kk, int64_t sinks,
-                       double exact_share, int64_t W) {
+// x[n] = phase[i0 + n * stride] for n < N, the dtype switched on once so that the loads go out together
+template <int N, typename A>
+__device__ __forceinline__ void load_phases(A (&x)[N], const void* phase, int64_t i0, int64_t stride, Dtype t) {
+  const auto load = [&](auto* typed) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) x[n] = A(typed[i0 + n * stride]);
+  };
+  switch (t) {
+    case Dtype::f32: return load(static_cast<const float*>(phase));
+    case Dtype::f64: return load(static_cast<const double*>(phase));
+    case Dtype::f16: return load(static_cast<const at::Half*>(phase));
+    default: return load(static_cast<const at::BFloat16*>(phase));
+  }
+}
+
+// KK = k tokens a slot; C columns a thread serves at once (in blocks of at most APPEND_THREADS, which leave
+// each thread the registers for C columns' rows)
+constexpr int APPEND_THREADS = 512;
+template <typename T, int KK, int C>
+__global__ void __launch_bounds__(APPEND_THREADS)
+    holo_append_kernel(const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ phase,
+                       Dtype phase_dtype, T* __restrict__ k_slots, T* __restrict__ v_slots, T* __restrict__ k_tail,
+                       T* __restrict__ v_tail, int64_t* __restrict__ slot_lens, int64_t* __restrict__ tail_lens,
+                       int64_t* __restrict__ tail_start, int64_t* __restrict__ evicted, int H, int S, int T_, int D,
+                       int64_t sinks, double exact_share, int64_t W) {
   using acc_t = at::opmath_type<T>;
-  const int b = blockIdx.x;
+  const int b = blockIdx.x, HD = H * D;
+  const int64_t base = int64_t(b) * H;
+  const int i0 = threadIdx.x;  // the first group of columns: its new values and phase keys go out with the counters
+  T x[C];
+  acc_t ph[C][KK];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const int i = min(i0 + c * int(blockDim.x), 2 * HD - 1);
+    x[c] = (i / HD ? v : k)[base * D + i % HD];
+    load_phases(ph[c], phase, i % D, D, phase_dtype);
+  }
   const int64_t sl = slot_lens[b], tl = tail_lens[b], start = tail_start[b], ev = evicted ? evicted[b] : 0;
   const int64_t valid = sl + tl;
-  const int64_t close = closed_tokens(valid, sinks, kk, exact_share) - sl, held = slots_held(sl + close, kk, W);
-  const bool bad = !slot_counters_ok(sl, ev, kk, S, W) || tl < 0 || tl > T_ || start < 0 || start >= T_ ||
-                   held > int64_t(S) * kk || tl - close + 1 > T_;
+  const int64_t close = closed_tokens(valid, sinks, KK, exact_share) - sl, held = slots_held(sl + close, KK, W);
+  const bool bad = !slot_counters_ok(sl, ev, KK, S, W) || tl < 0 || tl > T_ || start < 0 || start >= T_ ||
+                   held > int64_t(S) * KK || tl - close + 1 > T_;
   __syncthreads();  // every thread has read the counters before thread 0 may change them
   if (bad) {
     if (threadIdx.x == 0) tail_lens[b] = T_ + 1;
     return;
   }
-  const int64_t n_sinks = valid < sinks ? valid : sinks;
-  // every row offset used is below 2 T (start < T, offsets <= tl <= T): no division
-  const auto row = [&](int64_t i) { return start + i >= T_ ? start + i - T_ : start + i; };
-  const acc_t norm = acc_t(1.0 / sqrt(double(kk)));
-  const int HD = H * D;
-  const int64_t base = int64_t(b) * H;
-  for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x) {
-    const int kv = i / HD, h = i % HD / D, d = i % D;
-    const T x = (kv ? v : k)[base * D + i % HD];
-    T* th = (kv ? v_tail : k_tail) + (base + h) * T_ * D + d;
-    T* sh = (kv ? v_slots : k_slots) + (base + h) * S * D + d;
-    for (int64_t j = 0; j < close / kk; ++j) {
-      T r[MAX_K];
+  // past the checks every count fits an int (rows below 2 T, slots below S k): fewer registers
+  const int n_sinks = int(valid < sinks ? valid : sinks), top = close > 0 ? n_sinks : 0, shut = int(close);
+  const int lo = top > SINK_BATCH ? top - SINK_BATCH : 0;  // the sinks' last batch, moved first
+  const int first = int(start), filled = int(tl);
+  const auto row = [&](int i) { return first + i >= T_ ? first + i - T_ : first + i; };  // no division
+  const int64_t slot0 = slot_row(sl, ev, 0, KK, W);
+  const acc_t norm = acc_t(1.0 / sqrt(double(KK)));
+  for (int g = i0; g < 2 * HD; g += C * blockDim.x) {
+    T* th[C];
+    T* sh[C];
+    T r[C][KK], sk[C][SINK_BATCH];
 #pragma unroll
-      for (int t = 0; t < MAX_K; ++t)
-        if (t < kk) r[t] = th[row(n_sinks + j * kk + t) * D];
-      acc_t acc = 0;
+    for (int c = 0; c < C; ++c) {
+      const int i = min(g + c * int(blockDim.x), 2 * HD - 1), kv = i / HD, h = i % HD / D, d = i % D;
+      if (g != i0) {
+        x[c] = (kv ? v : k)[base * D + i % HD];
+        load_phases(ph[c], phase, d, D, phase_dtype);
+      }
+      th[c] = (kv ? v_tail : k_tail) + (base + h) * T_ * D + d;
+      sh[c] = (kv ? v_slots : k_slots) + (base + h) * S * D + d;
+      if (shut > 0) {
 #pragma unroll
-      for (int t = 0; t < MAX_K; ++t)
-        if (t < kk) acc += acc_t(r[t]) * acc_t(load_float(phase, t * D + d, phase_dtype));
-      sh[slot_row(sl, ev, j, kk, W) * D] = T(acc * norm);
+        for (int t = 0; t < KK; ++t) r[c][t] = th[c][row(n_sinks + t) * D];
+#pragma unroll
+        for (int s = 0; s < SINK_BATCH; ++s)
+          if (lo + s < top) sk[c][s] = th[c][row(lo + s) * D];
+      }
     }
-    // rows [0, n_sinks) move to [close, close + n_sinks), the last batch first: a batch is read whole before
-    // it is written, and its targets lie above every row a later (lower) batch reads
-    for (int64_t top = close > 0 ? n_sinks : 0; top > 0; top -= SINK_BATCH) {
-      const int64_t lo = top > SINK_BATCH ? top - SINK_BATCH : 0;
-      T r[SINK_BATCH];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (g + c * int(blockDim.x) >= 2 * HD) break;
+      // each due block of k rows becomes one slot (more than one only where the rule closes several at once)
+      for (int j = 0; j < shut / KK; ++j) {
+        if (j > 0) {
+#pragma unroll
+          for (int t = 0; t < KK; ++t) r[c][t] = th[c][row(n_sinks + j * KK + t) * D];
+        }
+        acc_t acc = 0;
+#pragma unroll
+        for (int t = 0; t < KK; ++t) acc += acc_t(r[c][t]) * ph[c][t];
+        sh[c][(j ? slot_row(sl, ev, j, KK, W) : slot0) * D] = T(acc * norm);
+      }
+      // rows [0, n_sinks) move to [close, close + n_sinks), the last batch first: a batch is read whole before
+      // it is written, and its targets lie above every row a later (lower) batch reads
 #pragma unroll
       for (int s = 0; s < SINK_BATCH; ++s)
-        if (lo + s < top) r[s] = th[row(lo + s) * D];
+        if (lo + s < top) th[c][row(shut + lo + s) * D] = sk[c][s];
+      for (int hi = lo; hi > 0; hi -= SINK_BATCH) {
+        const int from = hi > SINK_BATCH ? hi - SINK_BATCH : 0;
 #pragma unroll
-      for (int s = 0; s < SINK_BATCH; ++s)
-        if (lo + s < top) th[row(close + lo + s) * D] = r[s];
+        for (int s = 0; s < SINK_BATCH; ++s)
+          if (from + s < hi) sk[c][s] = th[c][row(from + s) * D];
+#pragma unroll
+        for (int s = 0; s < SINK_BATCH; ++s)
+          if (from + s < hi) th[c][row(shut + from + s) * D] = sk[c][s];
+      }
+      th[c][row(filled) * D] = x[c];
     }
-    th[row(tl) * D] = x;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    tail_start[b] = row(close), tail_lens[b] = tl + 1 - close, slot_lens[b] = held;
+    tail_start[b] = row(shut), tail_lens[b] = tl + 1 - close, slot_lens[b] = held;
     if (evicted) evicted[b] = ev + sl + close - held;
   }
+}
+
+template <typename T, int KK>
+void launch_append(const AppendDims& ad, const at::Tensor& k, const at::Tensor& v, const at::Tensor& phase,
+                   const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& k_tail,
+                   const at::Tensor& v_tail, const at::Tensor& slot_lens, const at::Tensor& tail_lens,
+                   const at::Tensor& tail_start, int64_t sinks, double exact_share, int64_t window_slots,
+                   const std::optional<at::Tensor>& evicted) {
+  constexpr int C = KK <= 4 ? 4 : KK == 8 ? 2 : 1;
+  // a block per sequence, a thread per C columns of K and V where they fit in one block
+  const int threads = int(std::min<int64_t>(APPEND_THREADS, (ceil_div(2 * ad.H * ad.D, C) + 31) / 32 * 32));
+  holo_append_kernel<T, KK, C><<<unsigned(ad.B), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      k.data_ptr<T>(), v.data_ptr<T>(), phase.data_ptr(), dtype_code(phase), k_slots.data_ptr<T>(),
+      v_slots.data_ptr<T>(), k_tail.data_ptr<T>(), v_tail.data_ptr<T>(), slot_lens.data_ptr<int64_t>(),
+      tail_lens.data_ptr<int64_t>(), tail_start.data_ptr<int64_t>(),
+      window_slots ? evicted->data_ptr<int64_t>() : nullptr, int(ad.H), int(ad.S), int(ad.T), int(ad.D), sinks,
+      exact_share, window_slots);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -95,17 +166,19 @@ void holo_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor
                                           tail_start, sinks, exact_share, window_slots, evicted);
   if (ad.B == 0) return;
   c10::cuda::CUDAGuard guard(k.device());
-  // a block per sequence, a thread per column of K and V where they fit in one block
-  const int threads = int(std::min<int64_t>(1024, (2 * ad.H * ad.D + 31) / 32 * 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "holo_append_cuda", [&] {
-    holo_append_kernel<scalar_t><<<unsigned(ad.B), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), phase.data_ptr(), dtype_code(phase),
-        k_slots.data_ptr<scalar_t>(), v_slots.data_ptr<scalar_t>(), k_tail.data_ptr<scalar_t>(),
-        v_tail.data_ptr<scalar_t>(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
-        tail_start.data_ptr<int64_t>(), window_slots ? evicted->data_ptr<int64_t>() : nullptr, int(ad.H),
-        int(ad.S), int(ad.T), int(ad.D), int(ad.k), sinks, exact_share, window_slots);
+    const auto run = [&](auto kk) {
+      launch_append<scalar_t, decltype(kk)::value>(ad, k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens,
+                                                   tail_lens, tail_start, sinks, exact_share, window_slots, evicted);
+    };
+    switch (ad.k) {  // check_phase: a power of two up to 16
+      case 1: return run(std::integral_constant<int, 1>{});
+      case 2: return run(std::integral_constant<int, 2>{});
+      case 4: return run(std::integral_constant<int, 4>{});
+      case 8: return run(std::integral_constant<int, 8>{});
+      default: return run(std::integral_constant<int, 16>{});
+    }
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 TORCH_LIBRARY_IMPL(holokv, CUDA, m) { m.impl("holo_append", &holo_append_cuda); }

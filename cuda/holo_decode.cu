@@ -4,14 +4,17 @@
 // resident (see block_shape). Each warp owns a split of one
 // (sequence, KV head)'s entries and serves all G query heads of that KV head, so
 // every K/V byte is read from HBM once. The split count fills the GPU's resident
-// warps once (no partial last wave). Two split kernels:
+// warps once (no partial last wave); the kernels share each row's entries evenly
+// over its warps from the lengths on the device. Two split kernels:
 //   decode_mma.cuh   tensor cores, one score per entry (aligned mode, k = 1, SRC's
 //                    compacted cache), 16-bit caches, G <= 16;
 //   decode_simt.cuh  CUDA cores, everything else (full mode's k scores per slot, fp32).
-// A second kernel merges the splits' (max, sum, acc) into the output.
+// A second kernel merges the splits' (max, sum, acc) into the output, unless the
+// tensor-core kernel's blocks, which merge their warps, cover a row each.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -95,27 +98,33 @@ std::pair<int, int> block_shape(Kernel kernel, SmemBytes smem_bytes, int G) {
   return known[key] = best;
 }
 
-// Split-KV launch of `kernel` with `warp_bytes(warps)` of shared memory per block (block_shape's warps), splits
-// sized to fill the GPU's resident blocks once, each warp streaming a chunk of whole 32-entry tiles; then the
-// merge.
+// Split-KV launch of `kernel` with `smem_bytes(warps)` of shared memory per block (block_shape's warps), enough
+// blocks to fill the GPU's resident ones once, no more than the capacity's 32-entry tiles need; then the merge.
+// A split is a block's warps merged in the block (`block_merge`: a block that covers its row writes the output
+// and no merge runs) or a single warp. The kernels share each row's entries evenly over its warps themselves.
 template <typename T, typename Kernel, typename SmemBytes>
-void launch_split(Kernel kernel, SmemBytes smem_bytes, DecodeParams p, const DecodeDims& dd, at::Tensor& out,
-                  cudaStream_t stream) {
+void launch_split(Kernel kernel, SmemBytes smem_bytes, bool block_merge, DecodeParams p, const DecodeDims& dd,
+                  at::Tensor& out, cudaStream_t stream) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const auto [warps, per_sm] = block_shape(kernel, smem_bytes, int(dd.G));
   const size_t smem = smem_bytes(warps);
-  const int64_t rows = dd.B * dd.Hkv, capacity = dd.S + dd.T;
-  const int64_t blocks_per_row = std::max<int64_t>(1, int64_t(prop->multiProcessorCount) * per_sm / rows);
-  const int64_t chunk = 32 * ceil_div(ceil_div(capacity, blocks_per_row * warps), 32);
-  p.splits = int(ceil_div(capacity, chunk));
-  p.chunk = int(chunk);
-  at::Tensor part_o = at::empty({dd.B, dd.Hq, p.splits, dd.D}, out.options().dtype(at::kFloat));
-  at::Tensor part_ml = at::empty({dd.B, dd.Hq, p.splits, 2}, out.options().dtype(at::kFloat));
-  p.part_o = part_o.data_ptr<float>();
-  p.part_ml = part_ml.data_ptr<float>();
-  dim3 grid(unsigned(ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
+  const int64_t rows = dd.B * dd.Hkv, tiles = ceil_div(dd.S + dd.T, 32);
+  const int64_t blocks = std::clamp<int64_t>(int64_t(prop->multiProcessorCount) * per_sm / rows, 1,
+                                             ceil_div(tiles, warps));
+  p.splits = int(block_merge ? blocks : std::min(blocks * warps, tiles));
+  at::Tensor part_o, part_ml;
+  if (block_merge && blocks == 1) {
+    p.out = out.data_ptr();
+  } else {
+    part_o = at::empty({dd.B, dd.Hq, p.splits, dd.D}, out.options().dtype(at::kFloat));
+    part_ml = at::empty({dd.B, dd.Hq, p.splits, 2}, out.options().dtype(at::kFloat));
+    p.part_o = part_o.data_ptr<float>();
+    p.part_ml = part_ml.data_ptr<float>();
+  }
+  dim3 grid(unsigned(block_merge ? blocks : ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
   kernel<<<grid, warps * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.out) return;
   // a warp a split, up to MERGE_WARPS: few splits (large batches) need no 1024-thread blocks
   const int merge_warps = int(std::min<int64_t>(MERGE_WARPS, p.splits));
   holo_decode_merge_kernel<T><<<unsigned(dd.B * dd.Hq), merge_warps * 32, 0, stream>>>(
@@ -126,8 +135,8 @@ void launch_split(Kernel kernel, SmemBytes smem_bytes, DecodeParams p, const Dec
 template <typename T, int D, int KP>
 void launch_simt(const DecodeParams& p, const DecodeDims& dd, at::Tensor& out, cudaStream_t stream) {
   launch_split<T>(holo_decode_split_kernel<T, D, KP>,
-                  [&](int warps) { return size_t(smem_floats<T, D, KP>(p.G, warps)) * sizeof(float); }, p, dd, out,
-                  stream);
+                  [&](int warps) { return size_t(smem_floats<T, D, KP>(p.G, warps)) * sizeof(float); }, false, p,
+                  dd, out, stream);
 }
 
 // The tensor-core kernel serves one score per entry, 16-bit caches, G <= 16.
@@ -138,7 +147,7 @@ void launch_phases(const DecodeParams& p, const DecodeDims& dd, int kp, at::Tens
   if constexpr (!std::is_same_v<T, float>) {
     if (use_mma(out.scalar_type(), kp, dd.G))
       return launch_split<T>(holo_decode_mma_kernel<T, D>, [](int warps) { return size_t(warps) * mma_warp_bytes<T, D>(); },
-                             p, dd, out, stream);
+                             true, p, dd, out, stream);
   }
   switch (kp) {
     case 1: return launch_simt<T, D, 1>(p, dd, out, stream);
@@ -173,13 +182,16 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   if (dd.S + dd.T == 0) return out.zero_();
 
   const int kp = dd.aligned ? 1 : int(dd.k);
-  // the tensor-core kernel reads the bias as T (a no-op where the cache stores it so)
+  // The kernels read the phase keys as T and the tensor-core one the bias too (no-ops where the cache stores
+  // them so), q and the phase keys in 32-bit pairs: a view off 4-byte alignment is copied.
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 ? t.clone() : t; };
+  const at::Tensor qq = aligned(q), phase_t = aligned(phase.to(dtype));
   const at::Tensor bias = !tail_bias ? at::Tensor() : use_mma(dtype, kp, dd.G) ? tail_bias->to(dtype) : *tail_bias;
-  DecodeParams p{q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
-                 phase.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
+  DecodeParams p{qq.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
+                 phase_t.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
                  tail_start ? tail_start->data_ptr<int64_t>() : nullptr, bias.defined() ? bias.data_ptr() : nullptr,
-                 dtype_code(phase), bias.defined() ? dtype_code(bias) : Dtype::f32, dd.per_head, nullptr, nullptr,
-                 int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0, 0.f, 0.f, 0.f};
+                 bias.defined() ? dtype_code(bias) : Dtype::f32, dd.per_head, nullptr, nullptr, nullptr,
+                 int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0.f, 0.f, 0.f};
   const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));
   p.slot_logit_gain = float(sc * slot_gain);
   p.tail_logit_gain = float(sc);

@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "warp_ops.cuh"
+
 namespace holokv {
 namespace {
 
@@ -54,16 +56,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-
-// 16 bytes global -> shared, zero-filled (nothing read) when !ok: rows past the
-// range must be zeros, not stale data, because P (0 there) multiplies them.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-  const uint32_t addr = uint32_t(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 struct SeqLens {
   int64_t n_sup, n_tail;  // superposed tokens, exact tail tokens

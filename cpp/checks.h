@@ -233,22 +233,6 @@ inline C10_HOST_DEVICE int64_t closed_tokens(int64_t valid, int64_t sinks, int64
   return full < due ? full : due;
 }
 
-// decode_linear: x [M, K] with M <= DECODE_LINEAR_ROWS rows, weight [N, K] of x's dtype; returns {M, N, K}.
-constexpr int64_t DECODE_LINEAR_ROWS = 16;
-inline std::array<int64_t, 3> check_decode_linear(const at::Tensor& x, const at::Tensor& weight) {
-  check_float_tensor(x, "x");
-  check_float_tensor(weight, "weight");
-  check_same_device(weight, x, "weight", "x");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight has dtype ", weight.scalar_type(), " but x has ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K], got ", x.sizes());
-  TORCH_CHECK(x.size(0) <= DECODE_LINEAR_ROWS, "x holds ", x.size(0), " rows; decode_linear serves at most ",
-              DECODE_LINEAR_ROWS, " (a decode step's tokens)");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be [N, K] with K = x.size(1) = ",
-              x.size(1), ", got ", weight.sizes());
-  return {x.size(0), weight.size(0), x.size(1)};
-}
-
 // Batched linear algebra takes fp32 [batch, rows, cols] contiguous tensors.
 inline void check_fp32_batch(const at::Tensor& t, const char* name, const char* shape) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());

@@ -1,5 +1,5 @@
-// Autograd kernels of holokv::holo_decode, holokv::holo_append, holokv::append_entries and
-// holokv::decode_linear (a decode step's inference kernel), which have no derivative. Without
+// Autograd kernels of holokv::holo_decode, holokv::holo_append and holokv::append_entries, which have no
+// derivative. Without
 // one, a call on inputs that require grad runs, returns an output with no grad_fn and only warns at
 // backward (the gradient silently stays None); these make that call fail at once, naming the input.
 #include <ATen/ATen.h>
@@ -70,22 +70,12 @@ void append_entries_autograd(const at::Tensor& k, const at::Tensor& v, const at:
   op.call(k, v, k_cache, v_cache, lens, bias);
 }
 
-at::Tensor decode_linear_autograd(const at::Tensor& x, const at::Tensor& weight) {
-  check_no_grad("decode_linear", {{&x, "x"}, {&weight, "weight"}});
-  static const auto op = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("holokv::decode_linear", "")
-                              .typed<decltype(decode_linear_autograd)>();
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(x, weight);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(holokv, Autograd, m) {
   m.impl("holo_decode", &holo_decode_autograd);
   m.impl("holo_append", &holo_append_autograd);
   m.impl("append_entries", &append_entries_autograd);
-  m.impl("decode_linear", &decode_linear_autograd);
 }
 
 }  // namespace holokv

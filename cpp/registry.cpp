@@ -26,7 +26,6 @@ TORCH_LIBRARY(holokv, m) {
   m.def(
       "append_entries(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, "
       "Tensor(d!)? bias=None) -> ()");
-  m.def("decode_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("batched_eigh(Tensor a) -> (Tensor w, Tensor v, Tensor info)");
   m.def("batched_cholesky_solve(Tensor a, Tensor b) -> (Tensor x, Tensor info)");
 }

@@ -1,5 +1,5 @@
-// Warp-level primitives shared by the tensor-core kernels (holo_decode's, decode_linear's): 16-bit pairs,
-// mma.m16n8k16 with fp32 accumulation, ldmatrix, and 16-byte asynchronous copies to shared memory.
+// Warp-level primitives of the tensor-core decode kernel: 16-bit pairs, mma.m16n8k16 with fp32 accumulation,
+// ldmatrix, and 16-byte asynchronous copies to shared memory.
 #pragma once
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>

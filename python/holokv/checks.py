@@ -147,21 +147,6 @@ def append_entries(k, v, k_cache, v_cache, lens_, bias) -> bool:
     return per_head
 
 
-DECODE_LINEAR_ROWS = 16
-
-
-def decode_linear(x, weight) -> None:
-    float_tensor(x, "x")
-    float_tensor(weight, "weight")
-    same_device(weight, x, "weight", "x")
-    check(weight.dtype == x.dtype, "weight has dtype ", weight.dtype, " but x has ", x.dtype)
-    check(x.dim() == 2, "x must be [M, K], got ", shape(x))
-    check(x.shape[0] <= DECODE_LINEAR_ROWS, "x holds ", x.shape[0], " rows; decode_linear serves at most ",
-          DECODE_LINEAR_ROWS, " (a decode step's tokens)")
-    check(weight.dim() == 2 and weight.shape[1] == x.shape[1], "weight must be [N, K] with K = x.size(1) = ",
-          x.shape[1], ", got ", shape(weight))
-
-
 def fp32_batch(t: torch.Tensor, name: str, layout: str) -> None:
     check(t.dtype == torch.float32, name, " must be float32, got ", t.dtype)
     check(t.dim() == 3, name, " must be ", layout, ", got ", shape(t))

@@ -34,12 +34,6 @@ def _append_entries_fake(k, v, k_cache, v_cache, lens, bias=None):
     return None  # mutates its cache arguments in place
 
 
-@torch.library.register_fake("holokv::decode_linear")
-def _decode_linear_fake(x, weight):
-    checks.decode_linear(x, weight)
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
 @torch.library.register_fake("holokv::batched_eigh")
 def _batched_eigh_fake(a):
     checks.batched_eigh(a)

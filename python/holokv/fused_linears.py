@@ -1,6 +1,5 @@
-"""The linear layers of a decode step (``Decoder(fuse=True)``): one GEMM for those of a module that read the same
-input (the attention's q/k/v projections, the MLP's gate/up), and :func:`holokv.decode_linear` for every GEMM of
-a decode step's few rows (the o and down projections and the LM head too).
+"""One GEMM for the linear layers of a module that read the same input: the attention's q/k/v projections,
+the MLP's gate/up (``Decoder(fuse=True)``).
 
 At decode batch sizes a projection is a matrix-vector product bound by its weight's bytes, and each GEMM
 launch pays a fixed cost (ramp-up, a split-K reduction) that a small weight does not amortize: Llama-3-8B's
@@ -8,7 +7,7 @@ k and v projections are 8 MB each. The members' weights become views of one buff
 held twice, the parameters' names and the state dict are unchanged, and a model fused before is not copied
 again). While a decode step runs, the first member called computes every member's output in one GEMM and
 the others take theirs. A member called on another input (or twice) recomputes, so any call order still gives
-each call its own result. A layer alone (o, down, the head) is a group of one.
+each call its own result.
 """
 from __future__ import annotations
 
@@ -18,18 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",), ("lm_head",))
-HALF = (torch.float16, torch.bfloat16)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, by :func:`holokv.decode_linear` where x holds a decode step's few rows (CUDA, 16-bit, no
-    bias): it reads the weight closer to the bandwidth than cuBLAS at these shapes (``holokv bench linear``)."""
-    rows = x.numel() // x.shape[-1]
-    if bias is None and x.is_cuda and x.dtype in HALF and rows <= 16 and x.is_contiguous() \
-            and weight.is_contiguous():
-        return torch.ops.holokv.decode_linear(x.view(rows, x.shape[-1]), weight).view(*x.shape[:-1], -1)
-    return F.linear(x, weight, bias)
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -71,7 +59,7 @@ class SharedInput:
 
     def output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if x is not self.source or name not in self.pending:
-            self.pending = dict(zip(self.names, linear(x, self.weight, self.bias).split(self.sizes, -1)))
+            self.pending = dict(zip(self.names, F.linear(x, self.weight, self.bias).split(self.sizes, -1)))
             self.source = x
         out = self.pending.pop(name)
         if not self.pending:

@@ -146,20 +146,6 @@ def append_entries(k, v, k_cache, v_cache, lens, bias=None) -> None:
     ops.append_entries(k, v, k_cache, v_cache, lens, bias)
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for the few tokens of a decode step: x ``[M, K]`` with M <= 16, weight ``[N, K]`` (an
-    ``nn.Linear`` weight, x's dtype), both contiguous -> ``[M, N]`` in x's dtype, accumulated in fp32 for 16-bit
-    inputs.
-
-    At decode batch sizes a linear layer is a read of its weight; on CUDA, for float16 and bfloat16 with K a
-    multiple of 8 and 16-byte aligned tensors, one launch streams the weight through tensor cores with its
-    split over K summed inside each block (no workspace, no second kernel). Other dtypes and layouts, and the
-    CPU, compute the same product with a plain GEMM. :mod:`holokv.fused_linears` uses it in decode steps where
-    it is measured faster than the BLAS GEMM. Not differentiable.
-    """
-    return ops.decode_linear(x, weight)
-
-
 def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigendecomposition of a batch of symmetric matrices, without host synchronization.
 

@@ -104,11 +104,6 @@ def holo_decode_ref(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_
     return out.view(B, Hq, d)
 
 
-def decode_linear_ref(x, weight):
-    """Reference for ``torch.ops.holokv.decode_linear``: ``x @ weight.T`` in float64, rounded to x's dtype."""
-    return (x.double() @ weight.double().T).to(x.dtype)
-
-
 def closed_tokens_ref(valid: int, sinks: int, k: int, exact_share: float) -> int:
     """HoloKV's closing rule for one sequence (``HoloSpec.rule``): tokens superposed once ``valid`` are held."""
     s = min(valid, sinks)

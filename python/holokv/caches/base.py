@@ -94,7 +94,7 @@ class FullLayer(CacheLayerMixin):
             outs.append(self.decode(q[:, :, i], k[:, :, i], v[:, :, i], scale))
             if not self.deferred:
                 self.after_token()
-        return torch.stack(outs, 1)
+        return outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, 1)  # a decode step copies nothing
 
     def prefill(self, q, k, v, mask, scale, pads: torch.Tensor) -> torch.Tensor:
         out = exact_attention(q, k, v, mask, scale)

@@ -1,11 +1,11 @@
 // CUDA implementation of holokv::holo_decode (split-KV "flash decoding").
 //
-// Grid (splits / warps, Hkv, B), as many warps a block as keep the most warps
-// resident (see block_shape). Each warp owns a split of one
-// (sequence, KV head)'s entries and serves all G query heads of that KV head, so
-// every K/V byte is read from HBM once. The split count fills the GPU's resident
-// warps once (no partial last wave); the kernels share each row's entries evenly
-// over its warps from the lengths on the device. Two split kernels:
+// Grid (blocks a row, Hkv, B), as many warps a block as keep the most warps
+// resident (see block_shape). Each warp owns a share of one (sequence, KV head)'s
+// entries and serves all G query heads of that KV head, so every K/V byte is read
+// from HBM once. The blocks fill the GPU's resident warps once (no partial last
+// wave); the kernels share each row's entries evenly over its warps from the
+// lengths on the device. Two split kernels:
 //   decode_mma.cuh   tensor cores, one score per entry (aligned mode, k = 1, SRC's
 //                    compacted cache), 16-bit caches, G <= 16;
 //   decode_simt.cuh  CUDA cores, everything else (full mode's k scores per slot, fp32).

@@ -78,3 +78,14 @@ def edited(make, **changes):
     for name, fn in changes.items():
         args[name] = fn(args[name])
     return args
+
+
+def bad_tokens(edit, cache_name: str):
+    """The bad new tokens holo_append and append_entries reject alike (the shared checks of an append's k, v and
+    cache), as (arguments, message) cases; ``edit``: :func:`edited` of the op's arguments."""
+    return [
+        (edit(k=lambda t: t.int()), "k must be a floating-point"),
+        (edit(k=lambda t: t[None]), r"k must be \[B, Hkv, head_dim\]"),
+        (edit(v=lambda t: t[:1]), r"v must be \[B, Hkv, head_dim\]"),
+        (edit(**{cache_name: lambda t: t.double()}), f"{cache_name} has dtype"),
+    ]

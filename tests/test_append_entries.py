@@ -9,7 +9,7 @@ import torch
 import holokv
 from holokv.reference import append_entries_ref
 
-from cases import edited, entries_args
+from cases import bad_tokens, edited, entries_args
 from conftest import dtype_id, needs_cuda
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -101,10 +101,7 @@ def test_opcheck(device, per_head):
 def bad_entries():
     edit = functools.partial(edited, entries_args)
     return [
-        (edit(k=lambda t: t.int()), "k must be a floating-point"),
-        (edit(k=lambda t: t[None]), r"k must be \[B, Hkv, head_dim\]"),
-        (edit(v=lambda t: t[:1]), r"v must be \[B, Hkv, head_dim\]"),
-        (edit(v_cache=lambda t: t.double()), "v_cache has dtype"),
+        *bad_tokens(edit, "v_cache"),
         (edit(k_cache=lambda t: t[:, :1].contiguous()), r"k_cache must be \[B, Hkv, len, head_dim\]"),
         (edit(v_cache=lambda t: t[:, :, :2].contiguous()), "v_cache holds 2 entries"),
         (edit(k_cache=lambda t: t.transpose(2, 3)), "k_cache must be contiguous"),

@@ -8,7 +8,7 @@ import torch
 
 import holokv
 
-from cases import append_args, decode_args, edited, entries_args
+from cases import append_args, bad_tokens, decode_args, edited, entries_args
 
 ops = torch.ops.holokv
 
@@ -46,10 +46,7 @@ def test_one_argument_on_another_device(op, name, on_meta):
 def bad_appends():
     edit = functools.partial(edited, append_args)
     return [
-        (edit(k=lambda t: t.int()), "k must be a floating-point"),
-        (edit(k=lambda t: t[None]), r"k must be \[B, Hkv, head_dim\]"),
-        (edit(v=lambda t: t[:1]), r"v must be \[B, Hkv, head_dim\]"),
-        (edit(v_tail=lambda t: t.double()), "v_tail has dtype"),
+        *bad_tokens(edit, "v_tail"),
         (edit(k_slots=lambda t: t[:, :1]), r"k_slots must be \[B, Hkv, len, head_dim\]"),
         (edit(v_slots=lambda t: t[:, :, :2]), "v_slots holds 2 slots"),
         (edit(k_tail=lambda t: t[:, :, :0], v_tail=lambda t: t[:, :, :0]), "k_tail must have room"),

@@ -1,20 +1,22 @@
 // CUDA kernel of holokv::holo_append (the CPU kernel, holo_append_cpu.cpp, says what it does).
 //
-// One block per sequence serves all its KV heads, K and V, so the sequence's counters are
-// read once and advanced by the block's last step without a race. Each thread owns columns
-// (K or V, head, dimension) through every row it touches, so its reads and writes of a column
-// keep their order with no barrier. The step is a chain of dependent memory round trips, so
-// it is built to have two: what does not depend on the counters (the new values, the phase
-// keys) is loaded while they are, then every row a thread's columns read (a closing slot's k
-// exact rows, a batch of sinks) at once; only then are rows written. A slot that closes is
-// summed in registers and written once (in the row slot_row gives: a window's ring overwrites
-// its oldest); the sinks move past it through registers, 4 rows a round trip. Slots are never
-// read back. Capacity cannot be checked on the host without a sync: a sequence that would
-// overflow (or whose counters are not a reachable state) is left unchanged with
-// tail_lens = T + 1, which holo_decode turns into NaN.
+// Each sequence's columns (K or V, head, dimension) are shared by the `parts` blocks of one thread block
+// cluster (Hopper on; one block a sequence before it), so a step's few kilobytes a sequence are not a
+// single block's serial chain of loads. Every block reads the sequence's counters; once the whole cluster
+// has (a cluster barrier), the cluster's first block advances them, without a race. Each thread owns
+// columns through every row it touches, so its reads and writes of a column keep their order with no
+// barrier. The step is a chain of dependent memory round trips, so it is built to have two: what does not
+// depend on the counters (the new values, the phase keys) is loaded while they are, then every row a
+// thread's columns read (a closing slot's k exact rows, a batch of sinks) at once; only then are rows
+// written. A slot that closes is summed in registers and written once (in the row slot_row gives: a
+// window's ring overwrites its oldest); the sinks move past it through registers, 4 rows a round trip.
+// Slots are never read back. Capacity cannot be checked on the host without a sync: a sequence that would
+// overflow (or whose counters are not a reachable state) is left unchanged with tail_lens = T + 1, which
+// holo_decode turns into NaN.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 
 #include "checks.h"
 #include "decode_common.cuh"
@@ -39,20 +41,30 @@ __device__ __forceinline__ void load_phases(A (&x)[N], const void* phase, int64_
   }
 }
 
+// Every block of a sequence has read its counters (a cluster's blocks, or one block's threads).
+__device__ __forceinline__ void counters_read(int parts) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (parts > 1) return cooperative_groups::this_cluster().sync();
+#endif
+  __syncthreads();
+}
+
 // KK = k tokens a slot; C columns a thread serves at once (in blocks of at most APPEND_THREADS, which leave
-// each thread the registers for C columns' rows)
+// each thread the registers for C columns' rows); `parts` blocks a sequence, one cluster
 constexpr int APPEND_THREADS = 512;
+constexpr int CLUSTER_THREADS = 256, MAX_PARTS = 8;  // 8: the portable cluster size
 template <typename T, int KK, int C>
 __global__ void __launch_bounds__(APPEND_THREADS)
     holo_append_kernel(const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ phase,
                        Dtype phase_dtype, T* __restrict__ k_slots, T* __restrict__ v_slots, T* __restrict__ k_tail,
                        T* __restrict__ v_tail, int64_t* __restrict__ slot_lens, int64_t* __restrict__ tail_lens,
                        int64_t* __restrict__ tail_start, int64_t* __restrict__ evicted, int H, int S, int T_, int D,
-                       int64_t sinks, double exact_share, int64_t W) {
+                       int64_t sinks, double exact_share, int64_t W, int parts) {
   using acc_t = at::opmath_type<T>;
-  const int b = blockIdx.x, HD = H * D;
+  const int b = blockIdx.x / parts, part = blockIdx.x % parts, HD = H * D;
   const int64_t base = int64_t(b) * H;
-  const int i0 = threadIdx.x;  // the first group of columns: its new values and phase keys go out with the counters
+  // the first group of columns: its new values and phase keys go out with the counters
+  const int i0 = part * C * int(blockDim.x) + threadIdx.x, stride = parts * C * int(blockDim.x);
   T x[C];
   acc_t ph[C][KK];
 #pragma unroll
@@ -66,9 +78,10 @@ __global__ void __launch_bounds__(APPEND_THREADS)
   const int64_t close = closed_tokens(valid, sinks, KK, exact_share) - sl, held = slots_held(sl + close, KK, W);
   const bool bad = !slot_counters_ok(sl, ev, KK, S, W) || tl < 0 || tl > T_ || start < 0 || start >= T_ ||
                    held > int64_t(S) * KK || tl - close + 1 > T_;
-  __syncthreads();  // every thread has read the counters before thread 0 may change them
+  counters_read(parts);  // before the first block's thread 0 may change them
+  const bool advances = part == 0 && threadIdx.x == 0;
   if (bad) {
-    if (threadIdx.x == 0) tail_lens[b] = T_ + 1;
+    if (advances) tail_lens[b] = T_ + 1;
     return;
   }
   // past the checks every count fits an int (rows below 2 T, slots below S k): fewer registers
@@ -78,7 +91,7 @@ __global__ void __launch_bounds__(APPEND_THREADS)
   const auto row = [&](int i) { return first + i >= T_ ? first + i - T_ : first + i; };  // no division
   const int64_t slot0 = slot_row(sl, ev, 0, KK, W);
   const acc_t norm = acc_t(1.0 / sqrt(double(KK)));
-  for (int g = i0; g < 2 * HD; g += C * blockDim.x) {
+  for (int g = i0; g < 2 * HD; g += stride) {
     T* th[C];
     T* sh[C];
     T r[C][KK], sk[C][SINK_BATCH];
@@ -130,8 +143,7 @@ __global__ void __launch_bounds__(APPEND_THREADS)
       th[c][row(filled) * D] = x[c];
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  if (advances) {  // no later read of a counter: the other threads need not wait
     tail_start[b] = row(shut), tail_lens[b] = tl + 1 - close, slot_lens[b] = held;
     if (evicted) evicted[b] = ev + sl + close - held;
   }
@@ -143,16 +155,36 @@ void launch_append(const AppendDims& ad, const at::Tensor& k, const at::Tensor& 
                    const at::Tensor& v_tail, const at::Tensor& slot_lens, const at::Tensor& tail_lens,
                    const at::Tensor& tail_start, int64_t sinks, double exact_share, int64_t window_slots,
                    const std::optional<at::Tensor>& evicted) {
-  constexpr int C = KK <= 4 ? 4 : KK == 8 ? 2 : 1;
-  // a block per sequence, a thread per C columns of K and V where they fit in one block
-  const int threads = int(std::min<int64_t>(APPEND_THREADS, (ceil_div(2 * ad.H * ad.D, C) + 31) / 32 * 32));
-  holo_append_kernel<T, KK, C><<<unsigned(ad.B), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      k.data_ptr<T>(), v.data_ptr<T>(), phase.data_ptr(), dtype_code(phase), k_slots.data_ptr<T>(),
-      v_slots.data_ptr<T>(), k_tail.data_ptr<T>(), v_tail.data_ptr<T>(), slot_lens.data_ptr<int64_t>(),
-      tail_lens.data_ptr<int64_t>(), tail_start.data_ptr<int64_t>(),
-      window_slots ? evicted->data_ptr<int64_t>() : nullptr, int(ad.H), int(ad.S), int(ad.T), int(ad.D), sinks,
-      exact_share, window_slots);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t columns = 2 * ad.H * ad.D;
+  // Hopper on: a cluster of blocks a sequence, a column a thread; before: a block a sequence, a thread per C
+  // columns where they fit in one block
+  const int parts = at::cuda::getCurrentDeviceProperties()->major >= 9
+                        ? int(std::min<int64_t>(MAX_PARTS, ceil_div(columns, CLUSTER_THREADS)))
+                        : 1;
+  constexpr int C_ONE = KK <= 4 ? 4 : KK == 8 ? 2 : 1;
+  const auto launch = [&](auto kernel, int C) {
+    const int threads = int(std::min<int64_t>(parts > 1 ? CLUSTER_THREADS : APPEND_THREADS,
+                                              (ceil_div(ceil_div(columns, parts), C) + 31) / 32 * 32));
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(unsigned(ad.B * parts));
+    config.blockDim = dim3(unsigned(threads));
+    config.stream = at::cuda::getCurrentCUDAStream();
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = unsigned(parts), cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = parts > 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(
+        &config, kernel, k.data_ptr<T>(), v.data_ptr<T>(), phase.data_ptr(), dtype_code(phase),
+        k_slots.data_ptr<T>(), v_slots.data_ptr<T>(), k_tail.data_ptr<T>(), v_tail.data_ptr<T>(),
+        slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(), tail_start.data_ptr<int64_t>(),
+        window_slots ? evicted->data_ptr<int64_t>() : nullptr, int(ad.H), int(ad.S), int(ad.T), int(ad.D), sinks,
+        exact_share, window_slots, parts));
+  };
+  if (parts > 1)
+    launch(holo_append_kernel<T, KK, 1>, 1);
+  else
+    launch(holo_append_kernel<T, KK, C_ONE>, C_ONE);
 }
 
 }  // namespace

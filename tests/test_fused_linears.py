@@ -17,7 +17,7 @@ def test_weights_become_views_of_one_buffer():
     model = tiny_llama()
     before = {n: p.clone() for n, p in model.state_dict().items()}
     fused = FusedLinears(model)
-    assert len(fused.groups) == 2 * model.config.num_hidden_layers
+    assert len(fused.groups) == 4 * model.config.num_hidden_layers + 1  # q/k/v, gate/up, o, down; the head
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         assert storage(a.q_proj.weight) == storage(a.k_proj.weight) == storage(a.v_proj.weight)

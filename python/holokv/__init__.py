@@ -8,11 +8,12 @@ import torch
 
 from . import _C  # noqa: F401  registers torch.ops.holokv
 from . import _build_info, autograd, fake  # noqa: F401
+from .decode_linear import decode_linear
 from .ops import (append_entries, batched_cholesky_solve, batched_eigh, holo_append, holo_decode, phase_keys,
                   superpose)
 
-__all__ = ["append_entries", "batched_cholesky_solve", "batched_eigh", "build_info", "holo_append", "holo_decode",
-           "phase_keys", "superpose"]
+__all__ = ["append_entries", "batched_cholesky_solve", "batched_eigh", "build_info", "decode_linear", "holo_append",
+           "holo_decode", "phase_keys", "superpose"]
 __version__ = "0.1.0"
 
 

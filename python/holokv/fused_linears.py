@@ -1,5 +1,8 @@
-"""One GEMM for the linear layers of a module that read the same input: the attention's q/k/v projections,
-the MLP's gate/up (``Decoder(fuse=True)``).
+"""The linear layers of a decode step (``Decoder(fuse=True)``): one GEMM for those of a module that read the same
+input (the attention's q/k/v projections, the MLP's gate/up), and :func:`holokv.decode_linear.decode_linear` for
+the layers alone (the o and down projections, the LM head), which cuBLAS reads furthest from the bandwidth at a
+decode step's few rows. (``holokv bench linear`` on an H200: it beats cuBLAS for o, down and the head, not for the
+fused q/k/v and gate/up, which stay cuBLAS GEMMs.)
 
 At decode batch sizes a projection is a matrix-vector product bound by its weight's bytes, and each GEMM
 launch pays a fixed cost (ramp-up, a split-K reduction) that a small weight does not amortize: Llama-3-8B's
@@ -7,7 +10,7 @@ k and v projections are 8 MB each. The members' weights become views of one buff
 held twice, the parameters' names and the state dict are unchanged, and a model fused before is not copied
 again). While a decode step runs, the first member called computes every member's output in one GEMM and
 the others take theirs. A member called on another input (or twice) recomputes, so any call order still gives
-each call its own result.
+each call its own result. A layer alone (o, down, the head) is a group of one.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+from .decode_linear import linear
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",), ("lm_head",))
 
 
 def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -48,6 +53,7 @@ class SharedInput:
             if b is not None and m.bias.data_ptr() != b.data_ptr():
                 m.bias = nn.Parameter(b, requires_grad=m.bias.requires_grad)
         self.source, self.pending = None, {}
+        self.gemm = linear if len(self.members) == 1 else F.linear
 
     def _bias_parts(self):
         return [None] * len(self.sizes) if self.bias is None else self.bias.split(self.sizes)
@@ -59,7 +65,7 @@ class SharedInput:
 
     def output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if x is not self.source or name not in self.pending:
-            self.pending = dict(zip(self.names, F.linear(x, self.weight, self.bias).split(self.sizes, -1)))
+            self.pending = dict(zip(self.names, self.gemm(x, self.weight, self.bias).split(self.sizes, -1)))
             self.source = x
         out = self.pending.pop(name)
         if not self.pending:

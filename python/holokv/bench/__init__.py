@@ -10,6 +10,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "stream": ("src_stream", "SRC's decode-time compression: its cost per generated token"),
     "e2e": ("e2e", "a Llama-3-8B-shaped model decoding with each cache against transformers' StaticCache"),
     "prefill": ("prefill", "HoloKV's training attention, forward and backward, against SDPA's"),
+    "linear": ("linear", "a decode step's linear layers: decode_linear (Triton) against cuBLAS"),
 }
 
 

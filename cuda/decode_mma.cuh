@@ -20,13 +20,9 @@
 // to the cache dtype for its mma, as flash attention does.
 //
 // At the end the block's warps merge their (max, sum, O) in shared memory: a block
-// that covers its row writes the output itself; where a row's blocks form a thread
-// block cluster (Hopper on), they merge their partials through distributed shared
-// memory and write it too; otherwise each block's partial goes to the merge kernel
-// (one per block, not one per warp).
+// that covers its row writes the output itself, otherwise its partial goes to the
+// merge kernel (one per block, not one per warp).
 #pragma once
-#include <cooperative_groups.h>
-
 #include <climits>
 #include <type_traits>
 
@@ -39,39 +35,6 @@ namespace {
 constexpr int MMA_STAGES = 2;
 template <typename T, int D>
 constexpr int mma_warp_bytes() { return MMA_STAGES * 2 * 32 * D * int(sizeof(T)) + 32 * int(sizeof(float)); }
-// after the warps' regions, the block's merged partial: O [G][D], then (max, sum) per head, G <= 16
-template <int D>
-constexpr int mma_block_bytes() { return (16 * D + 32) * int(sizeof(float)); }
-
-// The row's blocks, one cluster, merge the partials that each left in its shared memory (`merged`) and write
-// the output, each block a share of it.
-template <typename T>
-__device__ __forceinline__ void cluster_merge(const float* merged, int G, int D, T* out) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();  // every block's partial is in place
-  const int parts = int(gridDim.x);
-  for (int i = int(blockIdx.x * blockDim.x + threadIdx.x); i < G * D; i += parts * int(blockDim.x)) {
-    const int h = i / D;
-    float mx = NEG_INF, num = 0.f, den = 0.f;
-    bool bad = false;
-    for (int r = 0; r < parts; ++r) {
-      const float* ml = cluster.map_shared_rank(merged, r) + G * D + 2 * h;
-      bad |= isnan(ml[0]) || isnan(ml[1]);
-      mx = fmaxf(mx, ml[0]);
-    }
-    if (mx != NEG_INF)
-      for (int r = 0; r < parts; ++r) {
-        const float* part = cluster.map_shared_rank(merged, r);
-        const float wt = __expf(part[G * D + 2 * h] - mx);
-        den += part[G * D + 2 * h + 1] * wt, num += part[i] * wt;
-      }
-    out[i] = T(bad ? NAN : mx == NEG_INF ? 0.f : num / den);
-  }
-  cluster.sync();  // no block leaves while another reads its shared memory
-#endif
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeParams p) {
@@ -285,8 +248,6 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   const float* regions = reinterpret_cast<const float*>(smem4);
   const int ml_at = MMA_STAGES * 2 * 32 * D * int(sizeof(T)) / int(sizeof(float));
   const int64_t head0 = int64_t(b) * p.Hq + int64_t(kvh) * G;
-  float* merged = reinterpret_cast<float*>(smem4) + warps * WARP_FLOATS;  // a cluster's: the block's partial
-  const bool clustered = p.out && gridDim.x > 1;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
     const int h = i / D, d = i % D;
     float mx = NEG_INF, num = 0.f, den = 0.f;
@@ -302,10 +263,7 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
         const float wt = __expf(ml[0] - mx);
         den += ml[1] * wt, num += regions[w * WARP_FLOATS + i] * wt;
       }
-    if (clustered) {
-      merged[i] = num;
-      if (d == 0) merged[G * D + 2 * h] = bad ? NAN : mx, merged[G * D + 2 * h + 1] = den;
-    } else if (p.out) {
+    if (p.out) {
       static_cast<T*>(p.out)[(head0 + h) * D + d] = T(bad ? NAN : mx == NEG_INF ? 0.f : num / den);
     } else {
       const int64_t row = (head0 + h) * p.splits + blockIdx.x;
@@ -313,7 +271,6 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
       if (d == 0) p.part_ml[row * 2] = bad ? NAN : mx, p.part_ml[row * 2 + 1] = den;
     }
   }
-  if (clustered) cluster_merge(merged, G, D, static_cast<T*>(p.out) + head0 * D);
 }
 
 }  // namespace

@@ -10,8 +10,7 @@
 //                    compacted cache), 16-bit caches, G <= 16;
 //   decode_simt.cuh  CUDA cores, everything else (full mode's k scores per slot, fp32).
 // A second kernel merges the splits' (max, sum, acc) into the output, unless the
-// tensor-core kernel's blocks, which merge their warps, cover a row each or form a
-// cluster a row (Hopper on), whose blocks merge through distributed shared memory.
+// tensor-core kernel's blocks, which merge their warps, cover a row each.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -99,57 +98,22 @@ std::pair<int, int> block_shape(Kernel kernel, SmemBytes smem_bytes, int G) {
   return known[key] = best;
 }
 
-// Whether a row's `blocks` blocks of `kernel` can form one cluster with every row's cluster resident at once
-// (up to 16 blocks, Hopper's non-portable size): then they merge their partials themselves. Found once per
-// shape and device.
-template <typename Kernel>
-bool cluster_fits(Kernel kernel, const cudaLaunchConfig_t& config, int64_t rows) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, unsigned, unsigned, unsigned, size_t, int>, bool> known;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const int device = int(at::cuda::current_device());
-  const unsigned blocks = config.gridDim.x;
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), blocks, config.gridDim.y * config.gridDim.z,
-                                   config.blockDim.x, config.dynamicSmemBytes, device);
-  if (auto it = known.find(key); it != known.end()) return it->second;
-  bool fits = false;
-  if (at::cuda::getCurrentDeviceProperties()->major >= 9 && blocks > 1 && blocks <= 16) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    int clusters = 0;
-    fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters >= rows;
-    (void)cudaGetLastError();  // a size the device refuses is an answer, not an error
-  }
-  return known[key] = fits;
-}
-
 // Split-KV launch of `kernel` with `smem_bytes(warps)` of shared memory per block (block_shape's warps), enough
 // blocks to fill the GPU's resident ones once, no more than the capacity's 32-entry tiles need; then the merge.
-// A split is a block's warps merged in the block (`block_merge`: a block that covers its row, or a row's
-// blocks that form a cluster, write the output and no merge runs) or a single warp. The kernels share each
-// row's entries evenly over its warps themselves.
+// A split is a block's warps merged in the block (`block_merge`: a block that covers its row writes the output
+// and no merge runs) or a single warp. The kernels share each row's entries evenly over its warps themselves.
 template <typename T, typename Kernel, typename SmemBytes>
 void launch_split(Kernel kernel, SmemBytes smem_bytes, bool block_merge, DecodeParams p, const DecodeDims& dd,
                   at::Tensor& out, cudaStream_t stream) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const auto [warps, per_sm] = block_shape(kernel, smem_bytes, int(dd.G));
+  const size_t smem = smem_bytes(warps);
   const int64_t rows = dd.B * dd.Hkv, tiles = ceil_div(dd.S + dd.T, 32);
   const int64_t blocks = std::clamp<int64_t>(int64_t(prop->multiProcessorCount) * per_sm / rows, 1,
                                              ceil_div(tiles, warps));
   p.splits = int(block_merge ? blocks : std::min(blocks * warps, tiles));
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(block_merge ? blocks : ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
-  config.blockDim = dim3(unsigned(warps * 32));
-  config.dynamicSmemBytes = smem_bytes(warps);
-  config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = config.gridDim.x, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  const bool clustered = block_merge && cluster_fits(kernel, config, rows);
-  config.numAttrs = clustered;
   at::Tensor part_o, part_ml;
-  if (block_merge && (blocks == 1 || clustered)) {
+  if (block_merge && blocks == 1) {
     p.out = out.data_ptr();
   } else {
     part_o = at::empty({dd.B, dd.Hq, p.splits, dd.D}, out.options().dtype(at::kFloat));
@@ -157,7 +121,9 @@ void launch_split(Kernel kernel, SmemBytes smem_bytes, bool block_merge, DecodeP
     p.part_o = part_o.data_ptr<float>();
     p.part_ml = part_ml.data_ptr<float>();
   }
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  dim3 grid(unsigned(block_merge ? blocks : ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
+  kernel<<<grid, warps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.out) return;
   // a warp a split, up to MERGE_WARPS: few splits (large batches) need no 1024-thread blocks
   const int merge_warps = int(std::min<int64_t>(MERGE_WARPS, p.splits));
@@ -180,8 +146,7 @@ template <typename T, int D>
 void launch_phases(const DecodeParams& p, const DecodeDims& dd, int kp, at::Tensor& out, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (use_mma(out.scalar_type(), kp, dd.G))
-      return launch_split<T>(holo_decode_mma_kernel<T, D>,
-                             [](int warps) { return size_t(warps) * mma_warp_bytes<T, D>() + mma_block_bytes<D>(); },
+      return launch_split<T>(holo_decode_mma_kernel<T, D>, [](int warps) { return size_t(warps) * mma_warp_bytes<T, D>(); },
                              true, p, dd, out, stream);
   }
   switch (kp) {

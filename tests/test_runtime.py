@@ -58,6 +58,25 @@ def test_buffers_stay_put():
             dec.step(logits.argmax(-1))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_layers_share_one_token_counter_while_deferred(method):
+    """The decoder's steps advance one n_valid for all layers (they read the same tokens), which stays each
+    sequence's true count; undeferred, each layer counts its own again."""
+    model = tiny()
+    ids, mask = prompt()
+    c = cache(method, model)
+    dec = Decoder(model, c, graph=False)
+    logits = dec.prefill(ids, mask, max_new_tokens=5)
+    for _ in range(5):
+        logits = dec.step(greedy(logits))
+    want = (mask.sum(-1) + 5).to(c.layers[0].n_valid)
+    assert all(layer.n_valid is c.layers[0].n_valid for layer in c.layers)
+    assert torch.equal(c.layers[0].n_valid, want)
+    c.defer(False)
+    assert all(torch.equal(layer.n_valid, want) and layer.counts for layer in c.layers)
+    assert c.layers[1].n_valid is not c.layers[0].n_valid
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)

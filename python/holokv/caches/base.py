@@ -56,6 +56,7 @@ class FullLayer(CacheLayerMixin):
         self.seen = 0  # true sequence length, pads included
         self.pending = None  # (k, v) handed over by update(), not read yet
         self.deferred = False  # set by holokv.runtime: it calls after_token() itself, outside the graph
+        self.counts = True  # advances n_valid itself (deferred: only the first layer, the others share its counter)
 
     # ---- life cycle ------------------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -86,7 +87,7 @@ class FullLayer(CacheLayerMixin):
             pads = (torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if mask is None
                     else (~mask[:, 0, -1, :n]).sum(-1))
             self.pads = pads.tolist()  # once per prompt: the prefill may sync
-            self.n_valid = n - pads  # [B] on the device, advanced by every decode step
+            self.n_valid, self.counts = n - pads, True  # [B] on the device, advanced by every decode step
             self.seen = n
             return self.prefill(q, k, v, mask, scale, pads)
         outs = []  # several new tokens: one decode step each, so they read what a decode would
@@ -108,9 +109,14 @@ class FullLayer(CacheLayerMixin):
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """One token per sequence (q [B, Hq, d], k/v [B, Hkv, d]) -> [B, Hq, d]; device state only."""
-        self.n_valid.add_(1)
+        self.count_token()
         self.store.append(k, v)
         return self.store.decode(q, scale)
+
+    def count_token(self) -> None:
+        """n_valid += 1, where this layer advances it (see :meth:`CompressedCache.defer`)."""
+        if self.counts:
+            self.n_valid.add_(1)
 
     def after_token(self) -> None:
         """Host bookkeeping after a decode step (and eager work that cannot be captured)."""
@@ -156,6 +162,7 @@ class FullLayer(CacheLayerMixin):
         self.store.select(indices)
         for name in self.batch_state:
             setattr(self, name, getattr(self, name)[indices])
+        self.counts = True  # n_valid is this layer's own copy now
         self.pads = [self.pads[i] for i in indices.tolist()]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -198,9 +205,15 @@ class CompressedCache(Cache):
             layer.end_prefill()
 
     def defer(self, on: bool = True) -> None:
-        """Whether the caller (holokv.runtime) runs :meth:`after_token` itself, outside a captured step."""
+        """Whether the caller (holokv.runtime) runs :meth:`after_token` itself, outside a captured step. Deferred,
+        the layers, which have read the same tokens, share the first layer's n_valid: one add a step, not one a
+        layer."""
+        lead = self.layers[0]
         for layer in self.layers:
             layer.deferred = on
+            if layer is not lead:
+                layer.n_valid = lead.n_valid if on else lead.n_valid.clone()
+                layer.counts = not on
 
     def after_token(self) -> None:
         for layer in self.layers:

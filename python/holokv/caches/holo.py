@@ -83,7 +83,7 @@ class HoloKVLayer(FullLayer):
         self.reserve(0, exact=True)
 
     def decode(self, q, k, v, scale):
-        self.n_valid.add_(1)
+        self.count_token()
         s = self.store
         torch.ops.holokv.holo_append(k.contiguous(), v.contiguous(), s.phase, s.k_slots, s.v_slots, s.k, s.v,
                                      s.slot_lens, s.lens, s.start, self.spec.sinks, self.spec.exact_share,

@@ -166,7 +166,7 @@ class EvictingLayer(SelectionLayer):
 
     def decode(self, q, k, v, scale):
         s = self.store
-        self.n_valid.add_(1)
+        self.count_token()
         at = s.lens.view(-1, 1, 1).expand(-1, k.shape[1], 1)  # the row the new token goes to
         if "rel" in self.state:
             self.rel.scatter_(2, at, (self.n_valid - 1).view(-1, 1, 1).expand_as(at))

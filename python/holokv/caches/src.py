@@ -268,7 +268,7 @@ class SRCLayer(ReadsBack, FullLayer):
         """Append one token per sequence (to the slots where ``exact_slots``), and its query to the ring; every
         sequence grows by one."""
         self.check_scored()
-        self.n_valid.add_(1)
+        self.count_token()
         if self.exact_slots:
             self.append_slot(k, v)
         else:

@@ -10,7 +10,8 @@
 #                               on the GPU (timings)
 #   gpu_check.sh kernels OUT    holokv bench decode, src, stream and prefill
 #   gpu_check.sh ncu OUT        Nsight Compute on holo_decode's split kernels at the e2e shape (B=16, N=16K,
-#                               Llama-3-8B heads): throughput, memory, warp stalls, occupancy
+#                               Llama-3-8B heads): throughput, memory, warp stalls, occupancy; and on
+#                               holo_append's steps at both e2e points (scripts/append_steps.py), every section
 # A process cut by LIMIT seconds (default 480) says so at the end of its log; the phase's exit status is
 # nonzero if any failed or was cut. Logs and results go to OUT (default bench/results). PY: the interpreter
 # (default python3). TESTS: test files for tests and memcheck instead of every one that mentions CUDA (say, the
@@ -91,7 +92,10 @@ case $phase in
     limited "$out/ncu_decode.txt" ncu -k regex:holo_decode --launch-skip 4 --launch-count 4 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
       --section LaunchStats --section SchedulerStats \
-      "$PY" -m holokv.cli bench decode --batch 16 --tokens 16384 --k 4 --compact-ratio 1 4 --out /tmp
+      "$PY" -m holokv.cli bench decode --batch 16 --tokens 16384 --k 4 --compact-ratio 1 4 --out /tmp || status=1
+    limited "$out/ncu_append.txt" ncu -k regex:holo_append --launch-count 16 --set full "$PY" scripts/append_steps.py ||
+      status=1
+    exit ${status:-0}
     ;;
   *)
     echo "unknown phase $phase: build, tests, memcheck, e2e, kernels or ncu" >&2

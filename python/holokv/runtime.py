@@ -15,7 +15,8 @@ Room for every planned token is reserved after the prefill, so no buffer moves w
 (:mod:`holokv.compiled_layers`; the first step then compiles, which takes a while). With ``graph=False``, on
 CPU, or while torch's caching allocator is off (a capture cannot allocate then: compute-sanitizer runs) the
 same steps run eagerly. ``fuse=True`` (the default) computes the linear layers that read one input (q/k/v,
-gate/up) by one GEMM each in the decode steps (:mod:`holokv.fused_linears`; their weights become views of one
+gate/up) by one GEMM each in the decode steps, and the layers alone (o, down, the head) by
+:func:`holokv.decode_linear.decode_linear` (:mod:`holokv.fused_linears`; the fused weights become views of one
 buffer).
 """
 from __future__ import annotations

@@ -19,9 +19,11 @@ void append_entries_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tens
   for (int64_t b = 0; b < ed.B; ++b)
     for (int64_t h = 0; h < ed.H; ++h) {
       const int64_t at = n[ed.per_head ? b * ed.H + h : b], head = b * ed.H + h;
-      for (auto [src, dst] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}})
+      for (auto [src, dst] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}})  // new rows at any strides
         std::memcpy(static_cast<char*>(dst->data_ptr()) + (head * ed.cap + at) * row_bytes,
-                    static_cast<const char*>(src->data_ptr()) + head * row_bytes, row_bytes);
+                    static_cast<const char*>(src->data_ptr()) +
+                        (b * src->stride(0) + h * src->stride(1)) * src->element_size(),
+                    row_bytes);
       if (bias) std::memset(static_cast<char*>(bias->data_ptr()) + (head * ed.cap + at) * bias->element_size(), 0,
                             bias->element_size());  // +0.0 in every float dtype
     }

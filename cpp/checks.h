@@ -121,10 +121,19 @@ inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slo
   return {B, Hq, Hkv, Hq / Hkv, k_slots.size(2), k_tail.size(2), D, phase.size(0), mode == "aligned", per_head};
 }
 
+// An append's new tokens [B, Hkv, head_dim] may be a view with any batch and head strides (a model's v is a slice
+// of its fused projection's output: a copy would cost a launch a layer); each token's row must be contiguous.
+inline void check_token_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 3, name, " must be [B, Hkv, head_dim] (one new token per sequence), got ", t.sizes());
+  TORCH_CHECK(t.stride(2) == 1 || t.size(2) <= 1, name,
+              " must have contiguous rows (stride 1 along head_dim), got strides ", t.strides(),
+              " (call .contiguous() first)");
+}
+
 // The new tokens k [B, Hkv, head_dim] of an append, one per sequence; returns {B, Hkv, head_dim}.
 inline std::array<int64_t, 3> check_new_tokens(const at::Tensor& k) {
-  check_float_tensor(k, "k");
-  TORCH_CHECK(k.dim() == 3, "k must be [B, Hkv, head_dim] (one new token per sequence), got ", k.sizes());
+  check_token_rows(k, "k");
   return {k.size(0), k.size(1), k.size(2)};
 }
 
@@ -133,7 +142,10 @@ inline void check_like_tokens(const at::Tensor& k, const at::Tensor& v,
                               std::initializer_list<std::pair<const at::Tensor*, const char*>> cache) {
   const int64_t B = k.size(0), H = k.size(1), D = k.size(2);
   const auto check = [&](const at::Tensor& t, const char* name, int64_t rank) {
-    check_float_tensor(t, name);
+    if (rank == 3)
+      check_token_rows(t, name);
+    else
+      check_float_tensor(t, name);
     check_same_device(t, k, name, "k");
     TORCH_CHECK(t.scalar_type() == k.scalar_type(), name, " has dtype ", t.scalar_type(), " but k has ",
                 k.scalar_type());

@@ -65,7 +65,7 @@ void holo_append_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
           }
           for (int64_t i = n_sinks - 1; close > 0 && i >= 0; --i)  // sinks move past the closed rows, last first
             for (int64_t d = 0; d < D; ++d) th[row(close + i) * D + d] = th[row(i) * D + d];
-          const scalar_t* xr = x->data_ptr<scalar_t>() + (b * H + h) * D;
+          const scalar_t* xr = x->data_ptr<scalar_t>() + b * x->stride(0) + h * x->stride(1);  // any strides
           for (int64_t d = 0; d < D; ++d) th[row(tl[b]) * D + d] = xr[d];  // (start + close) + (tl - close)
         }
       }

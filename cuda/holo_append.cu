@@ -49,6 +49,11 @@ __device__ __forceinline__ void counters_read(int parts) {
   __syncthreads();
 }
 
+// The batch and head strides of the new k and v rows (elements; a row itself is contiguous).
+struct RowStrides {
+  int64_t kb, kh, vb, vh;
+};
+
 // KK = k tokens a slot; C columns a thread serves at once (in blocks of at most APPEND_THREADS, which leave
 // each thread the registers for C columns' rows); `parts` blocks a sequence, one cluster
 constexpr int APPEND_THREADS = 512;
@@ -59,10 +64,15 @@ __global__ void __launch_bounds__(APPEND_THREADS)
                        Dtype phase_dtype, T* __restrict__ k_slots, T* __restrict__ v_slots, T* __restrict__ k_tail,
                        T* __restrict__ v_tail, int64_t* __restrict__ slot_lens, int64_t* __restrict__ tail_lens,
                        int64_t* __restrict__ tail_start, int64_t* __restrict__ evicted, int H, int S, int T_, int D,
-                       int64_t sinks, double exact_share, int64_t W, int parts) {
+                       int64_t sinks, double exact_share, int64_t W, int parts, RowStrides rs) {
   using acc_t = at::opmath_type<T>;
   const int b = blockIdx.x / parts, part = blockIdx.x % parts, HD = H * D;
   const int64_t base = int64_t(b) * H;
+  // column i's new value: K's columns [0, HD), then V's
+  const auto token = [&](int i) {
+    const int h = i % HD / D, d = i % D;
+    return i / HD ? v[b * rs.vb + h * rs.vh + d] : k[b * rs.kb + h * rs.kh + d];
+  };
   // the first group of columns: its new values and phase keys go out with the counters
   const int i0 = part * C * int(blockDim.x) + threadIdx.x, stride = parts * C * int(blockDim.x);
   T x[C];
@@ -70,7 +80,7 @@ __global__ void __launch_bounds__(APPEND_THREADS)
 #pragma unroll
   for (int c = 0; c < C; ++c) {
     const int i = min(i0 + c * int(blockDim.x), 2 * HD - 1);
-    x[c] = (i / HD ? v : k)[base * D + i % HD];
+    x[c] = token(i);
     load_phases(ph[c], phase, i % D, D, phase_dtype);
   }
   const int64_t sl = slot_lens[b], tl = tail_lens[b], start = tail_start[b], ev = evicted ? evicted[b] : 0;
@@ -99,7 +109,7 @@ __global__ void __launch_bounds__(APPEND_THREADS)
     for (int c = 0; c < C; ++c) {
       const int i = min(g + c * int(blockDim.x), 2 * HD - 1), kv = i / HD, h = i % HD / D, d = i % D;
       if (g != i0) {
-        x[c] = (kv ? v : k)[base * D + i % HD];
+        x[c] = token(i);
         load_phases(ph[c], phase, d, D, phase_dtype);
       }
       th[c] = (kv ? v_tail : k_tail) + (base + h) * T_ * D + d;
@@ -179,7 +189,7 @@ void launch_append(const AppendDims& ad, const at::Tensor& k, const at::Tensor& 
         k_slots.data_ptr<T>(), v_slots.data_ptr<T>(), k_tail.data_ptr<T>(), v_tail.data_ptr<T>(),
         slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(), tail_start.data_ptr<int64_t>(),
         window_slots ? evicted->data_ptr<int64_t>() : nullptr, int(ad.H), int(ad.S), int(ad.T), int(ad.D), sinks,
-        exact_share, window_slots, parts));
+        exact_share, window_slots, parts, RowStrides{k.stride(0), k.stride(1), v.stride(0), v.stride(1)}));
   };
   if (parts > 1)
     launch(holo_append_kernel<T, KK, 1>, 1);

@@ -25,14 +25,17 @@ def cache(B, H, cap, d, dtype, device, per_head, bias, seed=0, offset=0):
     return [nan(B, H, cap, d), nan(B, H, cap, d), lens, nan(B, H, cap) if bias else None]
 
 
-def run(steps, B, H, d, dtype, device, per_head, bias, offset=0):
+def run(steps, B, H, d, dtype, device, per_head, bias, offset=0, strided=False):
+    """``strided``: the op reads k and v as views at the batch and head strides of a fused projection's output
+    (one buffer, rows apart), which also narrows the pieces their alignment allows."""
     ours = cache(B, H, 2 * steps + 8, d, dtype, device, per_head, bias, offset=offset)
     ref = [t.cpu().clone() if t is not None else None for t in ours]
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        k, v = torch.randn(2, B, H, d, generator=g, dtype=torch.float64).to(dtype)
-        holokv.append_entries(k.to(device), v.to(device), *ours)
-        append_entries_ref(k, v, *ref)
+        x = torch.randn(B, H, 3, d, generator=g, dtype=torch.float64).to(dtype)
+        k, v = (x.to(device)[:, :, i] for i in (0, 2))
+        holokv.append_entries(*((k, v) if strided else (k.contiguous(), v.contiguous())), *ours)
+        append_entries_ref(x[:, :, 0], x[:, :, 2], *ref)
     return ours, ref
 
 
@@ -48,8 +51,9 @@ def assert_same(ours, ref, steps):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_matches_reference(dtype, per_head, bias):
-    assert_same(*run(12, 3, 2, 16, dtype, "cpu", per_head, bias), 12)
+@pytest.mark.parametrize("strided", [False, True])
+def test_cpu_matches_reference(dtype, per_head, bias, strided):
+    assert_same(*run(12, 3, 2, 16, dtype, "cpu", per_head, bias, strided=strided), 12)
 
 
 @needs_cuda
@@ -57,8 +61,9 @@ def test_cpu_matches_reference(dtype, per_head, bias):
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("d, offset", [(128, 0), (64, 0), (6, 0), (128, 1)])  # 16-byte pieces down to 2-byte ones
-def test_cuda_matches_reference(dtype, per_head, bias, d, offset):
-    assert_same(*run(20, 5, 8, d, dtype, "cuda", per_head, bias, offset), 20)
+@pytest.mark.parametrize("strided", [False, True])
+def test_cuda_matches_reference(dtype, per_head, bias, d, offset, strided):
+    assert_same(*run(20, 5, 8, d, dtype, "cuda", per_head, bias, offset, strided), 20)
 
 
 def test_full_cache_raises_on_cpu_before_writing():

@@ -29,11 +29,18 @@ def append(fn, x, phase, cache, sinks, share, window):
     fn(*x, phase, *cache[:7], sinks, share, *((window, cache[7]) if window else ()))
 
 
+def tokens(x: torch.Tensor, pick: slice, strided: bool) -> list:
+    """k, v [B, H, d] of x [B, H, 3, d]: with ``strided``, views at the batch and head strides of a fused
+    projection's output (k and v of one buffer, rows apart), else contiguous."""
+    kv = [x[pick, :, 0], x[pick, :, 2]]
+    return kv if strided else [t.contiguous() for t in kv]
+
+
 def run(steps, sinks, share, k, device="cpu", dtype=torch.float64, d=16, seed=0, check=None, window=0,
-        lead=(0, 0, 0), history=None):
+        lead=(0, 0, 0), history=None, strided=False):
     """``steps`` appends to a cache sized for them, by the op and by the reference, after ``lead[b]`` appends
     to sequence b alone (ragged lengths); returns both states. ``history`` (a list per sequence) collects the
-    tokens appended, as (k, v) of ``[H, d]``."""
+    tokens appended, as (k, v) of ``[H, d]``. ``strided``: the op reads k and v as views (:func:`tokens`)."""
     n = steps + max(lead)
     slots = window + 1 if window else n // k + 2  # a window never writes past its W rows: the last stays NaN
     size = dict(k=k, d=d, S=slots, T=sinks + int(n * share) + k + 2, seed=seed, window=window)
@@ -42,10 +49,11 @@ def run(steps, sinks, share, k, device="cpu", dtype=torch.float64, d=16, seed=0,
     g = torch.Generator().manual_seed(seed + 1)
     feeds = [(b, [b]) for b, m in enumerate(lead) for _ in range(m)] + [(None, list(range(len(lead))))] * steps
     for b, seqs in feeds:
-        x = torch.randn(2, len(lead), 2, d, generator=g).to(dtype)
+        x = torch.randn(len(lead), 2, 3, d, generator=g).to(dtype)
         pick = slice(None) if b is None else slice(b, b + 1)  # a sequence alone: the op on views of its rows
-        x = x[:, pick]
-        append(holokv.holo_append, x.to(device), phase, [t[pick] for t in ours], sinks, share, window)
+        append(holokv.holo_append, tokens(x.to(device), pick, strided), phase, [t[pick] for t in ours], sinks, share,
+               window)
+        x = torch.stack(tokens(x, pick, False))
         append(holo_append_ref, x, phase.cpu(), [t[pick] for t in ref], sinks, share, window)
         for i, s in enumerate(seqs if history is not None else ()):
             history[s].append((x[0, i], x[1, i]))
@@ -76,8 +84,9 @@ def assert_same(ours, ref, k):
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 @pytest.mark.parametrize("sinks", [0, 3, 6])
 @pytest.mark.parametrize("share", [0.0, 0.2])
-def test_cpu_matches_reference(k, sinks, share):
-    ours, ref = run(40, sinks, share, k)
+@pytest.mark.parametrize("strided", [False, True])
+def test_cpu_matches_reference(k, sinks, share, strided):
+    ours, ref = run(40, sinks, share, k, strided=strided)
     assert_same(ours, ref, k)
     assert int(ref[4].max()) > 0  # slots closed
 
@@ -113,6 +122,8 @@ def test_bad_input():
     x = torch.randn(3, 2, 16, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="k must be \\[B, Hkv, head_dim\\]"):
         holokv.holo_append(x[None], x, phase, *cache, 0, 0.0)
+    with pytest.raises(RuntimeError, match=r"v must have contiguous rows \(stride 1 along head_dim\)"):
+        holokv.holo_append(x, x.transpose(1, 2).contiguous().transpose(1, 2), phase, *cache, 0, 0.0)
     with pytest.raises(RuntimeError, match="v has dtype"):
         holokv.holo_append(x, x.float(), phase, *cache, 0, 0.0)
     with pytest.raises(RuntimeError, match="exact_share"):
@@ -135,9 +146,10 @@ def test_opcheck(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("k, sinks, share", [(4, 0, 0.0), (8, 4, 1 / 7), (2, 5, 0.3), (16, 4, 0.0)])
 @pytest.mark.parametrize("d", [64, 128])
-def test_cuda_matches_reference(dtype, k, sinks, share, d):
+@pytest.mark.parametrize("strided", [False, True])
+def test_cuda_matches_reference(dtype, k, sinks, share, d, strided):
     """The CUDA kernel sums a slot in fp32 in the same order as the reference: equal in every dtype."""
-    ours, ref = run(60, sinks, share, k, device="cuda", dtype=dtype, d=d)
+    ours, ref = run(60, sinks, share, k, device="cuda", dtype=dtype, d=d, strided=strided)
     assert_same(ours, ref, k)
 
 

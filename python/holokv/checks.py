@@ -91,10 +91,18 @@ def holo_decode(q, k_slots, v_slots, ph, slot_lens, k_tail, v_tail, tail_lens, m
               shape(k_tail)[:3], ", got ", shape(tail_bias))
 
 
+def token_rows(t: torch.Tensor, name: str) -> None:
+    """An append's new tokens [B, Hkv, head_dim]: any batch and head strides (a model's v is a slice of its fused
+    projection's output), each token's row contiguous."""
+    check(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.dtype)
+    check(t.dim() == 3, name, " must be [B, Hkv, head_dim] (one new token per sequence), got ", shape(t))
+    check(t.stride(2) == 1 or t.shape[2] <= 1, name, " must have contiguous rows (stride 1 along head_dim), got "
+          "strides ", list(t.stride()), " (call .contiguous() first)")
+
+
 def new_tokens(k) -> tuple:
     """The new tokens k [B, Hkv, head_dim] of an append, one per sequence -> (B, Hkv, head_dim)."""
-    float_tensor(k, "k")
-    check(k.dim() == 3, "k must be [B, Hkv, head_dim] (one new token per sequence), got ", shape(k))
+    token_rows(k, "k")
     return tuple(k.shape)
 
 
@@ -103,7 +111,7 @@ def like_tokens(k, v, cache: dict) -> None:
     dtype."""
     B, H, D = k.shape
     for name, t, rank in [("v", v, 3), *((n, c, 4) for n, c in cache.items())]:
-        float_tensor(t, name)
+        (token_rows if rank == 3 else float_tensor)(t, name)
         same_device(t, k, name, "k")
         check(t.dtype == k.dtype, name, " has dtype ", t.dtype, " but k has ", k.dtype)
         check(t.dim() == rank and t.shape[0] == B and t.shape[1] == H and t.shape[rank - 1] == D, name,

@@ -99,7 +99,8 @@ def holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_l
                 exact_share: float, window_slots: int = 0, evicted=None) -> None:
     """Append one new token per sequence to a HoloKV cache, in place (HoloKV's active accumulation buffer).
 
-    k, v ``[B, Hkv, d]``; the cache is what :func:`holo_decode` reads: slots ``[B, Hkv, S, d]``, a tail
+    k, v ``[B, Hkv, d]`` (any batch and head strides, rows contiguous: a view into a projection's output is read
+    in place); the cache is what :func:`holo_decode` reads: slots ``[B, Hkv, S, d]``, a tail
     ring ``[B, Hkv, T, d]`` holding each sequence's ``[sinks | exact stream tokens]`` from
     ``tail_start``, and int64 ``[B]`` counters slot_lens (superposed tokens, a multiple of k),
     tail_lens, tail_start, all mutated. Per sequence, with ``valid = slot_lens + tail_lens`` tokens
@@ -133,7 +134,7 @@ def holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_l
 def append_entries(k, v, k_cache, v_cache, lens, bias=None) -> None:
     """Append one new entry per sequence to the entries :func:`holo_decode` reads as its tail, in place.
 
-    k, v ``[B, Hkv, d]`` go to row ``lens[b]`` (int64 ``[B]``) or, for per-head lengths, ``lens[b, h]``
+    k, v ``[B, Hkv, d]`` (any batch and head strides, rows contiguous) go to row ``lens[b]`` (int64 ``[B]``) or, for per-head lengths, ``lens[b, h]``
     (``[B, Hkv]``) of k_cache, v_cache ``[B, Hkv, cap, d]`` (same dtype); ``bias`` ``[B, Hkv, cap]`` (a log-mass
     per entry, any float dtype), where given, gets 0 there; then the lengths grow by one. The cache of the
     exact and eviction methods and SRC's compacted cache append this way (for a HoloKV ring:

@@ -15,7 +15,7 @@ import torch
 from ..compaction.scores import take
 from .base import FullLayer, exact_attention, left_aligned
 from .prefill_attention import holo_prefill_attention
-from .store import Store
+from .store import Store, rows
 from .superposed import HoloSpec
 
 PREFILLS = ("exact", "superposed")
@@ -85,7 +85,7 @@ class HoloKVLayer(FullLayer):
     def decode(self, q, k, v, scale):
         self.count_token()
         s = self.store
-        torch.ops.holokv.holo_append(k.contiguous(), v.contiguous(), s.phase, s.k_slots, s.v_slots, s.k, s.v,
+        torch.ops.holokv.holo_append(rows(k), rows(v), s.phase, s.k_slots, s.v_slots, s.k, s.v,
                                      s.slot_lens, s.lens, s.start, self.spec.sinks, self.spec.exact_share,
                                      self.spec.window_slots, s.evicted)
         return s.decode(q, scale, self.spec.mode, self.spec.slot_gain)

@@ -30,6 +30,7 @@ from .expected import carried, expected_scores, prompt_gaussian
 from .future_queries import SOURCES, Heard, gaussian, replayed
 from .kvzip import ACROSS, ReadsBack
 from .select import INF, head_budgets
+from .store import rows
 
 # what decides which prompt tokens stay exact: the window's attention mass, the seed's mass − λ·entropy, Expected
 # Attention's expected scores or KVzip's reconstruction scores (the last two at the prompt only: steps use "mass")
@@ -281,7 +282,7 @@ class SRCLayer(ReadsBack, FullLayer):
     def append_slot(self, k, v) -> None:
         """One exact token per sequence, k, v [B, Hkv, d], in the store's next slot (in place; see exact_slots)."""
         s = self.store
-        torch.ops.holokv.append_entries(k.contiguous(), v.contiguous(), s.k_slots, s.v_slots, s.slot_lens)
+        torch.ops.holokv.append_entries(rows(k), rows(v), s.k_slots, s.v_slots, s.slot_lens)
 
     def reserve(self, tokens: int, exact: bool = False) -> None:
         if not self.exact_slots:

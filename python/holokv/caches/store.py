@@ -16,6 +16,12 @@ import torch
 BLOCK = 64  # entries: capacity grows in whole blocks
 
 
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """New tokens [B, H, d] as the append ops take them: any batch and head strides (a model's v is a view into
+    its fused projection's output, which a copy would cost a launch a layer), rows contiguous."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _grown(capacity: int, need: int, exact: bool) -> int:
     """Capacity for ``need``: whole blocks, at least doubling unless ``exact`` (the caller knows the end)."""
     need = -(-need // BLOCK) * BLOCK
@@ -90,7 +96,7 @@ class Store:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """One entry per sequence (or head), k, v ``[B, H, d]``, written in place after each one's last (log-mass 0)."""
-        torch.ops.holokv.append_entries(k.contiguous(), v.contiguous(), self.k, self.v, self.lens, self.bias)
+        torch.ops.holokv.append_entries(rows(k), rows(v), self.k, self.v, self.lens, self.bias)
 
     def decode(self, q: torch.Tensor, scale: float, mode: str = "full", slot_gain: float = 1.0) -> torch.Tensor:
         """Attention of one query per sequence, q ``[B, Hq, d]``, over everything held -> ``[B, Hq, d]``."""

@@ -1,12 +1,11 @@
 """decode_linear (x [..., K] times an nn.Linear weight [N, K]) against float64: the Triton kernel for a decode step's
 rows (CUDA, 16-bit, M <= 16) over every row count, weights whose rows do not fill a program, K not a multiple of a
-tile; F.linear for the rest (CPU, fp32, more rows), identical to it; gated (a SiLU MLP's down projection of
-[gate | up]) against the same of eager silu(gate) * up; NaN propagates; bad input is named; opcheck."""
+tile; F.linear for the rest (CPU, fp32, more rows), identical to it; NaN propagates; bad input is named; opcheck."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from holokv.decode_linear import decode_linear, glu, takes
+from holokv.decode_linear import decode_linear, takes
 
 from conftest import dtype_id, needs_cuda
 
@@ -49,25 +48,6 @@ def test_cuda_matches_float64(dtype, shape, N, K):
     check_close(decode_linear(x, w), x, w)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape, N, K", SHAPES[:4])
-def test_cpu_gated_is_glu_then_f_linear(dtype, shape, N, K):
-    x, w = inputs(shape, N, 2 * K, dtype, "cpu")
-    w = w[:, :K].contiguous()
-    assert torch.equal(decode_linear(x, w, gated=True), F.linear(glu(x), w))
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape, N, K", SHAPES + [((1,), 100, 14336), ((2,), 300, 12), ((0,), 5, 8), ((17,), 64, 64)])
-def test_cuda_gated_matches_float64_of_the_activation(dtype, shape, N, K):
-    """The kernel's silu(gate) * up, rounded as eager rounds it, times the weight: the float64 product of eager's
-    activation within the dtype's error."""
-    x, w = inputs(shape, N, 2 * K, dtype, "cuda")
-    w = w[:, :K].contiguous()
-    check_close(decode_linear(x, w, gated=True), glu(x), w)
-
-
 @needs_cuda
 def test_cuda_unaligned_and_strided_inputs():
     x, w = inputs((4,), 64, 48, torch.bfloat16, "cuda")
@@ -78,12 +58,10 @@ def test_cuda_unaligned_and_strided_inputs():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-@pytest.mark.parametrize("gated", [False, True])
-def test_nan_in_gives_nan_out_in_its_row_and_column(device, gated):
-    x, w = inputs((4,), 70, 600 if gated else 300, torch.bfloat16, device)
-    w = w[:, :300].contiguous()
-    x[1, 5 + 300 * gated], w[9, 260] = float("nan"), float("nan")  # gated: in the up half
-    y = decode_linear(x, w, gated=gated).cpu()
+def test_nan_in_gives_nan_out_in_its_row_and_column(device):
+    x, w = inputs((4,), 70, 300, torch.bfloat16, device)
+    x[1, 5], w[9, 260] = float("nan"), float("nan")
+    y = decode_linear(x, w).cpu()
     nan = torch.zeros(4, 70, dtype=torch.bool)
     nan[1, :], nan[:, 9] = True, True
     assert torch.equal(y.isnan(), nan)
@@ -95,8 +73,6 @@ def test_bad_input_is_named():
         decode_linear(x, w[:, :16])
     with pytest.raises(ValueError, match="must share K"):
         decode_linear(x, w[0])
-    with pytest.raises(ValueError, match=r"x \[..., 2K\] = \[gate \| up\] and weight \[N, K\], got \(4, 32\)"):
-        decode_linear(x, w, gated=True)
 
 
 @needs_cuda
@@ -110,5 +86,3 @@ def test_cuda_mixed_devices_raise():
 def test_opcheck(device):
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(torch.ops.holokv.decode_linear.default, inputs((3,), 40, 64, dtype, device))
-        x, w = inputs((3,), 40, 64, dtype, device)
-        torch.library.opcheck(torch.ops.holokv.decode_linear.default, (x, w[:, :32].contiguous(), True))

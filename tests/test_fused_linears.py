@@ -38,17 +38,9 @@ def test_installed_forward_matches_the_model():
         want = model(ids).logits
         fused = FusedLinears(model)
         with fused.installed():
-            assert all("forward" in vars(layer.mlp) for layer in model.model.layers)  # gated MLPs
             got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert not any("forward" in vars(m) for m in model.modules())
-
-
-def test_only_silu_mlps_run_gated():
-    model = tiny_llama(layers=2)
-    model.model.layers[1].mlp.act_fn = nn.GELU()
-    with FusedLinears(model).installed():
-        assert ["forward" in vars(layer.mlp) for layer in model.model.layers] == [True, False]
 
 
 def test_any_call_order_and_input():

@@ -6,10 +6,6 @@ projection at 1.6-1.7x its bytes' floor on an H200, q/k/v at 1.4-1.5x, down at 1
 Here each program owns 32 output features and streams their rows in 256-wide K tiles through a deep software
 pipeline, the rows of x padded to one 16-row tensor-core tile; one launch, no split-K, fp32 accumulation.
 
-``gated=True`` serves a gated MLP's down projection: x is the gate and up projections' output side by side,
-``[..., 2K] = [gate | up]``, and the rows multiplied are ``silu(gate) * up``, computed as the tiles are loaded
-(rounded as eager PyTorch rounds them), so the activation costs no launch of its own.
-
 A Triton kernel (``torch.library.triton_op``, so ``torch.compile`` traces into it); CPU tensors, other dtypes,
 more rows, a bias or a build without Triton take ``F.linear``, which is also its reference.
 """
@@ -30,24 +26,17 @@ if has_triton():
 
     @triton.jit
     def _decode_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, BN: tl.constexpr, BK: tl.constexpr,
-                              EVEN: tl.constexpr, GATED: tl.constexpr):
+                              EVEN: tl.constexpr):
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         m = tl.arange(0, 16)
         acc = tl.zeros((16, BN), tl.float32)
-        row = 2 * K if GATED else K  # x's row stride
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             if EVEN:  # N and K whole tiles: no masks in the stream
                 w = tl.load(w_ptr + n[:, None] * K + k[None, :])
             else:
                 w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-            xmask = (m[:, None] < M) & (k[None, :] < K)
-            x = tl.load(x_ptr + m[:, None] * row + k[None, :], mask=xmask, other=0.0)
-            if GATED:  # silu(gate) * up, each product rounded to the dtype as eager F.silu(gate) * up rounds it
-                up = tl.load(x_ptr + m[:, None] * row + K + k[None, :], mask=xmask, other=0.0)
-                g = x.to(tl.float32)
-                x = (g / (1.0 + tl.exp(-g))).to(w.dtype)
-                x = (x.to(tl.float32) * up.to(tl.float32)).to(w.dtype)
+            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
             acc += tl.dot(x, tl.trans(w))
         tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(m[:, None] < M) & (n[None, :] < N))
@@ -61,28 +50,20 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
             and x.is_contiguous() and weight.is_contiguous())
 
 
-def glu(x: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of x [..., 2K] = [gate | up]."""
-    gate, up = x.chunk(2, -1)
-    return F.silu(gate) * up
-
-
 @triton_op("holokv::decode_linear", mutates_args=())
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """``x @ weight.T`` for x [..., K] and weight [N, K] -> [..., N]; ``gated``: ``glu(x) @ weight.T`` for x
-    [..., 2K] = [gate | up]."""
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[-1] * (2 if gated else 1):
-        want = "x [..., 2K] = [gate | up] and weight [N, K]" if gated else "x [..., K] and weight [N, K] must share K"
-        raise ValueError(f"{want}, got {tuple(x.shape)} and {tuple(weight.shape)}")
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for x [..., K] and weight [N, K] -> [..., N]."""
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"x [..., K] and weight [N, K] must share K, got {tuple(x.shape)} and {tuple(weight.shape)}")
     if not takes(x, weight):
-        return F.linear(glu(x) if gated else x, weight)
+        return F.linear(x, weight)
     N, K = weight.shape
-    M = x.numel() // x.shape[-1]
+    M = x.numel() // K
     y = x.new_empty(*x.shape[:-1], N)
     if M and N:
         wrap_triton(_decode_linear_kernel)[(triton.cdiv(N, BLOCK_N),)](
             x, weight, y, M, N, K, BN=BLOCK_N, BK=BLOCK_K, EVEN=N % BLOCK_N == 0 and K % BLOCK_K == 0,
-            GATED=gated, num_warps=WARPS, num_stages=STAGES)
+            num_warps=WARPS, num_stages=STAGES)
     return y
 
 

@@ -11,10 +11,6 @@ held twice, the parameters' names and the state dict are unchanged, and a model 
 again). While a decode step runs, the first member called computes every member's output in one GEMM and
 the others take theirs. A member called on another input (or twice) recomputes, so any call order still gives
 each call its own result. A layer alone (o, down, the head) is a group of one.
-
-A gated SiLU MLP (``down(silu(gate(x)) * up(x))``, Llama's and its kin's) runs as two launches: the gate/up GEMM,
-then :func:`~holokv.decode_linear.decode_linear` with ``gated=True``, which computes the activation as it loads
-its input (its own launch costs about 2 us at a decode step's rows on an H200).
 """
 from __future__ import annotations
 
@@ -24,12 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers.activations import ACT2CLS
-
-from .decode_linear import glu, linear, takes
+from .decode_linear import linear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",), ("lm_head",))
-SILU = tuple({nn.SiLU, *(c[0] if isinstance(c, tuple) else c for c in [ACT2CLS["silu"]])})
 
 
 def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -91,49 +84,25 @@ def fusable(module: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Linear] |
     return linears if same else None
 
 
-class GatedMLP:
-    """A module computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU ``act_fn``: the gate/up
-    group's one GEMM, then the down projection reading ``silu(gate) * up`` itself."""
-
-    def __init__(self, module: nn.Module, gate_up: SharedInput, down: SharedInput):
-        self.module, self.gate_up, self.down = module, gate_up, down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        both = F.linear(x, self.gate_up.weight, self.gate_up.bias)  # [..., 2I] = [gate | up]
-        weight, bias = self.down.weight, self.down.bias
-        if takes(both, weight, bias):
-            return torch.ops.holokv.decode_linear(both, weight, gated=True)
-        return F.linear(glu(both), weight, bias)
-
-
 class FusedLinears:
-    """The model's fusable groups (:data:`GROUPS`), their weights made views of one buffer each at once, and its
-    gated SiLU MLPs (:class:`GatedMLP`)."""
+    """The model's fusable groups (:data:`GROUPS`), their weights made views of one buffer each at once."""
 
     def __init__(self, model: nn.Module):
-        self.groups, self.mlps = [], []
+        self.groups = []
         with torch.no_grad():
             for module in model.modules():
-                found = {}
                 for names in GROUPS:
                     if (linears := fusable(module, names)) is not None:
-                        found[names] = SharedInput(linears)
-                        self.groups.append(found[names])
-                gate_up, down = found.get(GROUPS[1]), found.get(GROUPS[3])
-                if gate_up and down and isinstance(getattr(module, "act_fn", None), SILU):
-                    self.mlps.append(GatedMLP(module, gate_up, down))
+                        self.groups.append(SharedInput(linears))
 
     @contextmanager
     def installed(self):
-        """Within: each member's forward takes its part of its group's one GEMM, and each gated MLP runs as
-        :class:`GatedMLP` (groups whose members were given other weights since run as before)."""
+        """Within: each member's forward takes its part of its group's one GEMM (groups whose members were
+        given other weights since run as before)."""
         live = [group for group in self.groups if group.intact()]
-        mlps = [mlp for mlp in self.mlps if mlp.gate_up in live and mlp.down in live]
         for group in live:
             for name, member in zip(group.names, group.members):
                 member.forward = lambda x, group=group, name=name: group.output(name, x)
-        for mlp in mlps:
-            mlp.module.forward = mlp.forward
         try:
             yield
         finally:
@@ -141,5 +110,3 @@ class FusedLinears:
                 group.source, group.pending = None, {}
                 for member in group.members:
                     del member.forward
-            for mlp in mlps:
-                del mlp.module.forward

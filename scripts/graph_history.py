@@ -7,9 +7,14 @@ the compiled and graphed decode step; the median of three timings of 60 steps ea
     holokv_after_graph   holokv after a Graphed capture of a small matmul, replayed and cleared
     holokv_kept_graph    the same, the graph kept
     holokv_side_stream   holokv after work on a side stream alone (Graphed's warm-up), no capture
+    holokv_reset_graph   holokv after a Graphed capture whose graph is reset (its executable destroyed), then
+                         collected, before the model is built
+    holokv_plain_graph   holokv after a torch.cuda.graph capture on the current stream (no side stream), replayed,
+                         then reset
 
     python scripts/graph_history.py VARIANT OUT_DIR      (appends a row to OUT_DIR/graph_history.json)
 """
+import gc
 import json
 import statistics
 import sys
@@ -28,11 +33,23 @@ variant, out = sys.argv[1], Path(sys.argv[2])
 method = variant.split("_")[0]
 matmul = lambda a: (a @ a).softmax(-1)  # noqa: E731
 a = torch.randn(64, 64, device="cuda")
-if variant in ("holokv_after_graph", "holokv_kept_graph"):
+if variant in ("holokv_after_graph", "holokv_kept_graph", "holokv_reset_graph"):
     graphed = Graphed(matmul)
     graphed(a), graphed(a)
-    if variant == "holokv_after_graph":
+    if variant == "holokv_reset_graph":
+        for graph, _, _ in graphed.graphs.values():
+            graph.reset()
         graphed.clear()
+        gc.collect()
+    elif variant == "holokv_after_graph":
+        graphed.clear()
+elif variant == "holokv_plain_graph":
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        matmul(a)
+    graph.replay()
+    torch.cuda.synchronize()
+    graph.reset()
 elif variant == "holokv_side_stream":
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -2,9 +2,10 @@
 //
 // One block per sequence: its threads copy the new K and V rows of every head in 16-byte pieces (a row is
 // d·size bytes, 256 for d = 128 in 16 bits; the new rows may lie at any batch and head strides), then, after a
-// barrier that keeps every read of a length before its update, advance the lengths. One launch replaces a scatter per tensor plus an add. A length outside
-// [0, cap) cannot be reported without a host sync: that sequence (or head) writes nothing and its length
-// becomes cap + 1, which holo_decode turns into NaN, as holo_append does with a tail that overflows.
+// barrier that keeps every read of a length before its update, advance the lengths. One launch replaces a
+// scatter per tensor plus an add. A length outside [0, cap) cannot be reported without a host sync: that
+// sequence (or head) writes nothing and its length becomes cap + 1, which holo_decode turns into NaN, as
+// holo_append does with a tail that overflows.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 

@@ -134,11 +134,11 @@ def holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_l
 def append_entries(k, v, k_cache, v_cache, lens, bias=None) -> None:
     """Append one new entry per sequence to the entries :func:`holo_decode` reads as its tail, in place.
 
-    k, v ``[B, Hkv, d]`` (any batch and head strides, rows contiguous) go to row ``lens[b]`` (int64 ``[B]``) or, for per-head lengths, ``lens[b, h]``
-    (``[B, Hkv]``) of k_cache, v_cache ``[B, Hkv, cap, d]`` (same dtype); ``bias`` ``[B, Hkv, cap]`` (a log-mass
-    per entry, any float dtype), where given, gets 0 there; then the lengths grow by one. The cache of the
-    exact and eviction methods and SRC's compacted cache append this way (for a HoloKV ring:
-    :func:`holo_append`). One launch, no host sync.
+    k, v ``[B, Hkv, d]`` (any batch and head strides, rows contiguous) go to row ``lens[b]`` (int64 ``[B]``) or,
+    for per-head lengths, ``lens[b, h]`` (``[B, Hkv]``) of k_cache, v_cache ``[B, Hkv, cap, d]`` (same dtype);
+    ``bias`` ``[B, Hkv, cap]`` (a log-mass per entry, any float dtype), where given, gets 0 there; then the
+    lengths grow by one. The cache of the exact and eviction methods and SRC's compacted cache append this way
+    (for a HoloKV ring: :func:`holo_append`). One launch, no host sync.
 
     Capacity: on CPU a length outside ``[0, cap)`` raises before anything is written; on CUDA (where
     checking would sync) that sequence or head writes nothing and its length becomes ``cap + 1``, which

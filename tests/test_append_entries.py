@@ -107,6 +107,7 @@ def bad_entries():
     edit = functools.partial(edited, entries_args)
     return [
         *bad_tokens(edit, "v_cache"),
+        (edit(k=lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)), r"k must have contiguous rows"),
         (edit(k_cache=lambda t: t[:, :1].contiguous()), r"k_cache must be \[B, Hkv, len, head_dim\]"),
         (edit(v_cache=lambda t: t[:, :, :2].contiguous()), "v_cache holds 2 entries"),
         (edit(k_cache=lambda t: t.transpose(2, 3)), "k_cache must be contiguous"),

@@ -9,8 +9,8 @@ the compiled and graphed decode step; the median of three timings of 60 steps ea
     holokv_side_stream   holokv after work on a side stream alone (Graphed's warm-up), no capture
     holokv_reset_graph   holokv after a Graphed capture whose graph is reset (its executable destroyed), then
                          collected, before the model is built
-    holokv_plain_graph   holokv after a torch.cuda.graph capture on the current stream (no side stream), replayed,
-                         then reset
+    holokv_plain_graph   holokv after a torch.cuda.graph capture of the matmul, warmed up on the current stream
+                         (no side stream), replayed, then reset
 
     python scripts/graph_history.py VARIANT OUT_DIR      (appends a row to OUT_DIR/graph_history.json)
 """
@@ -44,6 +44,7 @@ if variant in ("holokv_after_graph", "holokv_kept_graph", "holokv_reset_graph"):
     elif variant == "holokv_after_graph":
         graphed.clear()
 elif variant == "holokv_plain_graph":
+    matmul(a)  # cuBLAS makes its handle outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         matmul(a)

@@ -157,6 +157,16 @@ inline void check_like_tokens(const at::Tensor& k, const at::Tensor& v,
   for (auto [t, name] : cache) check(*t, name, 4);
 }
 
+// The batch and head strides of an append's new k and v rows (checked above), in units of `unit` bytes (the
+// CUDA kernels read rows in units of their element or of a wider piece that divides every stride).
+struct RowStrides {
+  int64_t kb, kh, vb, vh;
+};
+inline RowStrides row_strides(const at::Tensor& k, const at::Tensor& v, int64_t unit) {
+  const auto in = [&](const at::Tensor& t, int dim) { return t.stride(dim) * t.element_size() / unit; };
+  return {in(k, 0), in(k, 1), in(v, 0), in(v, 1)};
+}
+
 // holo_append: new tokens k, v [B, Hkv, d] into a superposed cache (see holo_append_cpu.cpp).
 struct AppendDims {
   int64_t B, H, S, T, D, k;

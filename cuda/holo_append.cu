@@ -49,11 +49,6 @@ __device__ __forceinline__ void counters_read(int parts) {
   __syncthreads();
 }
 
-// The batch and head strides of the new k and v rows (elements; a row itself is contiguous).
-struct RowStrides {
-  int64_t kb, kh, vb, vh;
-};
-
 // KK = k tokens a slot; C columns a thread serves at once (in blocks of at most APPEND_THREADS, which leave
 // each thread the registers for C columns' rows); `parts` blocks a sequence, one cluster
 constexpr int APPEND_THREADS = 512;
@@ -64,7 +59,7 @@ __global__ void __launch_bounds__(APPEND_THREADS)
                        Dtype phase_dtype, T* __restrict__ k_slots, T* __restrict__ v_slots, T* __restrict__ k_tail,
                        T* __restrict__ v_tail, int64_t* __restrict__ slot_lens, int64_t* __restrict__ tail_lens,
                        int64_t* __restrict__ tail_start, int64_t* __restrict__ evicted, int H, int S, int T_, int D,
-                       int64_t sinks, double exact_share, int64_t W, int parts, RowStrides rs) {
+                       int64_t sinks, double exact_share, int64_t W, int parts, RowStrides rs) {  // rs in elements
   using acc_t = at::opmath_type<T>;
   const int b = blockIdx.x / parts, part = blockIdx.x % parts, HD = H * D;
   const int64_t base = int64_t(b) * H;
@@ -189,7 +184,7 @@ void launch_append(const AppendDims& ad, const at::Tensor& k, const at::Tensor& 
         k_slots.data_ptr<T>(), v_slots.data_ptr<T>(), k_tail.data_ptr<T>(), v_tail.data_ptr<T>(),
         slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(), tail_start.data_ptr<int64_t>(),
         window_slots ? evicted->data_ptr<int64_t>() : nullptr, int(ad.H), int(ad.S), int(ad.T), int(ad.D), sinks,
-        exact_share, window_slots, parts, RowStrides{k.stride(0), k.stride(1), v.stride(0), v.stride(1)}));
+        exact_share, window_slots, parts, row_strides(k, v, k.element_size())));
   };
   if (parts > 1)
     launch(holo_append_kernel<T, KK, 1>, 1);

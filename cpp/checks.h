@@ -82,8 +82,7 @@ inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slo
                                     const at::Tensor& slot_lens, const at::Tensor& k_tail,
                                     const at::Tensor& v_tail, const at::Tensor& tail_lens,
                                     const std::string& mode, const std::optional<at::Tensor>& tail_bias,
-                                    const std::optional<at::Tensor>& tail_start,
-                                    const std::optional<at::Tensor>& split_counters) {
+                                    const std::optional<at::Tensor>& tail_start) {
   TORCH_CHECK(mode == "full" || mode == "aligned", "mode must be \"full\" or \"aligned\", got \"", mode,
               "\"");
   check_float_tensor(q, "q");
@@ -119,14 +118,6 @@ inline DecodeDims check_holo_decode(const at::Tensor& q, const at::Tensor& k_slo
                 tail_lens.sizes(), ", got ", tail_start->sizes());
   }
   check_tail_bias(tail_bias, k_tail);
-  if (split_counters) {
-    const at::Tensor& t = *split_counters;
-    TORCH_CHECK(t.scalar_type() == at::kInt, "split_counters must be int32, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == Hkv, "split_counters must be [B, Hkv] = [", B, ", ",
-                Hkv, "], got ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "split_counters must be contiguous");
-    check_same_device(t, q, "split_counters", "q");
-  }
   return {B, Hq, Hkv, Hq / Hkv, k_slots.size(2), k_tail.size(2), D, phase.size(0), mode == "aligned", per_head};
 }
 

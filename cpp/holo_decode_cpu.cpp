@@ -18,10 +18,9 @@ at::Tensor holo_decode_cpu(const at::Tensor& q, const at::Tensor& k_slots, const
                            const at::Tensor& phase, const at::Tensor& slot_lens, const at::Tensor& k_tail,
                            const at::Tensor& v_tail, const at::Tensor& tail_lens, c10::string_view mode,
                            std::optional<double> scale, double slot_gain,
-                           const std::optional<at::Tensor>& tail_bias, const std::optional<at::Tensor>& tail_start,
-                           const std::optional<at::Tensor>& split_counters) {  // checked, not needed: one pass
+                           const std::optional<at::Tensor>& tail_bias, const std::optional<at::Tensor>& tail_start) {
   const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens,
-                                          std::string(mode), tail_bias, tail_start, split_counters);
+                                          std::string(mode), tail_bias, tail_start);
   const at::Tensor bias = tail_bias ? tail_bias->to(at::kDouble) : at::Tensor();
   const int64_t B = dd.B, Hq = dd.Hq, Hkv = dd.Hkv, G = dd.G, S = dd.S, T = dd.T, D = dd.D, k = dd.k;
   const int64_t* sl = slot_lens.data_ptr<int64_t>();

@@ -33,8 +33,7 @@ at::Tensor holo_decode_autograd(const at::Tensor& q, const at::Tensor& k_slots, 
                                 const at::Tensor& v_tail, const at::Tensor& tail_lens, c10::string_view mode,
                                 std::optional<double> scale, double slot_gain,
                                 const std::optional<at::Tensor>& tail_bias,
-                                const std::optional<at::Tensor>& tail_start,
-                                const std::optional<at::Tensor>& split_counters) {
+                                const std::optional<at::Tensor>& tail_start) {
   check_no_grad("holo_decode", {{&q, "q"}, {&k_slots, "k_slots"}, {&v_slots, "v_slots"}, {&phase, "phase"},
                                 {&k_tail, "k_tail"}, {&v_tail, "v_tail"}, {&or_undefined(tail_bias), "tail_bias"}});
   static const auto op = c10::Dispatcher::singleton()
@@ -42,7 +41,7 @@ at::Tensor holo_decode_autograd(const at::Tensor& q, const at::Tensor& k_slots, 
                               .typed<decltype(holo_decode_autograd)>();
   at::AutoDispatchBelowADInplaceOrView below;
   return op.call(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode, scale, slot_gain,
-                 tail_bias, tail_start, split_counters);
+                 tail_bias, tail_start);
 }
 
 void holo_append_autograd(const at::Tensor& k, const at::Tensor& v, const at::Tensor& phase,

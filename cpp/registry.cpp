@@ -12,15 +12,13 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
-// holo_decode's split_counters are counted up and back to zero within a call: as the dispatcher sees values, an
-// input, not a mutated argument (which would also clash with the argument named mode in torch's functionalization).
 TORCH_LIBRARY(holokv, m) {
   m.def("phase_keys(int k, int head_dim, str rope_layout=\"half\") -> Tensor");
   m.def("superpose(Tensor x, Tensor phase) -> Tensor");
   m.def(
       "holo_decode(Tensor q, Tensor k_slots, Tensor v_slots, Tensor phase, Tensor slot_lens, "
       "Tensor k_tail, Tensor v_tail, Tensor tail_lens, str mode=\"full\", float? scale=None, "
-      "float slot_gain=1.0, Tensor? tail_bias=None, Tensor? tail_start=None, Tensor? split_counters=None) -> Tensor");
+      "float slot_gain=1.0, Tensor? tail_bias=None, Tensor? tail_start=None) -> Tensor");
   m.def(
       "holo_append(Tensor k, Tensor v, Tensor phase, Tensor(a!) k_slots, Tensor(b!) v_slots, Tensor(c!) k_tail, "
       "Tensor(d!) v_tail, Tensor(e!) slot_lens, Tensor(f!) tail_lens, Tensor(g!) tail_start, int sinks, "

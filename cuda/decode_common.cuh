@@ -43,9 +43,8 @@ struct DecodeParams {
   Dtype bias_dtype;
   bool per_head;  // tail_lens and tail_start are [B, Hkv], not [B]
   float *part_o, *part_ml;  // [B, Hq, splits, D], [B, Hq, splits, 2]
-  void* out;      // [B, Hq, D]
-  bool partial;   // the splits write part_o and part_ml, not out (false where a tensor-core block covers a row)
-  unsigned* counters;  // [B, Hkv] or nullptr: the tensor-core kernel's last block of a row to finish merges it
+  void* out;  // [B, Hq, D]: written by the split kernel itself where one block covers a row (the tensor-core
+              // kernel, whose blocks merge their warps), else nullptr and the merge kernel writes it
   int Hq, Hkv, G, S, T, k, splits;
   float slot_logit_gain, tail_logit_gain, slot_value_gain;
 };

@@ -20,10 +20,8 @@
 // to the cache dtype for its mma, as flash attention does.
 //
 // At the end the block's warps merge their (max, sum, O) in shared memory: a block
-// that covers its row writes the output itself, otherwise its partial goes to global
-// memory (one per block, not one per warp), for the merge kernel or, given a counter
-// per row, for the row's last block to finish, which merges the row in place of a
-// second launch.
+// that covers its row writes the output itself, otherwise its partial goes to the
+// merge kernel (one per block, not one per warp).
 #pragma once
 #include <climits>
 #include <type_traits>
@@ -265,54 +263,13 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
         const float wt = __expf(ml[0] - mx);
         den += ml[1] * wt, num += regions[w * WARP_FLOATS + i] * wt;
       }
-    if (!p.partial) {
+    if (p.out) {
       static_cast<T*>(p.out)[(head0 + h) * D + d] = T(bad ? NAN : mx == NEG_INF ? 0.f : num / den);
     } else {
       const int64_t row = (head0 + h) * p.splits + blockIdx.x;
       p.part_o[row * D + d] = num;
       if (d == 0) p.part_ml[row * 2] = bad ? NAN : mx, p.part_ml[row * 2 + 1] = den;
     }
-  }
-  if (!p.partial || !p.counters) return;
-
-  // The row's count of finished blocks: atomicInc wraps it to 0 at the last one, so the next call finds the
-  // zero this one did. The partials are fenced before the count, and read past L1 (other SMs wrote them).
-  __threadfence();
-  if (!__syncthreads_or(threadIdx.x == 0 && atomicInc(p.counters + head_off, gridDim.x - 1) == gridDim.x - 1))
-    return;
-  __threadfence();
-  // As the merge kernel: per head the splits' weights exp(max_c - max) and the sum (NaN: a bad split; 0: every
-  // logit -inf, the output zeros), then each output element's weighted sum over the splits.
-  const int splits = p.splits;
-  float* weight = reinterpret_cast<float*>(smem4);  // [G][splits]
-  float* sum = weight + G * splits;                  // [G]
-  for (int h = warp; h < G; h += warps) {
-    const float* ml = p.part_ml + (head0 + h) * splits * 2;
-    float mx = NEG_INF;
-    bool bad = false;
-    for (int c = lane; c < splits; c += 32) {
-      const float m_c = __ldcg(ml + 2 * c);
-      bad |= isnan(m_c) || isnan(__ldcg(ml + 2 * c + 1));
-      mx = fmaxf(mx, m_c);
-    }
-    mx = warp_max(mx);
-    bad = __any_sync(0xffffffffu, bad);
-    float den = 0.f;
-    for (int c = lane; c < splits; c += 32) {
-      const float w = mx == NEG_INF ? 0.f : __expf(__ldcg(ml + 2 * c) - mx);
-      weight[h * splits + c] = w;
-      den += __ldcg(ml + 2 * c + 1) * w;
-    }
-    den = warp_sum(den);
-    if (lane == 0) sum[h] = bad ? NAN : den;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int h = i / D, d = i % D;
-    const float* po = p.part_o + (head0 + h) * splits * D + d;
-    float num = 0.f;
-    for (int c = 0; c < splits; ++c) num += weight[h * splits + c] * __ldcg(po + int64_t(c) * D);
-    static_cast<T*>(p.out)[(head0 + h) * D + d] = T(isnan(sum[h]) ? NAN : sum[h] == 0.f ? 0.f : num / sum[h]);
   }
 }
 

@@ -10,8 +10,7 @@
 //                    compacted cache), 16-bit caches, G <= 16;
 //   decode_simt.cuh  CUDA cores, everything else (full mode's k scores per slot, fp32).
 // A second kernel merges the splits' (max, sum, acc) into the output, unless the
-// tensor-core kernel's blocks, which merge their warps, cover a row each, or the caller
-// lends it split_counters: then the last of a row's blocks to finish merges the row.
+// tensor-core kernel's blocks, which merge their warps, cover a row each.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -101,9 +100,8 @@ std::pair<int, int> block_shape(Kernel kernel, SmemBytes smem_bytes, int G) {
 
 // Split-KV launch of `kernel` with `smem_bytes(warps)` of shared memory per block (block_shape's warps), enough
 // blocks to fill the GPU's resident ones once, no more than the capacity's 32-entry tiles need; then the merge.
-// A split is a block's warps merged in the block (`block_merge`: a block that covers its row writes the output,
-// and with p.counters the row's last block merges it; no merge kernel runs then) or a single warp. The kernels
-// share each row's entries evenly over its warps themselves.
+// A split is a block's warps merged in the block (`block_merge`: a block that covers its row writes the output
+// and no merge runs) or a single warp. The kernels share each row's entries evenly over its warps themselves.
 template <typename T, typename Kernel, typename SmemBytes>
 void launch_split(Kernel kernel, SmemBytes smem_bytes, bool block_merge, DecodeParams p, const DecodeDims& dd,
                   at::Tensor& out, cudaStream_t stream) {
@@ -114,11 +112,10 @@ void launch_split(Kernel kernel, SmemBytes smem_bytes, bool block_merge, DecodeP
   const int64_t blocks = std::clamp<int64_t>(int64_t(prop->multiProcessorCount) * per_sm / rows, 1,
                                              ceil_div(tiles, warps));
   p.splits = int(block_merge ? blocks : std::min(blocks * warps, tiles));
-  p.partial = !(block_merge && blocks == 1);
-  // the merging block keeps a weight per split and head in its shared memory
-  if (!block_merge || !p.partial || size_t(dd.G) * (p.splits + 1) * sizeof(float) > smem) p.counters = nullptr;
   at::Tensor part_o, part_ml;
-  if (p.partial) {
+  if (block_merge && blocks == 1) {
+    p.out = out.data_ptr();
+  } else {
     part_o = at::empty({dd.B, dd.Hq, p.splits, dd.D}, out.options().dtype(at::kFloat));
     part_ml = at::empty({dd.B, dd.Hq, p.splits, 2}, out.options().dtype(at::kFloat));
     p.part_o = part_o.data_ptr<float>();
@@ -127,7 +124,7 @@ void launch_split(Kernel kernel, SmemBytes smem_bytes, bool block_merge, DecodeP
   dim3 grid(unsigned(block_merge ? blocks : ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
   kernel<<<grid, warps * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!p.partial || p.counters) return;
+  if (p.out) return;
   // a warp a split, up to MERGE_WARPS: few splits (large batches) need no 1024-thread blocks
   const int merge_warps = int(std::min<int64_t>(MERGE_WARPS, p.splits));
   holo_decode_merge_kernel<T><<<unsigned(dd.B * dd.Hq), merge_warps * 32, 0, stream>>>(
@@ -168,10 +165,9 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
                             const at::Tensor& phase, const at::Tensor& slot_lens, const at::Tensor& k_tail,
                             const at::Tensor& v_tail, const at::Tensor& tail_lens, c10::string_view mode,
                             std::optional<double> scale, double slot_gain,
-                            const std::optional<at::Tensor>& tail_bias, const std::optional<at::Tensor>& tail_start,
-                            const std::optional<at::Tensor>& split_counters) {
+                            const std::optional<at::Tensor>& tail_bias, const std::optional<at::Tensor>& tail_start) {
   const DecodeDims dd = check_holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens,
-                                          std::string(mode), tail_bias, tail_start, split_counters);
+                                          std::string(mode), tail_bias, tail_start);
   TORCH_CHECK(dd.D == 64 || dd.D == 128, "CUDA holo_decode supports head_dim 64 and 128, got ", dd.D);
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
@@ -194,8 +190,8 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
   DecodeParams p{qq.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_tail.data_ptr(), v_tail.data_ptr(),
                  phase_t.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
                  tail_start ? tail_start->data_ptr<int64_t>() : nullptr, bias.defined() ? bias.data_ptr() : nullptr,
-                 bias.defined() ? dtype_code(bias) : Dtype::f32, dd.per_head, nullptr, nullptr, out.data_ptr(), true,
-                 split_counters ? reinterpret_cast<unsigned*>(split_counters->data_ptr<int>()) : nullptr, int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0.f, 0.f, 0.f};
+                 bias.defined() ? dtype_code(bias) : Dtype::f32, dd.per_head, nullptr, nullptr, nullptr,
+                 int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0.f, 0.f, 0.f};
   const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));
   p.slot_logit_gain = float(sc * slot_gain);
   p.tail_logit_gain = float(sc);

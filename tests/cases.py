@@ -53,8 +53,7 @@ def decode_args():
     case = decode_case([9, 3], [2, 1], k=4, group=3)
     return dict(q=case.q, k_slots=case.k_slots, v_slots=case.v_slots, phase=case.keys, slot_lens=case.slot_lens,
                 k_tail=case.k_tail, v_tail=case.v_tail, tail_lens=case.tail_lens,
-                tail_bias=torch.zeros(case.k_tail.shape[:3]), tail_start=torch.zeros(2, dtype=torch.long),
-                split_counters=torch.zeros(2, 2, dtype=torch.int32))
+                tail_bias=torch.zeros(case.k_tail.shape[:3]), tail_start=torch.zeros(2, dtype=torch.long))
 
 
 def append_args(B=2, H=2, S=3, T=5, d=16, k=4):

@@ -96,9 +96,6 @@ def test_opcheck(device):
         for mode in MODES:
             torch.library.opcheck(torch.ops.holokv.holo_decode.default, case.args() + (mode, None, 1.0))
             torch.library.opcheck(torch.ops.holokv.holo_decode.default, case.args() + (mode, 0.3, 2.0, bias))
-            counters = torch.zeros(case.q.shape[0], case.k_slots.shape[1], dtype=torch.int32, device=device)
-            torch.library.opcheck(torch.ops.holokv.holo_decode.default,
-                                  case.args() + (mode, None, 1.0, bias, None, counters))
 
 
 def _edit(**changes):
@@ -124,8 +121,6 @@ def _bad_inputs():
         (_edit(slot_lens=lambda t: t.int()), {}, "slot_lens must be int64"),
         (_edit(tail_lens=lambda t: t[:1]), {}, "tail_lens must be \\[B\\]"),
         (_edit(), {"mode": "both"}, "mode must be"),
-        (_edit(), {"split_counters": torch.zeros(2, 2)}, "split_counters must be int32"),
-        (_edit(), {"split_counters": torch.zeros(2, 3, dtype=torch.int32)}, "split_counters must be \\[B, Hkv\\]"),
     ]
 
 
@@ -199,35 +194,6 @@ def test_cuda_long_ragged(k, group, head_dim, lens):
     case = decode_case(*lens, group=group, k=k, head_dim=head_dim, hkv=2, dtype=torch.bfloat16, device="cuda")
     for mode in MODES:
         assert_close_to_reference(holokv.holo_decode(*case.args(), mode=mode), case, mode)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 3, 4, 8])
-def test_cuda_split_counters(group, head_dim, dtype):
-    """Lent split_counters: where a row is split over blocks, its last block merges it (the tensor-core kernel;
-    the others leave the counters alone). The outputs are the merge kernel's, NaN and all-masked rows included,
-    and the counters are zeros again after every call, reused call after call."""
-    for i, lens in enumerate([([4096 * 4 - 3], [7]), ([9000, 3, 0], [1, 33, 2]), ([0, 0], [700, 45])]):
-        case = decode_case(*lens, group=group, k=4, head_dim=head_dim, dtype=dtype, device="cuda", seed=i)
-        B = case.q.shape[0]
-        bias = (2 * torch.randn(case.k_tail.shape[:3], device="cuda")).to(dtype)
-        bias[-1] = -math.inf  # the last sequence: its exact tokens masked (with no slots, zeros)
-        lens_past = case.slot_lens.clone()
-        lens_past[0] = 10**6  # past the capacity: that sequence NaN
-        counters = torch.zeros(B, case.k_slots.shape[1], dtype=torch.int32, device="cuda")
-        for mode in MODES:
-            for args, kw in ((case.args(), {}), (case.args(), {"tail_bias": bias}),
-                             ((*case.args()[:4], lens_past, *case.args()[5:]), {})):
-                want = holokv.holo_decode(*args, mode=mode, **kw)
-                for _ in range(3):
-                    got = holokv.holo_decode(*args, mode=mode, split_counters=counters, **kw)
-                    torch.testing.assert_close(got, want, equal_nan=True)
-                    assert not counters.any()
-            assert_close_to_reference(holokv.holo_decode(*case.args(), mode=mode, split_counters=counters), case,
-                                      mode)
-            assert got[0].isnan().all() and torch.isfinite(got[1:]).all()
 
 
 @needs_cuda

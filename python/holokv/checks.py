@@ -54,8 +54,7 @@ def lens(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, B, Hkv, p
     return per_head
 
 
-def holo_decode(q, k_slots, v_slots, ph, slot_lens, k_tail, v_tail, tail_lens, mode, tail_bias, tail_start,
-                split_counters=None) -> None:
+def holo_decode(q, k_slots, v_slots, ph, slot_lens, k_tail, v_tail, tail_lens, mode, tail_bias, tail_start) -> None:
     check(mode in ("full", "aligned"), 'mode must be "full" or "aligned", got "', mode, '"')
     float_tensor(q, "q")
     check(q.dim() == 3, "q must be [B, Hq, head_dim], got ", shape(q))
@@ -90,13 +89,6 @@ def holo_decode(q, k_slots, v_slots, ph, slot_lens, k_tail, v_tail, tail_lens, m
         same_device(tail_bias, k_tail, "tail_bias", "k_tail")
         check(tail_bias.dim() == 3 and tail_bias.shape == k_tail.shape[:3], "tail_bias must be [B, Hkv, T] = ",
               shape(k_tail)[:3], ", got ", shape(tail_bias))
-    if split_counters is not None:
-        t = split_counters
-        check(t.dtype == torch.int32, "split_counters must be int32, got ", t.dtype)
-        check(t.dim() == 2 and t.shape == (B, Hkv), "split_counters must be [B, Hkv] = [", B, ", ", Hkv, "], got ",
-              shape(t))
-        check(t.is_contiguous(), "split_counters must be contiguous")
-        same_device(t, q, "split_counters", "q")
 
 
 def token_rows(t: torch.Tensor, name: str) -> None:

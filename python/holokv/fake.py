@@ -15,9 +15,8 @@ def _superpose_fake(x, phase):
 
 @torch.library.register_fake("holokv::holo_decode")
 def _holo_decode_fake(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode="full", scale=None,
-                      slot_gain=1.0, tail_bias=None, tail_start=None, split_counters=None):
-    checks.holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode, tail_bias, tail_start,
-                       split_counters)
+                      slot_gain=1.0, tail_bias=None, tail_start=None):
+    checks.holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode, tail_bias, tail_start)
     return torch.empty_like(q)
 
 

@@ -40,7 +40,7 @@ def superpose(x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
 
 def holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode: str = "full",
                 scale: float | None = None, slot_gain: float = 1.0, tail_bias: torch.Tensor | None = None,
-                tail_start: torch.Tensor | None = None, split_counters: torch.Tensor | None = None) -> torch.Tensor:
+                tail_start: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a superposed cache plus an exact tail.
 
     Shapes: q ``[B, Hq, d]`` (one new token per sequence); k_slots, v_slots
@@ -78,13 +78,6 @@ def holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens
     ring: its entry t lives in row ``(tail_start + t) mod T``, so a cache can drop
     its oldest exact tokens by moving the start instead of moving the others.
 
-    ``split_counters`` (optional, int32 ``[B, Hkv]``, zeros, lent by the caller) saves a
-    launch on CUDA where a row's entries are split over several blocks (small batches):
-    the blocks count themselves finished in it, and the last one merges the row, where
-    otherwise a second kernel does. Each call leaves it zeros again. One call at a time
-    may use it (a cache layer owns one); any other values give wrong outputs. Other
-    devices and kernels check it and leave it alone.
-
     Non-finite input, the same on CPU, on CUDA and in the reference (README, "NaN and
     masking conventions"): a NaN logit (NaN in q, a used key, scale, slot_gain or
     tail_bias) or a +inf logit makes that query row NaN. An entry whose logit is -inf
@@ -99,7 +92,7 @@ def holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens
     differentiable twin is :func:`holokv.reference.holo_decode_ref`).
     """
     return ops.holo_decode(q, k_slots, v_slots, phase, slot_lens, k_tail, v_tail, tail_lens, mode, scale,
-                           slot_gain, tail_bias, tail_start, split_counters)
+                           slot_gain, tail_bias, tail_start)
 
 
 def holo_append(k, v, phase, k_slots, v_slots, k_tail, v_tail, slot_lens, tail_lens, tail_start, sinks: int,

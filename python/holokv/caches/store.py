@@ -44,11 +44,6 @@ class Store:
         self.slot_lens = torch.zeros(B, dtype=torch.long, device=like.device)
         self.start = self.slot_lens.clone() if phase is not None else None
         self.evicted = self.slot_lens.clone() if phase is not None else None
-        self.split_counters = self._counters()
-
-    def _counters(self) -> torch.Tensor:
-        """holo_decode's split_counters: zeros, and each call leaves them so."""
-        return torch.zeros(self.k.shape[:2], dtype=torch.int32, device=self.k.device)
 
     @property
     def capacity(self) -> int:
@@ -106,8 +101,7 @@ class Store:
     def decode(self, q: torch.Tensor, scale: float, mode: str = "full", slot_gain: float = 1.0) -> torch.Tensor:
         """Attention of one query per sequence, q ``[B, Hq, d]``, over everything held -> ``[B, Hq, d]``."""
         return torch.ops.holokv.holo_decode(q.contiguous(), self.k_slots, self.v_slots, self.phase, self.slot_lens,
-                                            self.k, self.v, self.lens, mode, scale, slot_gain, self.bias, self.start,
-                                            self.split_counters)
+                                            self.k, self.v, self.lens, mode, scale, slot_gain, self.bias, self.start)
 
     def nbytes(self) -> int:
         """Bytes of what is held: the entries in use (K, V and a log-mass each) and the slots in use."""
@@ -122,4 +116,3 @@ class Store:
         for name in ("k", "v", "bias", "lens", "k_slots", "v_slots", "slot_lens", "start", "evicted"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[index])
-        self.split_counters = self._counters()

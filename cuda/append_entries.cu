@@ -10,7 +10,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "checks.h"
-#include "pdl.cuh"
 
 namespace holokv {
 namespace {
@@ -20,8 +19,6 @@ __global__ void append_entries_kernel(const Piece* __restrict__ k, const Piece* 
                                       Piece* __restrict__ k_cache, Piece* __restrict__ v_cache,
                                       int64_t* __restrict__ lens, char* __restrict__ bias, int bias_size, int H,
                                       int64_t cap, int pieces, bool per_head, RowStrides rs) {  // rs in pieces
-  pdl_wait();
-  pdl_launch_dependents();
   const int b = blockIdx.x;
   for (int i = threadIdx.x; i < 2 * H * pieces; i += blockDim.x) {
     const int kv = i / (H * pieces), h = i / pieces % H, c = i % pieces;
@@ -51,11 +48,12 @@ void launch(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
             const at::Tensor& lens, const std::optional<at::Tensor>& bias, const EntriesDims& ed) {
   const int pieces = int(ed.D * k.element_size() / int64_t(sizeof(Piece)));
   const int threads = int(std::min<int64_t>(1024, (2 * ed.H * pieces + 31) / 32 * 32));
-  launch_pdl(append_entries_kernel<Piece>, dim3(unsigned(ed.B)), dim3(threads), 0, at::cuda::getCurrentCUDAStream(),
+  append_entries_kernel<Piece><<<unsigned(ed.B), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
       static_cast<const Piece*>(k.data_ptr()), static_cast<const Piece*>(v.data_ptr()),
       static_cast<Piece*>(k_cache.data_ptr()), static_cast<Piece*>(v_cache.data_ptr()), lens.data_ptr<int64_t>(),
       bias ? static_cast<char*>(bias->data_ptr()) : nullptr, bias ? int(bias->element_size()) : 0, int(ed.H),
       ed.cap, pieces, ed.per_head, row_strides(k, v, sizeof(Piece)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -27,7 +27,6 @@
 #include <type_traits>
 
 #include "decode_common.cuh"
-#include "pdl.cuh"
 #include "warp_ops.cuh"
 
 namespace holokv {
@@ -39,8 +38,6 @@ constexpr int mma_warp_bytes() { return MMA_STAGES * 2 * 32 * D * int(sizeof(T))
 
 template <typename T, int D>
 __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeParams p) {
-  pdl_wait();
-  pdl_launch_dependents();
   constexpr int NC = D / 8;   // 16-byte chunks per row
   constexpr int NK = D / 16;  // k-steps of Q Kᵀ
   constexpr int NN = D / 8;   // n-tiles of P V

@@ -9,7 +9,6 @@
 //           sum_j p_j Phi_j[d] (+ p for an exact token), accumulated online.
 #pragma once
 #include "decode_common.cuh"
-#include "pdl.cuh"
 
 namespace holokv {
 namespace {
@@ -39,8 +38,6 @@ struct alignas(sizeof(T) * N) Pack {
 
 template <typename T, int D, int KP>
 __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_split_kernel(DecodeParams p) {
-  pdl_wait();
-  pdl_launch_dependents();
   constexpr int VE = 16 / sizeof(T);  // elements per 16-byte load
   constexpr int NV = D / VE;          // 16-byte loads per row
   constexpr int DPL = D / 32;         // dims per lane in the value pass

@@ -20,7 +20,6 @@
 
 #include "checks.h"
 #include "decode_common.cuh"
-#include "pdl.cuh"
 
 namespace holokv {
 namespace {
@@ -62,8 +61,6 @@ __global__ void __launch_bounds__(APPEND_THREADS)
                        int64_t* __restrict__ tail_start, int64_t* __restrict__ evicted, int H, int S, int T_, int D,
                        int64_t sinks, double exact_share, int64_t W, int parts, RowStrides rs) {  // rs in elements
   using acc_t = at::opmath_type<T>;
-  pdl_wait();
-  pdl_launch_dependents();
   const int b = blockIdx.x / parts, part = blockIdx.x % parts, HD = H * D;
   const int64_t base = int64_t(b) * H;
   // column i's new value: K's columns [0, HD), then V's
@@ -177,12 +174,11 @@ void launch_append(const AppendDims& ad, const at::Tensor& k, const at::Tensor& 
     config.gridDim = dim3(unsigned(ad.B * parts));
     config.blockDim = dim3(unsigned(threads));
     config.stream = at::cuda::getCurrentCUDAStream();
-    const bool pdl = pdl_enabled();
-    cudaLaunchAttribute attrs[2] = {pdl_attribute(), {}};  // the cluster's shape, where parts > 1
-    attrs[1].id = cudaLaunchAttributeClusterDimension;
-    attrs[1].val.clusterDim.x = unsigned(parts), attrs[1].val.clusterDim.y = 1, attrs[1].val.clusterDim.z = 1;
-    config.attrs = attrs + !pdl;
-    config.numAttrs = pdl + (parts > 1);
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = unsigned(parts), cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = parts > 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(
         &config, kernel, k.data_ptr<T>(), v.data_ptr<T>(), phase.data_ptr(), dtype_code(phase),
         k_slots.data_ptr<T>(), v_slots.data_ptr<T>(), k_tail.data_ptr<T>(), v_tail.data_ptr<T>(),

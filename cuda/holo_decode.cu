@@ -23,7 +23,6 @@
 #include "checks.h"
 #include "decode_mma.cuh"
 #include "decode_simt.cuh"
-#include "pdl.cuh"
 
 namespace holokv {
 namespace {
@@ -35,8 +34,6 @@ template <typename T>
 __global__ void __launch_bounds__(MERGE_WARPS * 32)
     holo_decode_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
                              T* __restrict__ out, int splits, int D) {
-  pdl_wait();
-  pdl_launch_dependents();
   __shared__ float red[MERGE_WARPS][128 + 1];
   __shared__ float wmax[MERGE_WARPS];
   __shared__ int wbad[MERGE_WARPS];
@@ -125,12 +122,14 @@ void launch_split(Kernel kernel, SmemBytes smem_bytes, bool block_merge, DecodeP
     p.part_ml = part_ml.data_ptr<float>();
   }
   dim3 grid(unsigned(block_merge ? blocks : ceil_div(p.splits, warps)), unsigned(dd.Hkv), unsigned(dd.B));
-  launch_pdl(kernel, grid, dim3(warps * 32), smem, stream, p);
+  kernel<<<grid, warps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.out) return;
   // a warp a split, up to MERGE_WARPS: few splits (large batches) need no 1024-thread blocks
   const int merge_warps = int(std::min<int64_t>(MERGE_WARPS, p.splits));
-  launch_pdl(holo_decode_merge_kernel<T>, dim3(unsigned(dd.B * dd.Hq)), dim3(merge_warps * 32), 0, stream,
-             p.part_o, p.part_ml, out.data_ptr<T>(), p.splits, int(dd.D));
+  holo_decode_merge_kernel<T><<<unsigned(dd.B * dd.Hq), merge_warps * 32, 0, stream>>>(
+      p.part_o, p.part_ml, out.data_ptr<T>(), p.splits, int(dd.D));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int D, int KP>

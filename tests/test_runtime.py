@@ -1,13 +1,16 @@
 """The graphed decode loop (holokv.runtime) reads what transformers' generate reads through the same caches,
 keeps its buffers while decoding, and on CUDA runs whole steps from a CUDA graph with no host sync."""
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from holokv import row_argmax
 from holokv.caches import METHODS, make_cache, use_holokv_attention
 from holokv.runtime import Decoder, generate, greedy
 
-from conftest import needs_cuda
+from conftest import dtype_id, needs_cuda
 
 # SRC with compression steps that fire within a few dozen tokens
 OPTIONS = {"src": dict(every=4, recent=8, window=4, decode_bin=16, rank=2), "holokv": dict(k=4)}
@@ -194,13 +197,20 @@ def test_cuda_compiled_graph_matches_eager(method):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-@pytest.mark.parametrize("vocab", [128256, 49152, 128, 4099])  # Llama 3, SmolLM2, a small and a prime vocabulary
-def test_greedy_is_argmax(device, vocab):
-    """Ties go to the first maximum and a NaN to the first NaN, as with argmax."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("vocab", [128256, 49152, 2048, 128, 4099, 1])  # Llama 3, SmolLM2, one chunk, a prime
+def test_greedy_is_argmax(device, dtype, vocab):
+    """Ties go to the first maximum and a NaN to the first NaN, as with argmax (on CUDA: the Triton passes); rows
+    all -inf, a maximum in the last logit, the rows of a strided view (the model's last position)."""
     g = torch.Generator().manual_seed(0)
-    logits = torch.randint(0, 5, (6, vocab), generator=g).to(device, torch.bfloat16)  # many ties
+    logits = torch.randint(0, 5, (8, 2, vocab), generator=g).to(device, dtype)[:, 1]  # many ties; rows strided
     logits[2, vocab // 3] = float("nan")
     logits[2, vocab // 2] = float("nan")
     logits[3] = 4
+    logits[4] = -math.inf
+    logits[5, -1] = 9
+    logits[6, vocab // 2:] = float("nan")  # NaNs from the middle of another chunk on
+    assert row_argmax.takes(logits) == (device == "cuda")
     assert torch.equal(greedy(logits), logits.argmax(-1))
-    assert greedy(logits)[2] == vocab // 3
+    assert greedy(logits)[2] == vocab // 3 and greedy(logits)[5] == vocab - 1
+    assert torch.equal(greedy(logits[:1]), logits[:1].argmax(-1))  # one sequence

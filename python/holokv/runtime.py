@@ -21,8 +21,6 @@ buffer).
 """
 from __future__ import annotations
 
-import functools
-import math
 from contextlib import ExitStack
 
 import torch
@@ -32,6 +30,7 @@ from .caches.base import CompressedCache
 from .compaction.graph import GRAPHLESS
 from .compiled_layers import CompiledLayers
 from .fused_linears import FusedLinears
+from .row_argmax import row_argmax
 
 
 class Decoder:
@@ -104,24 +103,10 @@ class Decoder:
         return out
 
 
-@functools.cache
-def _chunk(vocab: int) -> int | None:
-    """The divisor of ``vocab`` nearest its square root, if one lies in [32, 4096]."""
-    divisors = [c for c in range(32, min(vocab, 4096) + 1) if vocab % c == 0]
-    return min(divisors, key=lambda c: abs(c - math.sqrt(vocab)), default=None)
-
-
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(-1)`` of [B, V] logits (the first of equal maxima; a NaN counts as the largest) in two
-    reductions, over chunks of each row and then over the chunks' maxima: ``argmax`` reduces each row in one
-    block, slow for a 128K vocabulary."""
-    B, V = logits.shape
-    c = _chunk(V)
-    if c is None:
-        return logits.argmax(-1)
-    best, at = logits.reshape(B, V // c, c).max(-1)
-    j = best.argmax(-1, keepdim=True)
-    return (j * c + at.gather(-1, j)).squeeze(-1)
+    """The next token of each sequence: ``logits.argmax(-1)`` of [B, V] logits (the first of equal maxima; a NaN
+    counts as the largest), by :func:`holokv.row_argmax.row_argmax` (two Triton passes on CUDA)."""
+    return row_argmax(logits)
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
 """``row_argmax(logits)``: ``logits.argmax(-1)`` of a decode step's [B, V] logits in two Triton passes.
 
 ``argmax`` reduces each row in one block, slow for a 128K vocabulary, and a reduction over chunks of each row in
-ATen ops takes four launches, each longer than the work. Here the first pass
-splits each row over programs of ``BLOCK`` logits, each leaving its first maximum, or its first NaN, which argmax
-counts as the largest; the second picks each row's first NaN, else its first maximum, among them. Ties go to the
-first index, as with argmax. CPU tensors, other dtypes or a build without Triton take the ATen reduction.
+ATen ops takes five launches (max, argmax, gather and the index arithmetic), each longer than the work. Here the
+first pass splits each row over programs of ``BLOCK`` logits, each leaving its first maximum, or its first NaN,
+which argmax counts as the largest; the second picks each row's first NaN, else its first maximum, among them.
+Ties go to the first index, as with argmax. CPU tensors, other dtypes or a build without Triton take the ATen reduction.
 """
 from __future__ import annotations
 

@@ -19,34 +19,37 @@ if has_triton():
     import triton.language as tl
 
     @triton.jit
+    def _first_best(x, at, inside, NONE):
+        """(value, index) of x's first NaN (value NaN), else of its first maximum; ``at``: x's indices,
+        ``NONE``: an index past them all."""
+        nan = (x != x) & inside
+        first_nan = tl.min(tl.where(nan, at, NONE))
+        top = tl.max(tl.where(nan, -float("inf"), x))
+        first_top = tl.min(tl.where((x == top) & inside, at, NONE))
+        return tl.where(first_nan < NONE, float("nan"), top), tl.where(first_nan < NONE, first_nan, first_top)
+
+    @triton.jit
     def _chunk_best(logits, best, where, V, stride, BLOCK: tl.constexpr):
-        """Each chunk's first maximum (value) or first NaN (value NaN), and its index."""
+        """Each chunk's _first_best, its index in the row."""
         row, chunk = tl.program_id(0), tl.program_id(1)
         i = chunk * BLOCK + tl.arange(0, BLOCK)
         inside = i < V
         x = tl.load(logits + row.to(tl.int64) * stride + i, mask=inside, other=-float("inf")).to(tl.float32)
-        nan = (x != x) & inside
-        first_nan = tl.min(tl.where(nan, i, V))
-        top = tl.max(tl.where(nan, -float("inf"), x))
-        first_top = tl.min(tl.where((x == top) & inside, i, V))
+        value, at = _first_best(x, i, inside, V)
         out = row * tl.num_programs(1) + chunk
-        tl.store(best + out, tl.where(first_nan < V, float("nan"), top))
-        tl.store(where + out, tl.where(first_nan < V, first_nan, first_top).to(tl.int64))
+        tl.store(best + out, value)
+        tl.store(where + out, at.to(tl.int64))
 
     @triton.jit
     def _row_best(best, where, out, chunks, CHUNKS: tl.constexpr):
+        """Each row's _first_best among its chunks' (NaN comes first, then the first chunk's index)."""
         row = tl.program_id(0)
         c = tl.arange(0, CHUNKS)
         inside = c < chunks
         x = tl.load(best + row * chunks + c, mask=inside, other=-float("inf"))
         at = tl.load(where + row * chunks + c, mask=inside, other=0)
-        big = tl.full((CHUNKS,), 2**62, tl.int64)
-        nan = (x != x) & inside
-        first_nan = tl.min(tl.where(nan, at, big))
-        top = tl.max(tl.where(nan, -float("inf"), x))
-        first_top = tl.min(tl.where((x == top) & inside, at, big))
-        tl.store(out + row, tl.where(first_nan < 2**62, first_nan, first_top))
-
+        _, index = _first_best(x, at, inside, 2**62)
+        tl.store(out + row, index)
 
 def takes(logits: torch.Tensor) -> bool:
     """Whether the Triton passes serve ``logits``: CUDA, [B, V] with V > 0, 16- or 32-bit floats, unit stride."""

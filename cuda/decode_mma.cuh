@@ -2,14 +2,15 @@
 // aligned mode, k = 1, SRC's compacted cache), 16-bit caches, G <= 16 query
 // heads per KV head.
 //
-// A warp owns one split, an even share of its row's entries (counted on the device,
-// so the shares follow the lengths, not the capacity). Its tiles of 32 entries (K and
+// A block owns an even share of its row's entries (counted on the device, so the shares
+// follow the lengths, not the capacity); its warps take the share's tiles as they come
+// free, or, with deterministic algorithms on, an even share each. Tiles of 32 entries (K and
 // V rows, 16-byte chunks XOR-swizzled so that ldmatrix reads are conflict-free)
 // stream into shared memory with cp.async, double-buffered, so the next tile is
 // in flight while one is computed. Per tile, with the G heads as the 16 rows of
 // mma.m16n8k16 (rows past G are zero):
 //   scores S[16 x 32] = Q Kᵀ: Q's fragments live in registers for the whole
-//           split (demodulated by the aligned phase for slots; ±1 keeps it exact);
+//           call (demodulated by the aligned phase for slots; ±1 keeps it exact);
 //   online softmax on S's accumulator fragments (rows shared by a lane quad);
 //   O[16 x D] += P V: P's accumulator layout is the A-operand layout of the
 //           next mma, V's fragments come from ldmatrix.trans.
@@ -56,26 +57,47 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   const T* vs = static_cast<const T*>(p.v_slots) + head_off * p.S * D;
   const T* kt = static_cast<const T*>(p.k_tail) + head_off * p.T * D;
   const T* vt = static_cast<const T*>(p.v_tail) + head_off * p.T * D;
-  // the row's entries in even shares over all its blocks' warps
-  const int parts = int(gridDim.x) * warps, chunk = (sl.n_entries + parts - 1) / parts;
-  const int e_begin = min(sl.n_entries, (int(blockIdx.x) * warps + warp) * chunk);
-  const int e_end = min(sl.n_entries, e_begin + chunk);
+  // The row's entries in even shares over its blocks; within a block, tiles go to the warps in turn from a
+  // shared counter (`p.dynamic`), or each warp streams an even share of its own (deterministic: the same sums
+  // in the same order every call). Warps are served HBM unevenly: with fixed shares the last ones finish
+  // tens of percent after the first, and the block, holding its SM, waits for them.
   const int n_slots = sl.n_slots;
-  const bool has_slots = e_begin < min(n_slots, e_end);
-
-  // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)).
-  const auto tile_end = [&](int e0) { return min(e0 + 32, e0 < n_slots ? min(n_slots, e_end) : e_end); };
+  const int parts = int(gridDim.x) * (p.dynamic ? 1 : warps);
+  const int part = p.dynamic ? int(blockIdx.x) : int(blockIdx.x) * warps + warp;
+  const int chunk = (sl.n_entries + parts - 1) / parts;
+  const int r_begin = min(sl.n_entries, part * chunk), r_end = min(sl.n_entries, r_begin + chunk);
+  const bool has_slots = r_begin < min(n_slots, r_end);
+  // Tiles of [r_begin, r_end) never straddle the slot/exact boundary: slot tiles from r_begin, then exact
+  // tiles from max(n_slots, r_begin). Tile t is [e0, e1); past the last, e0 == e1 == r_end.
+  struct Tile { int e0, e1; };
+  const int slot_end = min(n_slots, r_end), x_begin = max(n_slots, r_begin);
+  const int slot_tiles = has_slots ? (slot_end - r_begin + 31) / 32 : 0;
+  const auto tile = [&](int t) {
+    const int e0 = t < slot_tiles ? r_begin + 32 * t : min(r_end, x_begin + 32 * (t - slot_tiles));
+    return Tile{e0, min(e0 + 32, t < slot_tiles ? slot_end : r_end)};
+  };
+  __shared__ int tile_counter;  // the next tile no warp has taken
+  if (threadIdx.x == 0) tile_counter = warps;
+  __syncthreads();
+  int t_own = p.dynamic ? warp : 0;  // each warp's first tile
+  const auto next_tile = [&]() {
+    if (!p.dynamic) return tile(++t_own);
+    int t = 0;
+    if (lane == 0) t = atomicAdd(&tile_counter, 1);
+    return tile(__shfl_sync(0xffffffffu, t, 0));
+  };
   // A lane copies the same 16-byte column of rows lr, lr + RPP, ...: a tile's rows are consecutive in the
   // slots, or in the tail's ring up to its wrap, so each copy costs an add and a compare. (An address computed
   // per entry costs more instructions than the rest of the tile together, with few warps to hide them.)
   constexpr int RPP = 32 / NC;  // rows a pass of the warp covers
   const int lc = lane % NC, lr = lane / NC;
-  const auto load_tile = [&](int e0, int st) {
+  const auto load_tile = [&](Tile tl, int st) {
+    const int e0 = tl.e0;
     T* kd = tiles + st * 2 * 32 * D;
     const bool slot = e0 < n_slots;
     const T *kb = slot ? ks : kt, *vb = slot ? vs : vt;
     const int first = slot ? e0 : sl.tail_row(e0 - n_slots, p.T), wrap = slot ? INT_MAX : p.T;
-    const int n = tile_end(e0) - e0;
+    const int n = tl.e1 - e0;
 #pragma unroll
     for (int it = 0; it < NC; ++it) {
       const int t = lr + RPP * it, r = first + t;
@@ -92,13 +114,14 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   // the address is clamped instead of the load being skipped, and the value is checked,
   // converted and handed to the lanes that need it (through shared memory) only then.
   const T* bias_src = static_cast<const T*>(p.tail_bias ? p.tail_bias : p.q);  // q: any valid address
-  const auto load_bias = [&](int e0) {
-    const int e = e0 + lane;
-    return bias_src[p.tail_bias && e >= n_slots && e < e_end ? head_off * p.T + sl.tail_row(e - n_slots, p.T) : 0];
+  const auto load_bias = [&](Tile tl) {
+    const int e = tl.e0 + lane;
+    return bias_src[p.tail_bias && e >= n_slots && e < tl.e1 ? head_off * p.T + sl.tail_row(e - n_slots, p.T) : 0];
   };
   // the first tile is in flight while the query is read
-  T bias0 = load_bias(e_begin), bias1 = bias0;
-  if (e_begin < e_end) load_tile(e_begin, 0);
+  Tile cur = tile(t_own);
+  T bias0 = load_bias(cur), bias1 = bias0;
+  if (cur.e0 < cur.e1) load_tile(cur, 0);
 
   // Query fragments (A operand: rows = heads, lane holds rows r0, r0 + 8 and
   // columns c0, c0 + 1 of each 8-column half of a k-step), read as pairs (the
@@ -135,13 +158,14 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   };
 
   // One tile in stage st: this tile's lane bias is `bias`, the next tile's goes to `bias_next`.
-  const auto step = [&](int& e0, const int st, const T bias, T& bias_next) {
-    const int e1 = tile_end(e0);
+  const auto step = [&](Tile& tl, const int st, const T bias, T& bias_next) {
+    const int e0 = tl.e0, e1 = tl.e1;
     const bool slot = e0 < n_slots;
-    if (!slot && !folded) fold_phase();
-    bias_next = load_bias(e1);
-    if (e1 < e_end) {
-      load_tile(e1, st ^ 1);
+    if (!slot && !folded) fold_phase();  // a warp's tiles ascend: its slot tiles come first
+    const Tile next = next_tile();
+    bias_next = load_bias(next);
+    if (next.e0 < next.e1) {
+      load_tile(next, st ^ 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -218,14 +242,13 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
       }
     }
     __syncwarp();  // all lanes are done with this stage before it is refilled
-    e0 = e1;
+    tl = next;
   };
   // Unrolled by the two stages, so that the prefetched bias is never moved between
   // registers: a move would wait for its load, one memory latency per tile.
-  int e0 = e_begin;
-  while (e0 < e_end) {
-    step(e0, 0, bias0, bias1);
-    if (e0 < e_end) step(e0, 1, bias1, bias0);
+  while (cur.e0 < cur.e1) {
+    step(cur, 0, bias0, bias1);
+    if (cur.e0 < cur.e1) step(cur, 1, bias1, bias0);
   }
   if (!folded) fold_phase();
 

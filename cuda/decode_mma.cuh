@@ -36,6 +36,9 @@ namespace {
 constexpr int MMA_STAGES = 2;
 template <typename T, int D>
 constexpr int mma_warp_bytes() { return MMA_STAGES * 2 * 32 * D * int(sizeof(T)) + 32 * int(sizeof(float)); }
+// a block's shared memory: its warps' regions, then the tile counter
+template <typename T, int D>
+constexpr size_t mma_block_bytes(int warps) { return size_t(warps) * mma_warp_bytes<T, D>() + 16; }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeParams p) {
@@ -67,37 +70,36 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   const int chunk = (sl.n_entries + parts - 1) / parts;
   const int r_begin = min(sl.n_entries, part * chunk), r_end = min(sl.n_entries, r_begin + chunk);
   const bool has_slots = r_begin < min(n_slots, r_end);
-  // Tiles of [r_begin, r_end) never straddle the slot/exact boundary: slot tiles from r_begin, then exact
-  // tiles from max(n_slots, r_begin). Tile t is [e0, e1); past the last, e0 == e1 == r_end.
-  struct Tile { int e0, e1; };
-  const int slot_end = min(n_slots, r_end), x_begin = max(n_slots, r_begin);
-  const int slot_tiles = has_slots ? (slot_end - r_begin + 31) / 32 : 0;
-  const auto tile = [&](int t) {
-    const int e0 = t < slot_tiles ? r_begin + 32 * t : min(r_end, x_begin + 32 * (t - slot_tiles));
-    return Tile{e0, min(e0 + 32, t < slot_tiles ? slot_end : r_end)};
-  };
-  __shared__ int tile_counter;  // the next tile no warp has taken
-  if (threadIdx.x == 0) tile_counter = warps;
-  __syncthreads();
-  int t_own = p.dynamic ? warp : 0;  // each warp's first tile
-  const auto next_tile = [&]() {
-    if (!p.dynamic) return tile(++t_own);
+  // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)), slot tiles from r_begin, then exact
+  // tiles from max(n_slots, r_begin). A warp's next tile starts where its last ended, or, taken from the
+  // counter, at tile_start(t) (r_end past the last).
+  const auto tile_end = [&](int e0) { return min(e0 + 32, e0 < n_slots ? min(n_slots, r_end) : r_end); };
+  const int slot_tiles = has_slots ? (min(n_slots, r_end) - r_begin + 31) / 32 : 0;
+  const int x_first = max(n_slots, r_begin) - 32 * slot_tiles;
+  const auto tile_start = [&](int t) { return min(r_end, (t < slot_tiles ? r_begin : x_first) + 32 * t); };
+  // the next tile no warp has taken, past the warps' regions
+  int& tile_counter = *reinterpret_cast<int*>(reinterpret_cast<float*>(smem4) + warps * WARP_FLOATS);
+  if (p.dynamic) {
+    if (threadIdx.x == 0) tile_counter = warps;
+    __syncthreads();
+  }
+  const auto next_start = [&](int e1) {
+    if (!p.dynamic) return e1;
     int t = 0;
     if (lane == 0) t = atomicAdd(&tile_counter, 1);
-    return tile(__shfl_sync(0xffffffffu, t, 0));
+    return tile_start(__shfl_sync(0xffffffffu, t, 0));
   };
   // A lane copies the same 16-byte column of rows lr, lr + RPP, ...: a tile's rows are consecutive in the
   // slots, or in the tail's ring up to its wrap, so each copy costs an add and a compare. (An address computed
   // per entry costs more instructions than the rest of the tile together, with few warps to hide them.)
   constexpr int RPP = 32 / NC;  // rows a pass of the warp covers
   const int lc = lane % NC, lr = lane / NC;
-  const auto load_tile = [&](Tile tl, int st) {
-    const int e0 = tl.e0;
+  const auto load_tile = [&](int e0, int st) {
     T* kd = tiles + st * 2 * 32 * D;
     const bool slot = e0 < n_slots;
     const T *kb = slot ? ks : kt, *vb = slot ? vs : vt;
     const int first = slot ? e0 : sl.tail_row(e0 - n_slots, p.T), wrap = slot ? INT_MAX : p.T;
-    const int n = tl.e1 - e0;
+    const int n = tile_end(e0) - e0;
 #pragma unroll
     for (int it = 0; it < NC; ++it) {
       const int t = lr + RPP * it, r = first + t;
@@ -114,14 +116,14 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   // the address is clamped instead of the load being skipped, and the value is checked,
   // converted and handed to the lanes that need it (through shared memory) only then.
   const T* bias_src = static_cast<const T*>(p.tail_bias ? p.tail_bias : p.q);  // q: any valid address
-  const auto load_bias = [&](Tile tl) {
-    const int e = tl.e0 + lane;
-    return bias_src[p.tail_bias && e >= n_slots && e < tl.e1 ? head_off * p.T + sl.tail_row(e - n_slots, p.T) : 0];
+  const auto load_bias = [&](int e0) {
+    const int e = e0 + lane;
+    return bias_src[p.tail_bias && e >= n_slots && e < r_end ? head_off * p.T + sl.tail_row(e - n_slots, p.T) : 0];
   };
   // the first tile is in flight while the query is read
-  Tile cur = tile(t_own);
-  T bias0 = load_bias(cur), bias1 = bias0;
-  if (cur.e0 < cur.e1) load_tile(cur, 0);
+  int e0 = p.dynamic ? tile_start(warp) : r_begin;
+  T bias0 = load_bias(e0), bias1 = bias0;
+  if (e0 < r_end) load_tile(e0, 0);
 
   // Query fragments (A operand: rows = heads, lane holds rows r0, r0 + 8 and
   // columns c0, c0 + 1 of each 8-column half of a k-step), read as pairs (the
@@ -158,14 +160,14 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   };
 
   // One tile in stage st: this tile's lane bias is `bias`, the next tile's goes to `bias_next`.
-  const auto step = [&](Tile& tl, const int st, const T bias, T& bias_next) {
-    const int e0 = tl.e0, e1 = tl.e1;
+  const auto step = [&](int& e0, const int st, const T bias, T& bias_next) {
+    const int e1 = tile_end(e0);
     const bool slot = e0 < n_slots;
     if (!slot && !folded) fold_phase();  // a warp's tiles ascend: its slot tiles come first
-    const Tile next = next_tile();
-    bias_next = load_bias(next);
-    if (next.e0 < next.e1) {
-      load_tile(next, st ^ 1);
+    const int e_next = next_start(e1);
+    bias_next = load_bias(e_next);
+    if (e_next < r_end) {
+      load_tile(e_next, st ^ 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -242,13 +244,13 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
       }
     }
     __syncwarp();  // all lanes are done with this stage before it is refilled
-    tl = next;
+    e0 = e_next;
   };
   // Unrolled by the two stages, so that the prefetched bias is never moved between
   // registers: a move would wait for its load, one memory latency per tile.
-  while (cur.e0 < cur.e1) {
-    step(cur, 0, bias0, bias1);
-    if (cur.e0 < cur.e1) step(cur, 1, bias1, bias0);
+  while (e0 < r_end) {
+    step(e0, 0, bias0, bias1);
+    if (e0 < r_end) step(e0, 1, bias1, bias0);
   }
   if (!folded) fold_phase();
 

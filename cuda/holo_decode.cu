@@ -148,8 +148,7 @@ template <typename T, int D>
 void launch_phases(const DecodeParams& p, const DecodeDims& dd, int kp, at::Tensor& out, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (use_mma(out.scalar_type(), kp, dd.G))
-      return launch_split<T>(holo_decode_mma_kernel<T, D>, [](int warps) { return size_t(warps) * mma_warp_bytes<T, D>(); },
-                             true, p, dd, out, stream);
+      return launch_split<T>(holo_decode_mma_kernel<T, D>, mma_block_bytes<T, D>, true, p, dd, out, stream);
   }
   switch (kp) {
     case 1: return launch_simt<T, D, 1>(p, dd, out, stream);

@@ -47,7 +47,6 @@ struct DecodeParams {
               // kernel, whose blocks merge their warps), else nullptr and the merge kernel writes it
   int Hq, Hkv, G, S, T, k, splits;
   float slot_logit_gain, tail_logit_gain, slot_value_gain;
-  bool dynamic;  // the tensor-core kernel's warps take tiles from a counter (not with deterministic algorithms)
 };
 
 __device__ __forceinline__ float warp_max(float v) {

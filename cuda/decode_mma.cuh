@@ -2,15 +2,14 @@
 // aligned mode, k = 1, SRC's compacted cache), 16-bit caches, G <= 16 query
 // heads per KV head.
 //
-// A block owns an even share of its row's entries (counted on the device, so the shares
-// follow the lengths, not the capacity); its warps take the share's tiles as they come
-// free, or, with deterministic algorithms on, an even share each. Tiles of 32 entries (K and
+// A warp owns one split, an even share of its row's entries (counted on the device,
+// so the shares follow the lengths, not the capacity). Its tiles of 32 entries (K and
 // V rows, 16-byte chunks XOR-swizzled so that ldmatrix reads are conflict-free)
 // stream into shared memory with cp.async, double-buffered, so the next tile is
 // in flight while one is computed. Per tile, with the G heads as the 16 rows of
 // mma.m16n8k16 (rows past G are zero):
 //   scores S[16 x 32] = Q Kᵀ: Q's fragments live in registers for the whole
-//           call (demodulated by the aligned phase for slots; ±1 keeps it exact);
+//           split (demodulated by the aligned phase for slots; ±1 keeps it exact);
 //   online softmax on S's accumulator fragments (rows shared by a lane quad);
 //   O[16 x D] += P V: P's accumulator layout is the A-operand layout of the
 //           next mma, V's fragments come from ldmatrix.trans.
@@ -36,9 +35,6 @@ namespace {
 constexpr int MMA_STAGES = 2;
 template <typename T, int D>
 constexpr int mma_warp_bytes() { return MMA_STAGES * 2 * 32 * D * int(sizeof(T)) + 32 * int(sizeof(float)); }
-// a block's shared memory: its warps' regions, then the tile counter
-template <typename T, int D>
-constexpr size_t mma_block_bytes(int warps) { return size_t(warps) * mma_warp_bytes<T, D>() + 16; }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeParams p) {
@@ -60,35 +56,15 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   const T* vs = static_cast<const T*>(p.v_slots) + head_off * p.S * D;
   const T* kt = static_cast<const T*>(p.k_tail) + head_off * p.T * D;
   const T* vt = static_cast<const T*>(p.v_tail) + head_off * p.T * D;
-  // The row's entries in even shares over its blocks; within a block, tiles go to the warps in turn from a
-  // shared counter (`p.dynamic`), or each warp streams an even share of its own (deterministic: the same sums
-  // in the same order every call). Warps are served HBM unevenly: with fixed shares the last ones finish
-  // tens of percent after the first, and the block, holding its SM, waits for them.
+  // the row's entries in even shares over all its blocks' warps
+  const int parts = int(gridDim.x) * warps, chunk = (sl.n_entries + parts - 1) / parts;
+  const int e_begin = min(sl.n_entries, (int(blockIdx.x) * warps + warp) * chunk);
+  const int e_end = min(sl.n_entries, e_begin + chunk);
   const int n_slots = sl.n_slots;
-  const int parts = int(gridDim.x) * (p.dynamic ? 1 : warps);
-  const int part = p.dynamic ? int(blockIdx.x) : int(blockIdx.x) * warps + warp;
-  const int chunk = (sl.n_entries + parts - 1) / parts;
-  const int r_begin = min(sl.n_entries, part * chunk), r_end = min(sl.n_entries, r_begin + chunk);
-  const bool has_slots = r_begin < min(n_slots, r_end);
-  // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)), slot tiles from r_begin, then exact
-  // tiles from max(n_slots, r_begin). A warp's next tile starts where its last ended, or, taken from the
-  // counter, at tile_start(t) (r_end past the last).
-  const auto tile_end = [&](int e0) { return min(e0 + 32, e0 < n_slots ? min(n_slots, r_end) : r_end); };
-  const int slot_tiles = has_slots ? (min(n_slots, r_end) - r_begin + 31) / 32 : 0;
-  const int x_first = max(n_slots, r_begin) - 32 * slot_tiles;
-  const auto tile_start = [&](int t) { return min(r_end, (t < slot_tiles ? r_begin : x_first) + 32 * t); };
-  // the next tile no warp has taken, past the warps' regions
-  int& tile_counter = *reinterpret_cast<int*>(reinterpret_cast<float*>(smem4) + warps * WARP_FLOATS);
-  if (p.dynamic) {
-    if (threadIdx.x == 0) tile_counter = warps;
-    __syncthreads();
-  }
-  const auto next_start = [&](int e1) {
-    if (!p.dynamic) return e1;
-    int t = 0;
-    if (lane == 0) t = atomicAdd(&tile_counter, 1);
-    return tile_start(__shfl_sync(0xffffffffu, t, 0));
-  };
+  const bool has_slots = e_begin < min(n_slots, e_end);
+
+  // Tiles never straddle the slot/exact boundary: [e0, tile_end(e0)).
+  const auto tile_end = [&](int e0) { return min(e0 + 32, e0 < n_slots ? min(n_slots, e_end) : e_end); };
   // A lane copies the same 16-byte column of rows lr, lr + RPP, ...: a tile's rows are consecutive in the
   // slots, or in the tail's ring up to its wrap, so each copy costs an add and a compare. (An address computed
   // per entry costs more instructions than the rest of the tile together, with few warps to hide them.)
@@ -118,12 +94,11 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   const T* bias_src = static_cast<const T*>(p.tail_bias ? p.tail_bias : p.q);  // q: any valid address
   const auto load_bias = [&](int e0) {
     const int e = e0 + lane;
-    return bias_src[p.tail_bias && e >= n_slots && e < r_end ? head_off * p.T + sl.tail_row(e - n_slots, p.T) : 0];
+    return bias_src[p.tail_bias && e >= n_slots && e < e_end ? head_off * p.T + sl.tail_row(e - n_slots, p.T) : 0];
   };
   // the first tile is in flight while the query is read
-  int e0 = p.dynamic ? tile_start(warp) : r_begin;
-  T bias0 = load_bias(e0), bias1 = bias0;
-  if (e0 < r_end) load_tile(e0, 0);
+  T bias0 = load_bias(e_begin), bias1 = bias0;
+  if (e_begin < e_end) load_tile(e_begin, 0);
 
   // Query fragments (A operand: rows = heads, lane holds rows r0, r0 + 8 and
   // columns c0, c0 + 1 of each 8-column half of a k-step), read as pairs (the
@@ -163,11 +138,10 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
   const auto step = [&](int& e0, const int st, const T bias, T& bias_next) {
     const int e1 = tile_end(e0);
     const bool slot = e0 < n_slots;
-    if (!slot && !folded) fold_phase();  // a warp's tiles ascend: its slot tiles come first
-    const int e_next = next_start(e1);
-    bias_next = load_bias(e_next);
-    if (e_next < r_end) {
-      load_tile(e_next, st ^ 1);
+    if (!slot && !folded) fold_phase();
+    bias_next = load_bias(e1);
+    if (e1 < e_end) {
+      load_tile(e1, st ^ 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -244,13 +218,14 @@ __global__ void __launch_bounds__(MAX_WARPS * 32) holo_decode_mma_kernel(DecodeP
       }
     }
     __syncwarp();  // all lanes are done with this stage before it is refilled
-    e0 = e_next;
+    e0 = e1;
   };
   // Unrolled by the two stages, so that the prefetched bias is never moved between
   // registers: a move would wait for its load, one memory latency per tile.
-  while (e0 < r_end) {
+  int e0 = e_begin;
+  while (e0 < e_end) {
     step(e0, 0, bias0, bias1);
-    if (e0 < r_end) step(e0, 1, bias1, bias0);
+    if (e0 < e_end) step(e0, 1, bias1, bias0);
   }
   if (!folded) fold_phase();
 

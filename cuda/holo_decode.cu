@@ -4,8 +4,8 @@
 // resident (see block_shape). Each warp owns a share of one (sequence, KV head)'s
 // entries and serves all G query heads of that KV head, so every K/V byte is read
 // from HBM once. The blocks fill the GPU's resident warps once (no partial last
-// wave); the kernels share each row's entries over its warps from the lengths
-// on the device (decode_mma.cuh: tiles to warps as they come free). Two split kernels:
+// wave); the kernels share each row's entries evenly over its warps from the
+// lengths on the device. Two split kernels:
 //   decode_mma.cuh   tensor cores, one score per entry (aligned mode, k = 1, SRC's
 //                    compacted cache), 16-bit caches, G <= 16;
 //   decode_simt.cuh  CUDA cores, everything else (full mode's k scores per slot, fp32).
@@ -85,14 +85,12 @@ std::pair<int, int> block_shape(Kernel kernel, SmemBytes smem_bytes, int G) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem_bytes(1), int(at::cuda::current_device()));
   if (auto it = known.find(key); it != known.end()) return it->second;
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const size_t dynamic_max = prop->sharedMemPerBlockOptin - attr.sharedSizeBytes;  // less the kernel's static
-  TORCH_CHECK(smem_bytes(1) <= dynamic_max, "holo_decode: ", G, " query heads per KV head need ", smem_bytes(1),
-              " bytes of shared memory; this GPU offers ", dynamic_max);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic_max)));
+  TORCH_CHECK(smem_bytes(1) <= prop->sharedMemPerBlockOptin, "holo_decode: ", G, " query heads per KV head need ",
+              smem_bytes(1), " bytes of shared memory; this GPU offers ", prop->sharedMemPerBlockOptin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(prop->sharedMemPerBlockOptin)));
   std::pair<int, int> best{1, 1};
-  for (int warps = 1, most = 0; warps <= MAX_WARPS && smem_bytes(warps) <= dynamic_max; ++warps) {
+  for (int warps = 1, most = 0; warps <= MAX_WARPS && smem_bytes(warps) <= prop->sharedMemPerBlockOptin; ++warps) {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem_bytes(warps)));
     if (per_sm * warps > most) most = per_sm * warps, best = {warps, per_sm};
@@ -103,7 +101,7 @@ std::pair<int, int> block_shape(Kernel kernel, SmemBytes smem_bytes, int G) {
 // Split-KV launch of `kernel` with `smem_bytes(warps)` of shared memory per block (block_shape's warps), enough
 // blocks to fill the GPU's resident ones once, no more than the capacity's 32-entry tiles need; then the merge.
 // A split is a block's warps merged in the block (`block_merge`: a block that covers its row writes the output
-// and no merge runs) or a single warp. The kernels share each row's entries over their warps themselves.
+// and no merge runs) or a single warp. The kernels share each row's entries evenly over its warps themselves.
 template <typename T, typename Kernel, typename SmemBytes>
 void launch_split(Kernel kernel, SmemBytes smem_bytes, bool block_merge, DecodeParams p, const DecodeDims& dd,
                   at::Tensor& out, cudaStream_t stream) {
@@ -148,7 +146,8 @@ template <typename T, int D>
 void launch_phases(const DecodeParams& p, const DecodeDims& dd, int kp, at::Tensor& out, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (use_mma(out.scalar_type(), kp, dd.G))
-      return launch_split<T>(holo_decode_mma_kernel<T, D>, mma_block_bytes<T, D>, true, p, dd, out, stream);
+      return launch_split<T>(holo_decode_mma_kernel<T, D>, [](int warps) { return size_t(warps) * mma_warp_bytes<T, D>(); },
+                             true, p, dd, out, stream);
   }
   switch (kp) {
     case 1: return launch_simt<T, D, 1>(p, dd, out, stream);
@@ -192,8 +191,7 @@ at::Tensor holo_decode_cuda(const at::Tensor& q, const at::Tensor& k_slots, cons
                  phase_t.data_ptr(), slot_lens.data_ptr<int64_t>(), tail_lens.data_ptr<int64_t>(),
                  tail_start ? tail_start->data_ptr<int64_t>() : nullptr, bias.defined() ? bias.data_ptr() : nullptr,
                  bias.defined() ? dtype_code(bias) : Dtype::f32, dd.per_head, nullptr, nullptr, nullptr,
-                 int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0.f, 0.f, 0.f,
-                 !at::globalContext().deterministicAlgorithms()};
+                 int(dd.Hq), int(dd.Hkv), int(dd.G), int(dd.S), int(dd.T), int(dd.k), 0, 0.f, 0.f, 0.f};
   const double sc = scale.value_or(1.0 / std::sqrt(double(dd.D)));
   p.slot_logit_gain = float(sc * slot_gain);
   p.tail_logit_gain = float(sc);

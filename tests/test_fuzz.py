@@ -159,7 +159,16 @@ def test_holo_decode(device, data):
     assert out.dtype == p["dtype"]
     if p["poison"] is None:  # the NaN-filled capacity never reached an output
         assert torch.isfinite(out).all()
-    assert_close(out, ref, TOL[p["dtype"]])
+    assert_close(out, ref, TOL[p["dtype"]] + 2 * reference_drift(a, ref))
+
+
+def reference_drift(a, ref):
+    """How far the reference itself strays from float64 at the inputs' dtype. Large logits (scale 1, a slot gain of 2,
+    d = 128) with near ties lose more to rounding than the dtype's tolerance: float32 drifted 2.8e-4 on one such
+    problem, where the kernel was 2.4e-4 off."""
+    same = holo_decode_ref(**a).double()
+    finite = same.isfinite() & ref.isfinite()
+    return (same - ref)[finite].abs().max().item() if finite.any() else 0.0
 
 
 # ---- holo_append -----------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ if has_triton():
         _, index = _first_best(x, at, inside, 2**62)
         tl.store(out + row, index)
 
+
 def takes(logits: torch.Tensor) -> bool:
     """Whether the Triton passes serve ``logits``: CUDA, [B, V] with V > 0, 16- or 32-bit floats, unit stride."""
     return (has_triton() and logits.is_cuda and logits.dim() == 2 and logits.shape[1] > 0

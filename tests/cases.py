@@ -48,6 +48,14 @@ def decode_case(sup_lens, tail_lens, hkv=2, group=3, head_dim=64, k=4, dtype=tor
     return case.to(dtype)
 
 
+def reference_drift(same, ref):
+    """How far the reference at the inputs' dtype (``same``) strays from the float64 one (``ref``), over the entries
+    finite in both: a kernel at that dtype may stray as far (large logits with near ties lose more to rounding than
+    a fixed tolerance allows)."""
+    finite = same.isfinite() & ref.isfinite()
+    return (same.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+
+
 def decode_args():
     """holo_decode's arguments by name, every optional one given: a small valid problem on CPU."""
     case = decode_case([9, 3], [2, 1], k=4, group=3)
